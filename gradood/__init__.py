@@ -1,0 +1,20 @@
+"""gradood: gradient-based out-of-distribution scores for PyTorch classifiers.
+
+Every score is an ID-score: higher means more in-distribution.
+
+    gradood.scores     scores backed by the compiled operators (CPU and CUDA)
+    gradood.reference  pure-PyTorch definitions, the oracle for the kernels
+    gradood.metrics    AUROC, FPR@95TPR (both conventions), AUPR, bootstrap
+    gradood.testing    autograd oracles for the gradient-norm closed forms
+
+The operators are also reachable as torch.ops.gradood.* (Python, TorchScript)
+and from C++ (csrc/ops/*.h).
+"""
+
+from gradood import _extension  # noqa: F401  (fails with build instructions if unbuilt)
+from gradood import metrics, reference, scores
+from gradood._ops import TERM_NAMES, LastLayerTerms, lastlayer_terms
+
+__version__ = "0.1.0"
+
+__all__ = ["metrics", "reference", "scores", "lastlayer_terms", "LastLayerTerms", "TERM_NAMES", "__version__"]

@@ -1,0 +1,86 @@
+"""Python side of the compiled operators: fake kernels, input checks, wrappers.
+
+Every `torch.ops.gradood.*` operator gets a fake (meta) kernel here so that
+torch.compile, torch.export and FakeTensor tracing see its output shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from gradood import _extension  # noqa: F401  (registers torch.ops.gradood)
+from gradood._checks import check_features, check_kernel_dtype, check_logits, check_positive
+
+#: Columns of `lastlayer_terms(...).terms`, read from the compiled library.
+TERM_NAMES: tuple = tuple(torch.ops.gradood.lastlayer_term_names())
+#: The first NUM_LOGIT_TERMS columns depend on the logits only.
+NUM_LOGIT_TERMS: int = TERM_NAMES.index("feature_l1")
+
+
+def _terms_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("gradood::lastlayer_terms")
+def _lastlayer_terms_fake(logits, features, temperature, clip):
+    torch._check(logits.dim() == 2, lambda: f"lastlayer_terms: logits must be 2-D, got {logits.dim()}-D")
+    if features is not None:
+        torch._check(features.dim() == 2, lambda: f"lastlayer_terms: features must be 2-D, got {features.dim()}-D")
+        torch._check(features.shape[0] == logits.shape[0], lambda: "lastlayer_terms: batch sizes differ")
+    batch = logits.shape[0]
+    num_terms = len(TERM_NAMES) if features is not None else NUM_LOGIT_TERMS
+    terms = logits.new_empty((batch, num_terms), dtype=_terms_dtype(logits.dtype))
+    argmax = logits.new_empty((batch,), dtype=torch.int64)
+    return terms, argmax
+
+
+class LastLayerTerms(NamedTuple):
+    """Output of one pass of `lastlayer_terms`: `terms` [B, n] (columns
+    TERM_NAMES, float32, or float64 for float64 inputs) and `argmax` [B]."""
+
+    terms: torch.Tensor
+    argmax: torch.Tensor
+
+    def column(self, name: str) -> torch.Tensor:
+        """The column called `name` (one of TERM_NAMES), shape [B]."""
+        index = TERM_NAMES.index(name)
+        if index >= self.terms.shape[1]:
+            raise ValueError(f"lastlayer_terms: column {name!r} needs features, which were not given")
+        return self.terms[:, index]
+
+
+def lastlayer_terms(
+    logits: torch.Tensor,
+    features: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    clip: float = math.inf,
+    where: str = "gradood.scores.lastlayer_terms",
+) -> LastLayerTerms:
+    """Every last-layer term of every row, from one pass over logits and features.
+
+    Columns (TERM_NAMES), with p = softmax(f / T) and ŷ = argmax f:
+        max_logit            max_j f_j
+        energy               T · log Σ_j exp(f_j / T)
+        max_softmax          p_ŷ
+        uniform_deviation_l1 Σ_j |p_j - 1/C|
+        gini                 Σ_j p_j (1 - p_j)
+        onehot_deviation_l2  ‖p - e_ŷ‖_2
+        feature_l1           ‖v‖_1            (only with features)
+        feature_l2           ‖v‖_2            (only with features)
+        feature_clipped_l1   Σ_i min(|v_i|, clip)  (only with features)
+
+    A NaN logit makes its row's logit terms NaN (argmax points at the first
+    NaN, as torch.max does); a NaN feature makes its row's feature terms NaN.
+    Other rows are unaffected. -inf logits get probability 0.
+    """
+    check_logits(where, logits)
+    check_kernel_dtype(where, "logits", logits)
+    if features is not None:
+        check_features(where, features, logits)
+    temperature = check_positive(where, "temperature", temperature)
+    clip = check_positive(where, "clip", clip, allow_inf=True)
+    terms, argmax = torch.ops.gradood.lastlayer_terms(logits, features, temperature, clip)
+    return LastLayerTerms(terms, argmax)

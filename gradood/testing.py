@@ -1,0 +1,82 @@
+"""Autograd oracles: the literal per-sample backward pass the closed forms replace.
+
+Each oracle runs one `backward()` per sample through a real `nn.Linear`, as
+the official GradNorm code does, and reads the gradient the layer receives.
+It works on a float64 copy of the layer, so the caller's module is never
+touched (no `.grad` written). Slow by design; for tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ORACLE_LOSSES", "autograd_lastlayer_grad_norm"]
+
+#: Per-sample losses of the oracle. "all_ones_ce" is the official GradNorm
+#: code's loss, Σ_c -log softmax(f/T)_c (C times the KL-to-uniform gradient).
+ORACLE_LOSSES = ("kl_uniform", "all_ones_ce", "ce_pred", "expected_ce", "energy")
+
+
+def _loss(logits: torch.Tensor, loss: str, temperature: float, label: int) -> torch.Tensor:
+    """The per-sample loss of a single row of logits [C]."""
+    log_probs = F.log_softmax(logits / temperature, dim=0)
+    if loss == "kl_uniform":  # KL(u ‖ p) = Σ_c u (log u - log p_c)
+        num_classes = logits.shape[0]
+        return (-math.log(num_classes) - log_probs).sum() / num_classes
+    if loss == "all_ones_ce":
+        return -log_probs.sum()
+    if loss == "energy":
+        return temperature * torch.logsumexp(logits / temperature, dim=0)
+    # ce_pred and each label of expected_ce: CE(f/T, label)
+    return -log_probs[label]
+
+
+def _flat_grad(layer: nn.Linear, include_bias: bool) -> torch.Tensor:
+    grads = [layer.weight.grad.reshape(-1)]
+    if include_bias:
+        grads.append(layer.bias.grad.reshape(-1))
+    return torch.cat(grads)
+
+
+def autograd_lastlayer_grad_norm(
+    layer: nn.Linear,
+    features: torch.Tensor,
+    loss: str,
+    p: float,
+    temperature: float = 1.0,
+    include_bias: bool = False,
+) -> torch.Tensor:
+    """‖∇_{W(,b)} L(layer(v_i))‖_p for every row v_i of features [B, D], by autograd.
+
+    loss: one of ORACLE_LOSSES. For "expected_ce" it is E_{y~p} of the norm of
+    ∇ CE(f/T, y), one backward pass per label y, with p = softmax(f/T) of the
+    sample. Computed in float64; returns float64 [B].
+    """
+    if loss not in ORACLE_LOSSES:
+        raise ValueError(f"autograd_lastlayer_grad_norm: loss must be one of {ORACLE_LOSSES}, got {loss!r}")
+    if include_bias and layer.bias is None:
+        raise ValueError("autograd_lastlayer_grad_norm: include_bias=True needs a layer with a bias")
+    layer = copy.deepcopy(layer).double()
+    features = features.detach().double()
+    norms = []
+    for row in features:
+        logits = layer(row).detach()
+        predicted = int(logits.argmax())
+        if loss == "expected_ce":
+            label_probs = torch.softmax(logits / temperature, dim=0)
+            labels = range(logits.shape[0])
+        else:
+            label_probs = torch.ones(1, dtype=torch.float64)
+            labels = [predicted]
+        expected = torch.zeros((), dtype=torch.float64)
+        for weight, label in zip(label_probs, labels):
+            layer.zero_grad(set_to_none=True)
+            _loss(layer(row), loss, temperature, label).backward()
+            expected += weight * torch.linalg.vector_norm(_flat_grad(layer, include_bias), ord=p)
+        norms.append(expected)
+    return torch.stack(norms)

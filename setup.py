@@ -1,0 +1,104 @@
+"""Build of gradood and its operator library gradood._C.
+
+Install against an already installed torch (>= 2.4), without build isolation:
+
+    pip install --no-build-isolation -e .     # or: pip install --no-build-isolation .
+
+Build isolation is off on purpose: an isolated build would install a fresh
+torch from the registry into a temporary environment (a multi-GB CUDA build
+where a CPU one is wanted) and compile against it instead of the torch you
+run, which breaks the extension's ABI.
+
+Environment:
+    GRADOOD_WITH_CUDA=1|0   force the CUDA kernels on or off (default: on when
+                            the installed torch has CUDA and nvcc is found)
+    TORCH_CUDA_ARCH_LIST    GPU architectures to build for (torch's variable,
+                            e.g. "9.0" for H100/H200)
+    MAX_JOBS                parallel compile jobs (torch's variable)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:  # pragma: no cover - an install-time message
+    sys.exit(
+        "gradood builds against an installed torch: install torch first "
+        "(e.g. `pip install torch==2.13.0`), then "
+        "`pip install --no-build-isolation .`"
+    )
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("GRADOOD_WITH_CUDA", "").strip().lower()
+    torch_has_cuda = torch.version.cuda is not None
+    nvcc_found = cpp_extension.CUDA_HOME is not None
+    if forced in ("1", "true", "on", "yes"):
+        if not (torch_has_cuda and nvcc_found):
+            sys.exit(
+                "GRADOOD_WITH_CUDA=1 but the CUDA kernels cannot be built: "
+                f"torch.version.cuda={torch.version.cuda!r}, "
+                f"CUDA_HOME={cpp_extension.CUDA_HOME!r}"
+            )
+        return True
+    if forced in ("0", "false", "off", "no"):
+        return False
+    if forced:
+        sys.exit(f"GRADOOD_WITH_CUDA must be 1 or 0, got {forced!r}")
+    return torch_has_cuda and nvcc_found
+
+
+def _sources(with_cuda: bool) -> list[str]:
+    patterns = ["*.cpp", "ops/*.cpp", "cpu/*.cpp"]
+    if with_cuda:
+        patterns += ["cuda/*.cu", "cuda/*.cpp"]
+    found = []
+    for pattern in patterns:
+        found += sorted(glob.glob(os.path.join(CSRC, pattern)))
+    return [os.path.relpath(path, ROOT) for path in found]
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    openmp = "OpenMP" in torch.__config__.parallel_info()
+    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    # at::parallel_for is an inline OpenMP loop in torch's headers: without
+    # -fopenmp it silently runs on one thread.
+    if openmp and sys.platform != "win32":
+        cxx_flags.append("-fopenmp")
+    kwargs = dict(
+        name="gradood._C",
+        sources=_sources(with_cuda),
+        include_dirs=[CSRC],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
+    )
+    print(f"gradood: building {'with' if with_cuda else 'without'} CUDA kernels")
+    if with_cuda:
+        kwargs["define_macros"] = [("GRADOOD_WITH_CUDA", "1")]
+        return cpp_extension.CUDAExtension(**kwargs)
+    return cpp_extension.CppExtension(**kwargs)
+
+
+setup(
+    name="gradood",
+    version="0.1.0",
+    description="Gradient-based out-of-distribution scores for PyTorch classifiers",
+    packages=find_packages(include=["gradood", "gradood.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    zip_safe=False,
+)
