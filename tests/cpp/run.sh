@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Configures and builds the libtorch (CMake) build of gradood and runs its C++
+# test program. Uses the torch of the active Python environment.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+build="${GRADOOD_CMAKE_BUILD_DIR:-$root/build/cmake}"
+mkdir -p "$(dirname "$build")"
+prefix="$(python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >"$build.configure.log" 2>&1 \
+  || { cat "$build.configure.log"; exit 1; }
+cmake --build "$build" -j "$(nproc)"
+ctest --test-dir "$build" --output-on-failure
+"$build/test_lastlayer_terms"

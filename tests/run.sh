@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs everything gradood needs into the active Python environment, builds
+# it, and runs the whole test suite: the CUDA compile check, the C++ (libtorch)
+# test program and pytest. The README's test command and .ci/run both run this.
+# Extra arguments are passed to pytest.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+# torch first: a CUDA machine keeps its own torch; elsewhere the local CPU wheel.
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install "torch==2.13.0"
+fi
+python -m pip install "setuptools>=64" wheel ninja pybind11 numpy pytest pytest-benchmark hypothesis
+# No build isolation: an isolated build would fetch another torch (setup.py says why).
+python -m pip install --no-build-isolation -e .
+
+echo "== CUDA compile check =="
+bash tests/check_cuda_compile.sh
+echo "== C++ (libtorch) build and test =="
+bash tests/cpp/run.sh
+echo "== pytest =="
+python -m pytest tests "$@"

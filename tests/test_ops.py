@@ -1,0 +1,141 @@
+"""The operator library itself: registration, opcheck, torch.compile, torch.export,
+TorchScript, and the import-time failure when it is not built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import gradood
+from gradood import scores
+from conftest import HAS_CUDA
+
+OPCHECK_CASES = [  # (B, C, D or None, dtype)
+    (4, 10, 7, torch.float32),
+    (3, 5, None, torch.float32),
+    (2, 1, 1, torch.float64),
+    (5, 33, 16, torch.float16),
+    (5, 33, 16, torch.bfloat16),
+    (0, 4, 3, torch.float32),
+]
+
+
+@pytest.mark.parametrize("batch,num_classes,num_features,dtype", OPCHECK_CASES)
+def test_opcheck_lastlayer_terms(batch, num_classes, num_features, dtype, device):
+    logits = torch.randn(batch, num_classes, device=device).to(dtype)
+    features = None if num_features is None else torch.rand(batch, num_features, device=device).to(dtype)
+    torch.library.opcheck(torch.ops.gradood.lastlayer_terms.default, (logits, features, 2.0, 0.5))
+
+
+def test_term_names_come_from_the_library():
+    assert gradood.TERM_NAMES == (
+        "max_logit", "energy", "max_softmax", "uniform_deviation_l1", "gini",
+        "onehot_deviation_l2", "feature_l1", "feature_l2", "feature_clipped_l1",
+    )
+    result = gradood.lastlayer_terms(torch.randn(2, 3), torch.rand(2, 4))
+    assert result.terms.shape == (2, len(gradood.TERM_NAMES))
+
+
+class _Classifier(nn.Module):
+    """A classifier returning (logits, RG score) from one forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(12, 16), nn.ReLU())
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, inputs):
+        features = self.backbone(inputs)
+        logits = self.head(features)
+        return logits, scores.rg(logits, features, clip=1.0)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = _Classifier().eval()
+    inputs = torch.randn(8, 12)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        eager_logits, eager_score = model(inputs)
+        compiled_logits, compiled_score = compiled(inputs)
+    torch.testing.assert_close(compiled_score, eager_score)
+    torch.testing.assert_close(compiled_logits, eager_logits)
+
+
+def test_torch_export_runs_and_matches_eager():
+    model = _Classifier().eval()
+    inputs = torch.randn(6, 12)
+    exported = torch.export.export(model, (inputs,))
+    assert any("gradood.lastlayer_terms" in str(node.target) for node in exported.graph.nodes)
+    logits, score = exported.module()(inputs)
+    torch.testing.assert_close(score, model(inputs)[1])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")
+def test_torchscript_calls_the_op():
+    @torch.jit.script
+    def energy_times_l1(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        terms, argmax = torch.ops.gradood.lastlayer_terms(logits, features, 1.0, 1.0)
+        return terms[:, 1] * terms[:, 6]
+
+    logits, features = torch.randn(4, 6), torch.rand(4, 3)
+    torch.testing.assert_close(energy_times_l1(logits, features), scores.uv(logits, features, u="energy", v="l1"))
+
+
+def test_c_plus_plus_checks_guard_the_raw_op():
+    with pytest.raises(RuntimeError, match="temperature must be finite and > 0"):
+        torch.ops.gradood.lastlayer_terms(torch.randn(2, 3), None, 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="features must have the batch size of logits"):
+        torch.ops.gradood.lastlayer_terms(torch.randn(2, 3), torch.randn(3, 3), 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="logits must be float16, bfloat16, float32 or float64"):
+        torch.ops.gradood.lastlayer_terms(torch.ones(2, 3, dtype=torch.int32), None, 1.0, 1.0)
+
+
+def test_import_without_the_extension_says_how_to_build(tmp_path):
+    """A copy of the package without its compiled library must fail loudly."""
+    package_dir = os.path.dirname(gradood.__file__)
+    copy_dir = tmp_path / "gradood"
+    copy_dir.mkdir()
+    for name in os.listdir(package_dir):
+        if name.endswith(".py"):
+            (copy_dir / name).write_text(open(os.path.join(package_dir, name)).read())
+    # Loaded by path, so neither the build tree nor an editable install can supply _C.
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        # An editable install's finder would map gradood._C back to the build tree.
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__name__", repr(f)).lower()]
+        spec = importlib.util.spec_from_file_location(
+            "gradood", {str(copy_dir / "__init__.py")!r}, submodule_search_locations=[{str(copy_dir)!r}])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gradood"] = module
+        try:
+            spec.loader.exec_module(module)
+        except ImportError as error:
+            print("IMPORT-ERROR:", error)
+        else:
+            print("IMPORTED")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert "IMPORT-ERROR:" in result.stdout, result.stdout + result.stderr
+    assert "pip install --no-build-isolation -e ." in result.stdout
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_cuda_kernel_runs_on_the_current_stream():
+    logits, features = torch.randn(64, 1000, device="cuda"), torch.rand(64, 512, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        result = gradood.lastlayer_terms(logits, features)
+    stream.synchronize()
+    expected = gradood.lastlayer_terms(logits.cpu(), features.cpu())
+    torch.testing.assert_close(result.terms.cpu(), expected.terms, rtol=1e-5, atol=1e-5)

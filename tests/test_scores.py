@@ -1,0 +1,233 @@
+"""gradood.scores (the compiled lastlayer_terms op) against gradood.reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gradood
+from gradood import reference, scores
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [  # (B, C, D)
+    (1, 1, 1), (3, 2, 7), (5, 10, 1), (17, 33, 65), (4, 1000, 512), (2, 21843, 33), (64, 10, 2048),
+]
+# Inputs of every dtype are upcast exactly, so the error is the accumulator's;
+# it grows with the number of classes summed (in float32 for non-float64 inputs).
+RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+def _rtol(dtype, num_classes):
+    return RTOL[dtype] * (1 + num_classes / 1000)
+
+# name -> (needs features, keyword arguments)
+SCORES = {
+    "msp": (False, {"temperature": 2.0}),
+    "max_logit": (False, {}),
+    "energy": (False, {"temperature": 0.5}),
+    "gradnorm": (True, {"temperature": 1.0}),
+    "gradnorm_official_bias": (True, {"temperature": 3.0, "scale": "official", "include_bias": True}),
+    "exgrad": (True, {"temperature": 1.0}),
+    "grodin_last_layer": (True, {"temperature": 1000.0}),
+    "grodin_last_layer_no_bias": (True, {"temperature": 1.0, "include_bias": False}),
+    "rg": (True, {"clip": 0.8, "temperature": 1.0}),
+    "rg_additive": (True, {"clip": 1.2, "alpha": 0.6}),
+    "uv_energy_l1": (True, {"u": "energy", "v": "l1"}),
+    "uv_msp_l2": (True, {"u": "msp", "v": "l2", "temperature": 2.0}),
+    "uv_gradnorm_clipped": (True, {"u": "gradnorm", "v": "clipped_l1", "clip": 0.5}),
+    "uv_exgrad_l2": (True, {"u": "exgrad", "v": "l2"}),
+    "uv_max_logit_l1": (True, {"u": "max_logit", "v": "l1"}),
+}
+
+
+def _function(module, name):
+    base = name.split("_official")[0].split("_no_bias")[0]
+    if base.startswith("uv_"):
+        base = "uv"
+    return getattr(module, base)
+
+
+def _inputs(batch, num_classes, num_features, dtype, seed=0, scale=4.0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, num_classes, generator=generator) * scale).to(dtype)
+    features = (torch.randn(batch, num_features, generator=generator).relu() * 1.5).to(dtype)
+    return logits, features
+
+
+def _compare(name, logits, features):
+    needs_features, kwargs = SCORES[name]
+    ours_args = (logits, features) if needs_features else (logits,)
+    ref_args = tuple(x.double() for x in ours_args)
+    ours = _function(scores, name)(*ours_args, **kwargs)
+    expected = _function(reference, name)(*ref_args, **kwargs)
+    expected_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    assert ours.dtype == expected_dtype and ours.shape == (logits.shape[0],)
+    torch.testing.assert_close(ours.double(), expected, rtol=_rtol(logits.dtype, logits.shape[1]), atol=1e-6 if logits.dtype != torch.float64 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("name", SCORES)
+def test_scores_match_reference(name, shape, dtype, device):
+    logits, features = _inputs(*shape, dtype)
+    _compare(name, logits.to(device), features.to(device))
+
+
+@pytest.mark.parametrize("name", SCORES)
+def test_scores_match_reference_on_non_contiguous_inputs(name, device):
+    logits_t, features_wide = _inputs(40, 12, 2 * 9, torch.float32, seed=3)
+    logits = logits_t.reshape(12, 40).t().to(device)  # transposed view
+    features = features_wide[:, ::2].to(device)  # strided view
+    assert not logits.is_contiguous() and not features.is_contiguous()
+    _compare(name, logits, features)
+
+
+@pytest.mark.parametrize("name", SCORES)
+def test_scores_match_reference_on_confident_and_uniform_rows(name, device):
+    logits, features = _inputs(6, 50, 16, torch.float64, seed=5)
+    logits[0:2] = 0.0  # uniform predictions
+    logits[2:4, 7] += 200.0  # confident beyond float64's 1 - p resolution
+    logits[4, [3, 9]] = 30.0  # a tie at the max
+    _compare(name, logits.to(device), features.to(device))
+
+
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e4), (torch.float16, 6e4), (torch.bfloat16, 1e4)])
+def test_large_logits_give_finite_terms(dtype, magnitude, device):
+    logits, features = _inputs(8, 100, 32, torch.float32, seed=7)
+    logits = (logits.sign() * magnitude).to(dtype).to(device)
+    result = gradood.lastlayer_terms(logits, features.to(dtype).to(device), temperature=1.0)
+    assert torch.isfinite(result.terms).all()
+    _compare("energy", logits, features.to(dtype).to(device))
+    _compare("grodin_last_layer", logits, features.to(dtype).to(device))
+
+
+def test_nan_logit_affects_only_its_row(device):
+    logits, features = _inputs(5, 20, 8, torch.float32, seed=9)
+    clean = gradood.lastlayer_terms(logits.to(device), features.to(device), 2.0, 1.0)
+    logits[2, 4] = math.nan
+    dirty = gradood.lastlayer_terms(logits.to(device), features.to(device), 2.0, 1.0)
+    logit_columns = slice(0, gradood._ops.NUM_LOGIT_TERMS)
+    assert torch.isnan(dirty.terms[2, logit_columns]).all()
+    assert dirty.argmax[2].item() == 4
+    rows = [0, 1, 3, 4]
+    torch.testing.assert_close(dirty.terms[rows], clean.terms[rows], rtol=0, atol=0)
+    torch.testing.assert_close(dirty.terms[2, gradood._ops.NUM_LOGIT_TERMS:], clean.terms[2, gradood._ops.NUM_LOGIT_TERMS:])
+
+
+def test_nan_feature_affects_only_its_row_and_feature_terms(device):
+    logits, features = _inputs(4, 6, 8, torch.float32, seed=10)
+    clean = gradood.lastlayer_terms(logits.to(device), features.to(device), 1.0, 0.5)
+    features[1, 3] = math.nan
+    dirty = gradood.lastlayer_terms(logits.to(device), features.to(device), 1.0, 0.5)
+    first_feature = gradood._ops.NUM_LOGIT_TERMS
+    assert torch.isnan(dirty.terms[1, first_feature:]).all()
+    torch.testing.assert_close(dirty.terms[1, :first_feature], clean.terms[1, :first_feature], rtol=0, atol=0)
+    torch.testing.assert_close(dirty.terms[[0, 2, 3]], clean.terms[[0, 2, 3]], rtol=0, atol=0)
+
+
+def test_infinite_logits_give_limits(device):
+    logits = torch.tensor([[0.0, -math.inf, 1.0], [math.inf, 0.0, 2.0]], device=device)
+    result = gradood.lastlayer_terms(logits, None, 1.0)
+    energy = result.column("energy").cpu()
+    assert energy[0].item() == pytest.approx(math.log(1 + math.e), rel=1e-6)
+    assert energy[1].item() == math.inf and result.column("max_softmax")[1].item() == 1.0
+
+
+def test_raw_op_accepts_an_empty_batch(device):
+    terms, argmax = torch.ops.gradood.lastlayer_terms(torch.empty(0, 5, device=device), None, 1.0, 1.0)
+    assert terms.shape == (0, gradood._ops.NUM_LOGIT_TERMS) and argmax.shape == (0,)
+
+
+def test_argmax_is_the_first_maximum(device):
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]], device=device)
+    assert gradood.lastlayer_terms(logits).argmax.tolist() == [1, 0]
+
+
+def test_one_pass_gives_every_score(device):
+    logits, features = _inputs(9, 11, 13, torch.float32, seed=12)
+    logits, features = logits.to(device), features.to(device)
+    terms = gradood.lastlayer_terms(logits, features, temperature=1.0, clip=1.0)
+    torch.testing.assert_close(terms.column("energy") * terms.column("feature_clipped_l1"), scores.rg(logits, features))
+    torch.testing.assert_close(terms.column("max_softmax"), scores.msp(logits))
+    assert terms.argmax.tolist() == logits.argmax(1).tolist()
+
+
+def test_column_without_features_raises():
+    with pytest.raises(ValueError, match="needs features"):
+        gradood.lastlayer_terms(torch.randn(2, 3)).column("feature_l1")
+
+
+def test_react_matches_reference(device):
+    generator = torch.Generator().manual_seed(13)
+    features = torch.randn(7, 16, generator=generator).relu().to(device)
+    weight = torch.randn(5, 16, generator=generator).to(device)
+    bias = torch.randn(5, generator=generator).to(device)
+    torch.testing.assert_close(scores.react(features, weight, bias, 0.7), reference.react(features, weight, bias, 0.7))
+
+
+def test_kl_matching_is_the_reference(device):
+    logits = torch.randn(4, 3, device=device)
+    templates = torch.softmax(torch.randn(3, 3, device=device), dim=1)
+    torch.testing.assert_close(scores.kl_matching(logits, templates), reference.kl_matching(logits, templates))
+
+
+def test_unsupported_grad_norm_pair_points_to_reference():
+    logits, features = torch.randn(2, 3), torch.rand(2, 4)
+    with pytest.raises(ValueError, match="gradood.reference.lastlayer_grad_norm"):
+        scores.lastlayer_grad_norm(logits, features, "ce_pred", 3.0)
+
+
+# Property tests -----------------------------------------------------------
+
+_shapes = st.tuples(st.integers(1, 6), st.integers(1, 40), st.integers(1, 40))
+_floats = st.floats(-30, 30, allow_nan=False, width=32)
+
+
+@st.composite
+def _logits_and_features(draw):
+    batch, num_classes, num_features = draw(_shapes)
+    logits = torch.tensor(draw(st.lists(_floats, min_size=batch * num_classes, max_size=batch * num_classes)), dtype=torch.float64)
+    features = torch.tensor(
+        draw(st.lists(st.floats(0, 10, width=32), min_size=batch * num_features, max_size=batch * num_features)),
+        dtype=torch.float64,
+    )
+    return logits.reshape(batch, num_classes), features.reshape(batch, num_features)
+
+
+@given(_logits_and_features(), st.floats(-50, 50), st.sampled_from([0.5, 1.0, 7.0]))
+def test_msp_and_gradnorm_invariant_to_a_constant_shift(data, shift, temperature):
+    logits, features = data
+    torch.testing.assert_close(scores.msp(logits + shift, temperature), scores.msp(logits, temperature), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        scores.gradnorm(logits + shift, features, temperature), scores.gradnorm(logits, features, temperature), rtol=1e-9, atol=1e-9
+    )
+
+
+@given(_logits_and_features(), st.sampled_from([0.5, 1.0, 3.0]))
+def test_rg_with_infinite_clip_is_energy_times_l1(data, temperature):
+    logits, features = data
+    torch.testing.assert_close(
+        scores.rg(logits, features, clip=math.inf, temperature=temperature),
+        scores.energy(logits, temperature) * features.abs().sum(1),
+    )
+
+
+@given(_logits_and_features(), st.sampled_from(sorted(SCORES)))
+def test_scores_match_reference_on_arbitrary_inputs(data, name):
+    _compare(name, *data)
+
+
+@given(_logits_and_features())
+def test_terms_stay_in_their_ranges(data):
+    logits, features = data
+    terms = gradood.lastlayer_terms(logits, features)
+    num_classes = logits.shape[1]
+    msp = terms.column("max_softmax")
+    assert ((msp >= 1 / num_classes - 1e-12) & (msp <= 1)).all()
+    assert (terms.column("uniform_deviation_l1") <= 2 * (1 - 1 / num_classes) + 1e-12).all()
+    assert (terms.column("gini") >= -1e-15).all() and (terms.column("gini") <= 1 - 1 / num_classes + 1e-12).all()
+    assert (terms.column("feature_clipped_l1") <= terms.column("feature_l1") + 1e-12).all()
