@@ -11,6 +11,7 @@ cd "$root"
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install "torch==2.13.0"
 fi
+python -m pip install --upgrade pip
 python -m pip install "setuptools>=64" wheel ninja numpy pytest pytest-benchmark hypothesis
 # No build isolation: an isolated build would fetch another torch (setup.py says why).
 python -m pip install --no-build-isolation -e .

@@ -77,7 +77,7 @@ def test_torch_export_runs_and_matches_eager():
     torch.testing.assert_close(score, model(inputs)[1])
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_torchscript_calls_the_op():
     @torch.jit.script
     def energy_times_l1(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
