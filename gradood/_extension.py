@@ -11,7 +11,8 @@ BUILD_HINT = (
     "source checkout against the installed torch:\n"
     "    pip install --no-build-isolation -e .\n"
     "(build isolation must be off so the extension is compiled against the torch you run; "
-    "rebuild after changing torch)."
+    "rebuild after changing torch). If gradood was installed without -e, Python may be "
+    "importing the unbuilt source tree in the current directory instead: run from elsewhere."
 )
 
 try:
