@@ -20,7 +20,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 SCORES = ["gradnorm", "rg"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = [
-    pytest.param(score, device, size, dtype, id=f"{score}-{device}-B{size[0]}-C{size[1]}-D{size[2]}-{str(dtype)[6:]}")
+    pytest.param((score, device, size, dtype), id=f"{score}-{device}-B{size[0]}-C{size[1]}-D{size[2]}-{str(dtype)[6:]}")
     for score, device, size, dtype in itertools.product(SCORES, DEVICES, SIZES, DTYPES)
 ]
 IMPLEMENTATIONS = ["gradood", "reference", "reference_compiled"]
@@ -53,7 +53,7 @@ def _synchronized(function, device):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", CASES)
 def test_lastlayer_score(benchmark, case, implementation):
-    score, device, (batch, num_classes, num_features), dtype = case.values if hasattr(case, "values") else case
+    score, device, (batch, num_classes, num_features), dtype = case
     generator = torch.Generator().manual_seed(0)
     logits = (torch.randn(batch, num_classes, generator=generator) * 3).to(dtype).to(device)
     features = torch.randn(batch, num_features, generator=generator).relu().to(dtype).to(device)

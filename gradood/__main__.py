@@ -1,8 +1,9 @@
 """`python -m gradood`: score a random batch with a small classifier.
 
 A runnable example until the `gradood demo` job exists: it builds a small
-MLP classifier, scores an in-distribution-like batch and a shifted batch
-with several detectors, and prints scores and AUROC per detector.
+MLP classifier on Gaussian classes, scores an in-distribution batch and a
+near-OOD batch (midpoints between classes) with several detectors, and
+prints mean scores and AUROC per detector.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def main() -> None:
 
     with torch.no_grad():
         id_inputs = centers[torch.randint(0, num_classes, (batch,))] + torch.randn(batch, 32)
-        ood_inputs = torch.randn(batch, 32) * 3
+        # Near-OOD: midpoints between two class centres, where no class was trained.
+        pairs = torch.randint(0, num_classes, (2, batch))
+        ood_inputs = (centers[pairs[0]] + centers[pairs[1]]) / 2 + torch.randn(batch, 32)
         id_features, ood_features = backbone(id_inputs), backbone(ood_inputs)
         id_logits, ood_logits = head(id_features), head(ood_features)
 
@@ -44,7 +47,7 @@ def main() -> None:
         "RG (clip=1)": gradood.scores.rg,
         "Energy x L1 (UV)": gradood.scores.uv,
     }
-    print(f"gradood {gradood.__version__}: {batch} ID-like and {batch} shifted samples, C={num_classes}, D={num_features}")
+    print(f"gradood {gradood.__version__}: {batch} ID and {batch} near-OOD samples, C={num_classes}, D={num_features}")
     print(f"{'detector':<20} {'mean ID score':>14} {'mean OOD score':>15} {'AUROC':>7}")
     for name, score in detectors.items():
         id_scores, ood_scores = score(id_logits, id_features), score(ood_logits, ood_features)
