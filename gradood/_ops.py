@@ -18,6 +18,8 @@ from gradood._checks import check_features, check_kernel_dtype, check_logits, ch
 TERM_NAMES: tuple = tuple(torch.ops.gradood.lastlayer_term_names())
 #: The first NUM_LOGIT_TERMS columns depend on the logits only.
 NUM_LOGIT_TERMS: int = TERM_NAMES.index("feature_l1")
+_NO_FEATURE_TERM = -1
+_COMBINE = {"product": 0, "sum": 1}
 
 
 def _terms_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,6 +37,23 @@ def _lastlayer_terms_fake(logits, features, temperature, clip):
     terms = logits.new_empty((batch, num_terms), dtype=_terms_dtype(logits.dtype))
     argmax = logits.new_empty((batch,), dtype=torch.int64)
     return terms, argmax
+
+
+@torch.library.register_fake("gradood::lastlayer_score")
+def _lastlayer_score_fake(logits, features, logit_term, logit_scale, feature_term, with_bias, combine, alpha, temperature, clip):
+    torch._check(logits.dim() == 2, lambda: f"lastlayer_score: logits must be 2-D, got {logits.dim()}-D")
+    if features is not None:
+        torch._check(features.dim() == 2, lambda: f"lastlayer_score: features must be 2-D, got {features.dim()}-D")
+        torch._check(features.shape[0] == logits.shape[0], lambda: "lastlayer_score: batch sizes differ")
+    return logits.new_empty((logits.shape[0],), dtype=_terms_dtype(logits.dtype))
+
+
+def _check_inputs(where: str, logits, features, temperature: float, clip: float) -> tuple:
+    check_logits(where, logits)
+    check_kernel_dtype(where, "logits", logits)
+    if features is not None:
+        check_features(where, features, logits)
+    return check_positive(where, "temperature", temperature), check_positive(where, "clip", clip, allow_inf=True)
 
 
 class LastLayerTerms(NamedTuple):
@@ -76,11 +95,36 @@ def lastlayer_terms(
     NaN, as torch.max does); a NaN feature makes its row's feature terms NaN.
     Other rows are unaffected. -inf logits get probability 0.
     """
-    check_logits(where, logits)
-    check_kernel_dtype(where, "logits", logits)
-    if features is not None:
-        check_features(where, features, logits)
-    temperature = check_positive(where, "temperature", temperature)
-    clip = check_positive(where, "clip", clip, allow_inf=True)
+    temperature, clip = _check_inputs(where, logits, features, temperature, clip)
     terms, argmax = torch.ops.gradood.lastlayer_terms(logits, features, temperature, clip)
     return LastLayerTerms(terms, argmax)
+
+
+def lastlayer_score(
+    where: str,
+    logits: torch.Tensor,
+    features: Optional[torch.Tensor],
+    logit_term: str,
+    logit_scale: float = 1.0,
+    feature_term: Optional[str] = None,
+    with_bias: bool = False,
+    combine: str = "product",
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    clip: float = math.inf,
+) -> torch.Tensor:
+    """One score per row from the same single pass, composed in the kernel:
+
+        combine="product": logit_scale · U · V'     (U alone when feature_term is None)
+        combine="sum":     logit_scale · U + alpha · V'
+
+    U = column `logit_term`, V = column `feature_term` (TERM_NAMES), and V' = V
+    or, with_bias, ‖[v, 1]‖ (feature_l1 + 1, sqrt(feature_l2² + 1)). `where`
+    names the public function in error messages.
+    """
+    temperature, clip = _check_inputs(where, logits, features, temperature, clip)
+    feature_index = _NO_FEATURE_TERM if feature_term is None else TERM_NAMES.index(feature_term)
+    return torch.ops.gradood.lastlayer_score(
+        logits, features, TERM_NAMES.index(logit_term), float(logit_scale), feature_index,
+        bool(with_bias), _COMBINE[combine], float(alpha), temperature, clip,
+    )

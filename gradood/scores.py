@@ -1,5 +1,6 @@
 """Scores backed by the compiled operators: the names of `gradood.reference`,
-computed from one pass of `torch.ops.gradood.lastlayer_terms`.
+each computed in one pass by `torch.ops.gradood.lastlayer_score` (the score is
+composed inside the kernel, so one call is one kernel launch).
 
 Every function returns an ID-score of shape [B] (higher = more
 in-distribution) in float32, or float64 for float64 inputs; half-precision
@@ -18,8 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from gradood import reference
-from gradood._checks import check_choice, check_kernel_dtype, check_optional_clip, check_positive, check_real
-from gradood._ops import TERM_NAMES, LastLayerTerms, lastlayer_terms
+from gradood._checks import (
+    check_choice,
+    check_kernel_dtype,
+    check_logits,
+    check_optional_clip,
+    check_positive,
+    check_real,
+)
+from gradood._ops import TERM_NAMES, LastLayerTerms, lastlayer_score, lastlayer_terms
 
 __all__ = [
     "lastlayer_terms",
@@ -41,31 +49,29 @@ __all__ = [
 
 _PREFIX = "gradood.scores."
 
-#: (loss, p) pairs whose norms come out of the kernel's terms.
+#: (loss, p) pairs whose norms the kernel computes.
 KERNEL_GRAD_NORMS = (("kl_uniform", 1.0), ("ce_pred", 2.0), ("expected_ce", 1.0), ("energy", 1.0))
 
+_FEATURE_TERMS = {"l1": "feature_l1", "l2": "feature_l2", "clipped_l1": "feature_clipped_l1"}
 
-def _feature_norm(terms: LastLayerTerms, p: float, include_bias: bool) -> torch.Tensor:
-    if p == 1.0:
-        norm = terms.column("feature_l1")
-        return norm + 1 if include_bias else norm
-    norm = terms.column("feature_l2")
-    return torch.sqrt(norm * norm + 1) if include_bias else norm
+
+def _temperature(where: str, temperature: float) -> float:
+    return check_positive(where, "temperature", temperature)
 
 
 def msp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Maximum softmax probability at temperature T. See gradood.reference.msp."""
-    return lastlayer_terms(logits, None, temperature, where=_PREFIX + "msp").column("max_softmax")
+    return lastlayer_score(_PREFIX + "msp", logits, None, "max_softmax", temperature=temperature)
 
 
 def max_logit(logits: torch.Tensor) -> torch.Tensor:
     """Maximum logit. See gradood.reference.max_logit."""
-    return lastlayer_terms(logits, None, 1.0, where=_PREFIX + "max_logit").column("max_logit")
+    return lastlayer_score(_PREFIX + "max_logit", logits, None, "max_logit")
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T · logsumexp(f / T). See gradood.reference.energy."""
-    return lastlayer_terms(logits, None, temperature, where=_PREFIX + "energy").column("energy")
+    return lastlayer_score(_PREFIX + "energy", logits, None, "energy", temperature=temperature)
 
 
 def gradnorm(
@@ -79,17 +85,20 @@ def gradnorm(
     See gradood.reference.gradnorm."""
     where = _PREFIX + "gradnorm"
     scale = check_choice(where, "scale", scale, ("paper", "official"))
-    terms = lastlayer_terms(logits, features, temperature, where=where)
-    output_term = terms.column("uniform_deviation_l1") / temperature
-    if scale == "official":
-        output_term = output_term * logits.shape[1]
-    return output_term * _feature_norm(terms, 1.0, include_bias)
+    temperature = _temperature(where, temperature)
+    check_logits(where, logits)
+    factor = logits.shape[1] if scale == "official" else 1
+    return lastlayer_score(
+        where, logits, features, "uniform_deviation_l1", factor / temperature, "feature_l1",
+        with_bias=include_bias, temperature=temperature,
+    )
 
 
 def exgrad(logits: torch.Tensor, features: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """ExGrad, -(2 / T) · Σ_j p_j (1 - p_j) · ‖v‖_1. See gradood.reference.exgrad."""
-    terms = lastlayer_terms(logits, features, temperature, where=_PREFIX + "exgrad")
-    return (-2 / temperature) * terms.column("gini") * terms.column("feature_l1")
+    where = _PREFIX + "exgrad"
+    temperature = _temperature(where, temperature)
+    return lastlayer_score(where, logits, features, "gini", -2 / temperature, "feature_l1", temperature=temperature)
 
 
 def grodin_last_layer(
@@ -100,22 +109,26 @@ def grodin_last_layer(
 ) -> torch.Tensor:
     """GRODIN's last-layer term, -(‖p - e_ŷ‖_2 / T) · ‖[v, 1]‖_2.
     See gradood.reference.grodin_last_layer."""
-    terms = lastlayer_terms(logits, features, temperature, where=_PREFIX + "grodin_last_layer")
-    return -(terms.column("onehot_deviation_l2") / temperature) * _feature_norm(terms, 2.0, include_bias)
+    where = _PREFIX + "grodin_last_layer"
+    temperature = _temperature(where, temperature)
+    return lastlayer_score(
+        where, logits, features, "onehot_deviation_l2", -1 / temperature, "feature_l2",
+        with_bias=include_bias, temperature=temperature,
+    )
 
 
 def rg(logits: torch.Tensor, features: torch.Tensor, clip: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
     """RG, T · logsumexp(f / T) · Σ_i min(|v_i|, clip). See gradood.reference.rg."""
-    terms = lastlayer_terms(logits, features, temperature, clip, where=_PREFIX + "rg")
-    return terms.column("energy") * terms.column("feature_clipped_l1")
+    return lastlayer_score(
+        _PREFIX + "rg", logits, features, "energy", 1.0, "feature_clipped_l1", temperature=temperature, clip=clip
+    )
 
 
 def rg_additive(logits: torch.Tensor, features: torch.Tensor, clip: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
     """Additive RG, logsumexp(f) + α · Σ_i min(|v_i|, clip). See gradood.reference.rg_additive."""
     where = _PREFIX + "rg_additive"
     alpha = check_real(where, "alpha", alpha)
-    terms = lastlayer_terms(logits, features, 1.0, clip, where=where)
-    return terms.column("energy") + alpha * terms.column("feature_clipped_l1")
+    return lastlayer_score(where, logits, features, "energy", 1.0, "feature_clipped_l1", combine="sum", alpha=alpha, clip=clip)
 
 
 def uv(
@@ -131,19 +144,18 @@ def uv(
     u = check_choice(where, "u", u, reference.U_TERMS)
     v = check_choice(where, "v", v, reference.V_TERMS)
     clip = check_optional_clip(where, clip, needed=v == "clipped_l1")
-    terms = lastlayer_terms(logits, features, temperature, math.inf if clip is None else clip, where=where)
-    if u == "msp":
-        output_term = terms.column("max_softmax")
-    elif u == "energy":
-        output_term = terms.column("energy")
-    elif u == "max_logit":
-        output_term = terms.column("max_logit")
-    elif u == "gradnorm":
-        output_term = terms.column("uniform_deviation_l1") / temperature
-    else:
-        output_term = (-2 / temperature) * terms.column("gini")
-    feature_column = {"l1": "feature_l1", "l2": "feature_l2", "clipped_l1": "feature_clipped_l1"}[v]
-    return output_term * terms.column(feature_column)
+    temperature = _temperature(where, temperature)
+    logit_term, logit_scale = {
+        "msp": ("max_softmax", 1.0),
+        "energy": ("energy", 1.0),
+        "max_logit": ("max_logit", 1.0),
+        "gradnorm": ("uniform_deviation_l1", 1 / temperature),
+        "exgrad": ("gini", -2 / temperature),
+    }[u]
+    return lastlayer_score(
+        where, logits, features, logit_term, logit_scale, _FEATURE_TERMS[v],
+        temperature=temperature, clip=math.inf if clip is None else clip,
+    )
 
 
 def lastlayer_grad_norm(
@@ -167,16 +179,21 @@ def lastlayer_grad_norm(
             f"{where}: (loss, p) = ({loss!r}, {p:g}) has no kernel; supported: {supported}. "
             "gradood.reference.lastlayer_grad_norm computes any p >= 1."
         )
-    terms = lastlayer_terms(logits, features, temperature, where=where)
-    if loss == "kl_uniform":
-        delta_norm = terms.column("uniform_deviation_l1") / temperature
-    elif loss == "ce_pred":
-        delta_norm = terms.column("onehot_deviation_l2") / temperature
-    elif loss == "expected_ce":
-        delta_norm = (2 / temperature) * terms.column("gini")
-    else:  # energy: δ = p, ‖p‖_1 = 1
-        delta_norm = torch.ones_like(terms.column("energy"))
-    return delta_norm * _feature_norm(terms, p, include_bias)
+    temperature = _temperature(where, temperature)
+    feature_term = "feature_l2" if p == 2.0 else "feature_l1"
+    if loss == "energy":  # δ = p and ‖p‖_1 = 1: the feature norm alone (0·U keeps NaN rows NaN)
+        return lastlayer_score(
+            where, logits, features, "energy", 0.0, feature_term, with_bias=include_bias,
+            combine="sum", alpha=1.0, temperature=temperature,
+        )
+    logit_term, logit_scale = {
+        "kl_uniform": ("uniform_deviation_l1", 1 / temperature),
+        "ce_pred": ("onehot_deviation_l2", 1 / temperature),
+        "expected_ce": ("gini", 2 / temperature),
+    }[loss]
+    return lastlayer_score(
+        where, logits, features, logit_term, logit_scale, feature_term, with_bias=include_bias, temperature=temperature
+    )
 
 
 def react(
@@ -186,13 +203,12 @@ def react(
     clip: float,
 ) -> torch.Tensor:
     """ReAct, logsumexp(W min(v, c) + b): the product on the GEMM library, the
-    energy on lastlayer_terms. See gradood.reference.react."""
+    energy on lastlayer_score. See gradood.reference.react."""
     where = _PREFIX + "react"
-    # The reference's checks are the public contract; reuse them, then compute.
     clip = reference._check_react_inputs(where, features, weight, bias, clip)
     check_kernel_dtype(where, "features", features)
     logits = F.linear(features.clamp_max(clip), weight, bias)
-    return lastlayer_terms(logits, None, 1.0, where=where).column("energy")
+    return lastlayer_score(where, logits, None, "energy")
 
 
 def kl_matching(logits: torch.Tensor, templates: torch.Tensor, mode: str = "min") -> torch.Tensor:

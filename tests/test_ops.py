@@ -33,6 +33,57 @@ def test_opcheck_lastlayer_terms(batch, num_classes, num_features, dtype, device
     torch.library.opcheck(torch.ops.gradood.lastlayer_terms.default, (logits, features, 2.0, 0.5))
 
 
+SCORE_SPECS = [  # (logit_term, logit_scale, feature_term, with_bias, combine, alpha)
+    (1, 1.0, 8, False, 0, 0.0),  # RG
+    (3, 0.5, 6, True, 0, 0.0),  # GradNorm with bias
+    (5, -1.0, 7, True, 0, 0.0),  # GRODIN last layer
+    (1, 1.0, 8, False, 1, 0.6),  # additive RG
+    (2, 1.0, -1, False, 0, 0.0),  # MSP
+]
+
+
+@pytest.mark.parametrize("spec", SCORE_SPECS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_opcheck_lastlayer_score(spec, dtype, device):
+    logits = torch.randn(6, 9, device=device).to(dtype)
+    features = None if spec[2] == -1 else torch.rand(6, 5, device=device).to(dtype)
+    torch.library.opcheck(torch.ops.gradood.lastlayer_score.default, (logits, features, *spec, 1.5, 0.7))
+
+
+def test_lastlayer_score_equals_the_composed_terms(device):
+    logits, features = torch.randn(7, 9, device=device), torch.rand(7, 5, device=device)
+    terms = torch.ops.gradood.lastlayer_terms(logits, features, 1.5, 0.7)[0]
+    for logit_term, scale, feature_term, with_bias, combine, alpha in SCORE_SPECS:
+        score = torch.ops.gradood.lastlayer_score(logits, features if feature_term != -1 else None, logit_term, scale,
+                                                  feature_term, with_bias, combine, alpha, 1.5, 0.7)
+        u = scale * terms[:, logit_term]
+        if feature_term == -1:
+            expected = u
+        else:
+            v = terms[:, feature_term]
+            if with_bias:
+                v = torch.sqrt(v * v + 1) if feature_term == 7 else v + 1
+            expected = u + alpha * v if combine == 1 else u * v
+        torch.testing.assert_close(score, expected)
+
+
+@pytest.mark.parametrize("args,message", [
+    ((6, 1.0, -1, False, 0, 0.0), "logit_term must be a logit column"),
+    ((1, 1.0, 3, False, 0, 0.0), "feature_term must be -1 or a feature column"),
+    ((1, 1.0, 8, True, 0, 0.0), "with_bias needs feature_term feature_l1 or feature_l2"),
+    ((1, 1.0, 8, False, 2, 0.0), "combine must be 0"),
+    ((1, 1.0, -1, False, 0, 0.0), "features given but feature_term is -1"),
+])
+def test_lastlayer_score_rejects_bad_specs(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.gradood.lastlayer_score(torch.randn(2, 3), torch.rand(2, 4), *args, 1.0, 1.0)
+
+
+def test_lastlayer_score_needs_features_for_a_feature_term():
+    with pytest.raises(RuntimeError, match="a feature_term needs features"):
+        torch.ops.gradood.lastlayer_score(torch.randn(2, 3), None, 1, 1.0, 8, False, 0, 0.0, 1.0, 1.0)
+
+
 def test_term_names_come_from_the_library():
     assert gradood.TERM_NAMES == (
         "max_logit", "energy", "max_softmax", "uniform_deviation_l1", "gini",
@@ -72,7 +123,7 @@ def test_torch_export_runs_and_matches_eager():
     model = _Classifier().eval()
     inputs = torch.randn(6, 12)
     exported = torch.export.export(model, (inputs,))
-    assert any("gradood.lastlayer_terms" in str(node.target) for node in exported.graph.nodes)
+    assert any("gradood.lastlayer_score" in str(node.target) for node in exported.graph.nodes)
     logits, score = exported.module()(inputs)
     torch.testing.assert_close(score, model(inputs)[1])
 

@@ -160,4 +160,37 @@ GRADOOD_HOST_DEVICE void finalize_feature_terms(const FeatureSums<acc_t>& sums,
   out[kFeatureClippedL1] = sums.clipped_l1;
 }
 
+// lastlayer_score: one score per row from one logit term U and optionally
+// one feature term V (columns of LastLayerTerm):
+//   kCombineProduct:  score = logit_scale * U * V'     (U alone without V)
+//   kCombineSum:      score = logit_scale * U + alpha * V'
+// where V' = V, or with_bias: ‖[v, 1]‖ (feature_l1 + 1, sqrt(feature_l2² + 1)).
+enum ScoreCombine : int64_t { kCombineProduct = 0, kCombineSum = 1 };
+constexpr int64_t kNoFeatureTerm = -1;
+
+template <typename acc_t>
+struct ScoreSpec {
+  int64_t logit_term;
+  acc_t logit_scale;
+  int64_t feature_term;  // a feature column, or kNoFeatureTerm
+  bool with_bias;
+  int64_t combine;
+  acc_t alpha;
+};
+
+template <typename acc_t>
+GRADOOD_HOST_DEVICE acc_t compose_score(const acc_t* terms,
+                                        const ScoreSpec<acc_t>& spec) {
+  const acc_t output_term = spec.logit_scale * terms[spec.logit_term];
+  if (spec.feature_term == kNoFeatureTerm) return output_term;
+  acc_t feature_term = terms[spec.feature_term];
+  if (spec.with_bias) {
+    feature_term = spec.feature_term == kFeatureL2
+                       ? std::sqrt(feature_term * feature_term + acc_t(1))
+                       : feature_term + acc_t(1);
+  }
+  return spec.combine == kCombineSum ? output_term + spec.alpha * feature_term
+                                     : output_term * feature_term;
+}
+
 }  // namespace gradood

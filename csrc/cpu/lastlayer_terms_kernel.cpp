@@ -1,13 +1,19 @@
-// CPU kernel of gradood::lastlayer_terms: rows split across threads with
-// at::parallel_for; each row is read in two passes over the logits (online
-// max/log-sum-exp, then the softmax sums) and one over the features.
+// CPU kernels of gradood::lastlayer_terms and gradood::lastlayer_score. Rows
+// are split across threads with at::parallel_for. float32/float16/bfloat16
+// rows use the vectorised float kernels of lastlayer_rows_float.cpp; float64
+// rows, and rows with a NaN or an infinite max, use the scalar kernels below
+// (two passes over the logits: online max/log-sum-exp, then the softmax sums;
+// one over the features), which define the results of such rows.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
+#include <vector>
+
 #include "common/lastlayer_terms_math.h"
+#include "cpu/lastlayer_rows_float.h"
 #include "ops/lastlayer_terms.h"
 
 namespace gradood {
@@ -43,57 +49,162 @@ void feature_terms_row(const scalar_t* features, int64_t num_features,
   finalize_feature_terms(sums, out);
 }
 
+// A float view of a row: the row itself for float32, else widened into `buffer`.
+template <typename scalar_t>
+const float* as_float(const scalar_t* row, int64_t count, float* buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return row;
+  } else {
+    const auto* bits = reinterpret_cast<const uint16_t*>(row);
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      cpu::widen_bfloat16(bits, count, buffer);
+    } else {
+      cpu::widen_half(bits, count, buffer);
+    }
+    return buffer;
+  }
+}
+
+struct RowProblem {
+  int64_t batch;
+  int64_t num_classes;
+  int64_t num_features;  // 0 without features
+  double temperature;
+  double clip;
+  bool need_deviation;  // the uniform_deviation_l1 pass (the rest is always computed)
+};
+
+// Computes every term of every row (in parallel) and passes each row's terms
+// to emit(row, terms, argmax). Terms are accumulated in double for float64
+// inputs and in float otherwise.
+template <typename scalar_t, typename Emit>
+void for_each_row(const scalar_t* logits, const scalar_t* features,
+                  const RowProblem& problem, const Emit& emit) {
+  const int64_t num_classes = problem.num_classes;
+  const int64_t num_features = problem.num_features;
+  // About 32k elements per task keeps the scheduling overhead negligible.
+  const int64_t grain = std::max<int64_t>(1, 32768 / (num_classes + num_features));
+  at::parallel_for(0, problem.batch, grain, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      double terms[kNumTerms];
+      for (int64_t row = begin; row < end; ++row) {
+        int64_t argmax = 0;
+        logit_terms_row<double, double>(logits + row * num_classes, num_classes,
+                                        problem.temperature, terms, &argmax);
+        if (features != nullptr) {
+          feature_terms_row<double, double>(features + row * num_features,
+                                            num_features, problem.clip, terms);
+        }
+        emit(row, terms, argmax);
+      }
+    } else {
+      constexpr bool kWiden = !std::is_same_v<scalar_t, float>;
+      std::vector<float> scratch(num_classes +
+                                 (kWiden ? std::max(num_classes, num_features) : 0));
+      float* exps = scratch.data();
+      float* widened = exps + num_classes;
+      const auto temperature = static_cast<float>(problem.temperature);
+      float terms[kNumTerms];
+      for (int64_t row = begin; row < end; ++row) {
+        int64_t argmax = 0;
+        const float* row_logits = as_float(logits + row * num_classes, num_classes, widened);
+        if (!cpu::logit_terms_row_float(row_logits, num_classes, temperature,
+                                        problem.need_deviation, terms, &argmax, exps)) {
+          logit_terms_row<float, float>(row_logits, num_classes, temperature, terms, &argmax);
+        }
+        if (features != nullptr) {
+          const float* row_features =
+              as_float(features + row * num_features, num_features, widened);
+          cpu::feature_terms_row_float(row_features, num_features,
+                                       static_cast<float>(problem.clip), terms);
+        }
+        emit(row, terms, argmax);
+      }
+    }
+  });
+}
+
+struct ContiguousInputs {
+  at::Tensor logits;
+  at::Tensor features;  // undefined without features
+  RowProblem problem;
+};
+
+ContiguousInputs prepare(const at::Tensor& logits, const std::optional<at::Tensor>& features,
+                         double temperature, double clip, bool need_deviation) {
+  check_lastlayer_terms_inputs(logits, features, temperature, clip);
+  TORCH_CHECK(logits.device().is_cpu(), "gradood CPU kernel: logits must be on the CPU, got ",
+              logits.device());
+  ContiguousInputs inputs;
+  inputs.logits = logits.contiguous();
+  if (features.has_value()) inputs.features = features->contiguous();
+  inputs.problem = RowProblem{logits.size(0), logits.size(1),
+                              features.has_value() ? features->size(1) : 0,
+                              temperature, clip, need_deviation};
+  return inputs;
+}
+
+at::ScalarType accumulator_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename scalar_t>
+const scalar_t* features_ptr(const ContiguousInputs& inputs) {
+  return inputs.features.defined() ? inputs.features.const_data_ptr<scalar_t>() : nullptr;
+}
+
 std::tuple<at::Tensor, at::Tensor> lastlayer_terms_cpu(
     const at::Tensor& logits, const std::optional<at::Tensor>& features,
     double temperature, double clip) {
-  check_lastlayer_terms_inputs(logits, features, temperature, clip);
-  TORCH_CHECK(logits.device().is_cpu(),
-              "lastlayer_terms (CPU kernel): logits must be on the CPU, got ",
-              logits.device());
-  const at::Tensor logits_c = logits.contiguous();
-  const at::Tensor features_c =
-      features.has_value() ? features->contiguous() : at::Tensor();
-  const int64_t batch = logits_c.size(0);
-  const int64_t num_classes = logits_c.size(1);
-  const int64_t num_features = features_c.defined() ? features_c.size(1) : 0;
-  const int64_t num_terms = features_c.defined() ? kNumTerms : kNumLogitTerms;
-  const auto acc_dtype =
-      logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor terms = at::empty({batch, num_terms}, logits.options().dtype(acc_dtype));
+  const ContiguousInputs inputs = prepare(logits, features, temperature, clip, true);
+  const int64_t num_terms = features.has_value() ? kNumTerms : kNumLogitTerms;
+  const int64_t batch = inputs.problem.batch;
+  at::Tensor terms = at::empty({batch, num_terms}, logits.options().dtype(accumulator_dtype(logits)));
   at::Tensor argmax = at::empty({batch}, logits.options().dtype(at::kLong));
   if (batch == 0) return {terms, argmax};
-
-  // About 32k elements per task keeps the scheduling overhead negligible.
-  const int64_t grain = std::max<int64_t>(1, 32768 / (num_classes + num_features));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "lastlayer_terms_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const scalar_t* logits_ptr = logits_c.const_data_ptr<scalar_t>();
-        const scalar_t* features_ptr =
-            features_c.defined() ? features_c.const_data_ptr<scalar_t>() : nullptr;
-        acc_t* terms_ptr = terms.mutable_data_ptr<acc_t>();
-        int64_t* argmax_ptr = argmax.mutable_data_ptr<int64_t>();
-        at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-          for (int64_t row = begin; row < end; ++row) {
-            acc_t* row_terms = terms_ptr + row * num_terms;
-            logit_terms_row<scalar_t, acc_t>(
-                logits_ptr + row * num_classes, num_classes,
-                static_cast<acc_t>(temperature), row_terms, argmax_ptr + row);
-            if (features_ptr != nullptr) {
-              feature_terms_row<scalar_t, acc_t>(
-                  features_ptr + row * num_features, num_features,
-                  static_cast<acc_t>(clip), row_terms);
-            }
-          }
-        });
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        acc_t* terms_out = terms.mutable_data_ptr<acc_t>();
+        int64_t* argmax_out = argmax.mutable_data_ptr<int64_t>();
+        for_each_row(inputs.logits.const_data_ptr<scalar_t>(), features_ptr<scalar_t>(inputs),
+                     inputs.problem, [&](int64_t row, const acc_t* row_terms, int64_t row_argmax) {
+                       std::copy(row_terms, row_terms + num_terms, terms_out + row * num_terms);
+                       argmax_out[row] = row_argmax;
+                     });
       });
   return {terms, argmax};
+}
+
+at::Tensor lastlayer_score_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& features,
+                               int64_t logit_term, double logit_scale, int64_t feature_term,
+                               bool with_bias, int64_t combine, double alpha,
+                               double temperature, double clip) {
+  check_lastlayer_score_spec(features, logit_term, feature_term, with_bias, combine);
+  const ContiguousInputs inputs =
+      prepare(logits, features, temperature, clip, logit_term == kUniformDeviationL1);
+  const int64_t batch = inputs.problem.batch;
+  at::Tensor scores = at::empty({batch}, logits.options().dtype(accumulator_dtype(logits)));
+  if (batch == 0) return scores;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "lastlayer_score_cpu", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        const ScoreSpec<acc_t> spec{logit_term, static_cast<acc_t>(logit_scale), feature_term,
+                                    with_bias, combine, static_cast<acc_t>(alpha)};
+        acc_t* scores_out = scores.mutable_data_ptr<acc_t>();
+        for_each_row(inputs.logits.const_data_ptr<scalar_t>(), features_ptr<scalar_t>(inputs),
+                     inputs.problem, [&](int64_t row, const acc_t* row_terms, int64_t) {
+                       scores_out[row] = compose_score(row_terms, spec);
+                     });
+      });
+  return scores;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradood, CPU, m) {
   m.impl("lastlayer_terms", &lastlayer_terms_cpu);
+  m.impl("lastlayer_score", &lastlayer_score_cpu);
 }
 
 }  // namespace gradood

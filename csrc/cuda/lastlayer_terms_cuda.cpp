@@ -1,12 +1,15 @@
-// CUDA registration of gradood::lastlayer_terms: device guard, current stream,
-// output allocation, dtype dispatch. Compiled only against a CUDA build of
-// torch (c10/cuda headers); the kernel itself is in lastlayer_terms_kernel.cu.
+// CUDA registration of gradood::lastlayer_terms and lastlayer_score: device
+// guard, current stream, output allocation, dtype dispatch. Compiled only
+// against a CUDA build of torch (c10/cuda headers); the kernels themselves are
+// in lastlayer_terms_kernel.cu.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "cuda/lastlayer_terms_launch.h"
 #include "ops/lastlayer_terms.h"
@@ -28,48 +31,87 @@ struct CudaType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
+struct CudaInputs {
+  at::Tensor logits;    // contiguous
+  at::Tensor features;  // contiguous, or undefined
+  int64_t num_features;
+  at::TensorOptions accumulator_options;
+};
+
+CudaInputs prepare(const at::Tensor& logits, const std::optional<at::Tensor>& features,
+                   double temperature, double clip) {
+  check_lastlayer_terms_inputs(logits, features, temperature, clip);
+  TORCH_CHECK(logits.is_cuda(), "gradood CUDA kernel: logits must be on a CUDA device, got ",
+              logits.device());
+  CudaInputs inputs;
+  inputs.logits = logits.contiguous();
+  if (features.has_value()) inputs.features = features->contiguous();
+  inputs.num_features = features.has_value() ? features->size(1) : 0;
+  inputs.accumulator_options =
+      logits.options().dtype(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  return inputs;
+}
+
+template <typename scalar_t>
+const typename CudaType<scalar_t>::type* device_ptr(const at::Tensor& tensor) {
+  if (!tensor.defined()) return nullptr;
+  return reinterpret_cast<const typename CudaType<scalar_t>::type*>(
+      tensor.const_data_ptr<scalar_t>());
+}
+
 std::tuple<at::Tensor, at::Tensor> lastlayer_terms_cuda(
     const at::Tensor& logits, const std::optional<at::Tensor>& features,
     double temperature, double clip) {
-  check_lastlayer_terms_inputs(logits, features, temperature, clip);
-  TORCH_CHECK(logits.is_cuda(),
-              "lastlayer_terms (CUDA kernel): logits must be on a CUDA device, got ",
-              logits.device());
   const c10::cuda::CUDAGuard device_guard(logits.device());
-  const at::Tensor logits_c = logits.contiguous();
-  const at::Tensor features_c =
-      features.has_value() ? features->contiguous() : at::Tensor();
-  const int64_t batch = logits_c.size(0);
-  const int64_t num_terms = features_c.defined() ? kNumTerms : kNumLogitTerms;
-  const auto acc_dtype =
-      logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor terms = at::empty({batch, num_terms}, logits.options().dtype(acc_dtype));
+  const CudaInputs inputs = prepare(logits, features, temperature, clip);
+  const int64_t batch = logits.size(0);
+  const int64_t num_terms = features.has_value() ? kNumTerms : kNumLogitTerms;
+  at::Tensor terms = at::empty({batch, num_terms}, inputs.accumulator_options);
   at::Tensor argmax = at::empty({batch}, logits.options().dtype(at::kLong));
   if (batch == 0) return {terms, argmax};
-
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "lastlayer_terms_cuda", [&] {
         using cuda_t = typename CudaType<scalar_t>::type;
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        const auto* features_ptr =
-            features_c.defined()
-                ? reinterpret_cast<const cuda_t*>(features_c.const_data_ptr<scalar_t>())
-                : nullptr;
         C10_CUDA_CHECK((cuda::launch_lastlayer_terms<cuda_t, acc_t>(
-            reinterpret_cast<const cuda_t*>(logits_c.const_data_ptr<scalar_t>()),
-            features_ptr, batch, logits_c.size(1),
-            features_c.defined() ? features_c.size(1) : 0, temperature, clip,
-            terms.mutable_data_ptr<acc_t>(), argmax.mutable_data_ptr<int64_t>(),
-            stream)));
+            device_ptr<scalar_t>(inputs.logits), device_ptr<scalar_t>(inputs.features), batch,
+            logits.size(1), inputs.num_features, temperature, clip,
+            terms.mutable_data_ptr<acc_t>(), argmax.mutable_data_ptr<int64_t>(), stream)));
       });
   return {terms, argmax};
+}
+
+at::Tensor lastlayer_score_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& features,
+                                int64_t logit_term, double logit_scale, int64_t feature_term,
+                                bool with_bias, int64_t combine, double alpha,
+                                double temperature, double clip) {
+  check_lastlayer_score_spec(features, logit_term, feature_term, with_bias, combine);
+  const c10::cuda::CUDAGuard device_guard(logits.device());
+  const CudaInputs inputs = prepare(logits, features, temperature, clip);
+  const int64_t batch = logits.size(0);
+  at::Tensor scores = at::empty({batch}, inputs.accumulator_options);
+  if (batch == 0) return scores;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "lastlayer_score_cuda", [&] {
+        using cuda_t = typename CudaType<scalar_t>::type;
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        const ScoreSpec<acc_t> spec{logit_term, static_cast<acc_t>(logit_scale), feature_term,
+                                    with_bias, combine, static_cast<acc_t>(alpha)};
+        C10_CUDA_CHECK((cuda::launch_lastlayer_score<cuda_t, acc_t>(
+            device_ptr<scalar_t>(inputs.logits), device_ptr<scalar_t>(inputs.features), batch,
+            logits.size(1), inputs.num_features, temperature, clip, spec,
+            scores.mutable_data_ptr<acc_t>(), stream)));
+      });
+  return scores;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gradood, CUDA, m) {
   m.impl("lastlayer_terms", &lastlayer_terms_cuda);
+  m.impl("lastlayer_score", &lastlayer_score_cuda);
 }
 
 }  // namespace gradood

@@ -1,4 +1,4 @@
-// CUDA kernel of gradood::lastlayer_terms: one thread block per row. The
+// CUDA kernels of gradood::lastlayer_terms and lastlayer_score: one thread block per row. The
 // block strides over the row's logits twice (online max/log-sum-exp, then the
 // softmax sums) and over its features once, reducing with warp shuffles and
 // shared memory. Row math: common/lastlayer_terms_math.h.
@@ -93,16 +93,17 @@ __device__ void block_sum(acc_t (&values)[N]) {
   __syncthreads();
 }
 
-template <typename scalar_t, typename acc_t>
+// kScore = false: writes the row's terms (kNumTerms or kNumLogitTerms columns)
+// to out[row * num_terms] and its argmax; kScore = true: writes
+// compose_score(terms, spec) to out[row].
+template <typename scalar_t, typename acc_t, bool kScore>
 __global__ void __launch_bounds__(kThreads)
-    lastlayer_terms_kernel(const scalar_t* __restrict__ logits,
-                           const scalar_t* __restrict__ features,
-                           int64_t num_classes, int64_t num_features,
-                           acc_t temperature, acc_t clip,
-                           acc_t* __restrict__ terms,
-                           int64_t* __restrict__ argmax) {
+    lastlayer_kernel(const scalar_t* __restrict__ logits,
+                     const scalar_t* __restrict__ features, int64_t num_classes,
+                     int64_t num_features, acc_t temperature, acc_t clip,
+                     ScoreSpec<acc_t> spec, acc_t* __restrict__ out,
+                     int64_t* __restrict__ argmax) {
   const int64_t row = blockIdx.x;
-  const int64_t num_terms = features != nullptr ? kNumTerms : kNumLogitTerms;
   const scalar_t* row_logits = logits + row * num_classes;
   const acc_t inv_temperature = acc_t(1) / temperature;
 
@@ -124,28 +125,50 @@ __global__ void __launch_bounds__(kThreads)
   acc_t logit_sums[2] = {softmax_sums.uniform_deviation, softmax_sums.squares};
   block_sum(logit_sums);
 
-  acc_t* row_terms = terms + row * num_terms;
+  acc_t terms[kNumTerms];  // complete in thread 0 only
   if (threadIdx.x == 0) {
     finalize_logit_terms(state, SoftmaxSums<acc_t>{logit_sums[0], logit_sums[1]},
-                         num_classes, temperature, row_terms);
+                         num_classes, temperature, terms);
+  }
+  if (features != nullptr) {  // uniform across the block
+    const scalar_t* row_features = features + row * num_features;
+    FeatureSums<acc_t> feature_sums{acc_t(0), acc_t(0), acc_t(0)};
+    for (int64_t i = threadIdx.x; i < num_features; i += kThreads) {
+      accumulate_feature(feature_sums,
+                         static_cast<acc_t>(to_acc(row_features[i])), clip);
+    }
+    acc_t feature_values[3] = {feature_sums.l1, feature_sums.squares,
+                               feature_sums.clipped_l1};
+    block_sum(feature_values);
+    if (threadIdx.x == 0) {
+      finalize_feature_terms(FeatureSums<acc_t>{feature_values[0], feature_values[1],
+                                                feature_values[2]},
+                             terms);
+    }
+  }
+  if (threadIdx.x != 0) return;
+  if constexpr (kScore) {
+    out[row] = compose_score(terms, spec);
+  } else {
+    const int64_t num_terms = features != nullptr ? kNumTerms : kNumLogitTerms;
+    for (int64_t k = 0; k < num_terms; ++k) out[row * num_terms + k] = terms[k];
     argmax[row] = state.argmax;
   }
-  if (features == nullptr) return;  // uniform across the block
+}
 
-  const scalar_t* row_features = features + row * num_features;
-  FeatureSums<acc_t> feature_sums{acc_t(0), acc_t(0), acc_t(0)};
-  for (int64_t i = threadIdx.x; i < num_features; i += kThreads) {
-    accumulate_feature(feature_sums, static_cast<acc_t>(to_acc(row_features[i])),
-                       clip);
-  }
-  acc_t feature_values[3] = {feature_sums.l1, feature_sums.squares,
-                             feature_sums.clipped_l1};
-  block_sum(feature_values);
-  if (threadIdx.x == 0) {
-    finalize_feature_terms(
-        FeatureSums<acc_t>{feature_values[0], feature_values[1], feature_values[2]},
-        row_terms);
-  }
+template <typename scalar_t, typename acc_t, bool kScore>
+cudaError_t launch(const scalar_t* logits, const scalar_t* features,
+                   int64_t batch, int64_t num_classes, int64_t num_features,
+                   double temperature, double clip, const ScoreSpec<acc_t>& spec,
+                   acc_t* out, int64_t* argmax, cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  if (batch > 0x7fffffffLL) return cudaErrorInvalidValue;  // grid.x limit
+  lastlayer_kernel<scalar_t, acc_t, kScore>
+      <<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(
+          logits, features, num_classes, num_features,
+          static_cast<acc_t>(temperature), static_cast<acc_t>(clip), spec, out,
+          argmax);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -157,20 +180,31 @@ cudaError_t launch_lastlayer_terms(const scalar_t* logits,
                                    double temperature, double clip,
                                    acc_t* terms, int64_t* argmax,
                                    cudaStream_t stream) {
-  if (batch == 0) return cudaSuccess;
-  if (batch > 0x7fffffffLL) return cudaErrorInvalidValue;  // grid.x limit
-  lastlayer_terms_kernel<scalar_t, acc_t>
-      <<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(
-          logits, features, num_classes, num_features,
-          static_cast<acc_t>(temperature), static_cast<acc_t>(clip), terms,
-          argmax);
-  return cudaGetLastError();
+  const ScoreSpec<acc_t> unused{};
+  return launch<scalar_t, acc_t, false>(logits, features, batch, num_classes,
+                                        num_features, temperature, clip, unused,
+                                        terms, argmax, stream);
+}
+
+template <typename scalar_t, typename acc_t>
+cudaError_t launch_lastlayer_score(const scalar_t* logits,
+                                   const scalar_t* features, int64_t batch,
+                                   int64_t num_classes, int64_t num_features,
+                                   double temperature, double clip,
+                                   const ScoreSpec<acc_t>& spec, acc_t* scores,
+                                   cudaStream_t stream) {
+  return launch<scalar_t, acc_t, true>(logits, features, batch, num_classes,
+                                       num_features, temperature, clip, spec,
+                                       scores, nullptr, stream);
 }
 
 #define GRADOOD_INSTANTIATE_LASTLAYER_TERMS(scalar_t, acc_t)                \
   template cudaError_t launch_lastlayer_terms<scalar_t, acc_t>(             \
       const scalar_t*, const scalar_t*, int64_t, int64_t, int64_t, double, \
-      double, acc_t*, int64_t*, cudaStream_t);
+      double, acc_t*, int64_t*, cudaStream_t);                             \
+  template cudaError_t launch_lastlayer_score<scalar_t, acc_t>(             \
+      const scalar_t*, const scalar_t*, int64_t, int64_t, int64_t, double, \
+      double, const ScoreSpec<acc_t>&, acc_t*, cudaStream_t);
 
 GRADOOD_INSTANTIATE_LASTLAYER_TERMS(float, float)
 GRADOOD_INSTANTIATE_LASTLAYER_TERMS(__half, float)

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "common/lastlayer_terms_math.h"
+
 namespace gradood {
 namespace cuda {
 
@@ -22,6 +24,15 @@ cudaError_t launch_lastlayer_terms(const scalar_t* logits,
                                    int64_t num_classes, int64_t num_features,
                                    double temperature, double clip,
                                    acc_t* terms, int64_t* argmax,
+                                   cudaStream_t stream);
+
+// One score per row: compose_score(terms, spec) written to scores[row].
+template <typename scalar_t, typename acc_t>
+cudaError_t launch_lastlayer_score(const scalar_t* logits,
+                                   const scalar_t* features, int64_t batch,
+                                   int64_t num_classes, int64_t num_features,
+                                   double temperature, double clip,
+                                   const ScoreSpec<acc_t>& spec, acc_t* scores,
                                    cudaStream_t stream);
 
 }  // namespace cuda

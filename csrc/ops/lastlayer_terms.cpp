@@ -16,6 +16,19 @@ std::tuple<at::Tensor, at::Tensor> lastlayer_terms(
   return op.call(logits, features, temperature, clip);
 }
 
+at::Tensor lastlayer_score(const at::Tensor& logits,
+                           const std::optional<at::Tensor>& features,
+                           int64_t logit_term, double logit_scale,
+                           int64_t feature_term, bool with_bias,
+                           int64_t combine, double alpha, double temperature,
+                           double clip) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gradood::lastlayer_score", "")
+                       .typed<decltype(lastlayer_score)>();
+  return op.call(logits, features, logit_term, logit_scale, feature_term,
+                 with_bias, combine, alpha, temperature, clip);
+}
+
 std::vector<std::string> lastlayer_term_names() {
   return {"max_logit",           "energy",     "max_softmax",
           "uniform_deviation_l1", "gini",       "onehot_deviation_l2",
@@ -64,6 +77,30 @@ void check_lastlayer_terms_inputs(const at::Tensor& logits,
   TORCH_CHECK(feats.device() == logits.device(),
               "lastlayer_terms: features must be on the device of logits (",
               logits.device(), "), got ", feats.device());
+}
+
+void check_lastlayer_score_spec(const std::optional<at::Tensor>& features,
+                                int64_t logit_term, int64_t feature_term,
+                                bool with_bias, int64_t combine) {
+  TORCH_CHECK(logit_term >= 0 && logit_term < kNumLogitTerms,
+              "lastlayer_score: logit_term must be a logit column in [0, ",
+              kNumLogitTerms, "), got ", logit_term);
+  const bool has_feature_term = feature_term != kNoFeatureTerm;
+  TORCH_CHECK(!has_feature_term ||
+                  (feature_term >= kNumLogitTerms && feature_term < kNumTerms),
+              "lastlayer_score: feature_term must be -1 or a feature column in [",
+              kNumLogitTerms, ", ", kNumTerms, "), got ", feature_term);
+  TORCH_CHECK(has_feature_term == features.has_value(),
+              has_feature_term
+                  ? "lastlayer_score: a feature_term needs features"
+                  : "lastlayer_score: features given but feature_term is -1");
+  TORCH_CHECK(!with_bias || feature_term == kFeatureL1 || feature_term == kFeatureL2,
+              "lastlayer_score: with_bias needs feature_term feature_l1 or "
+              "feature_l2, got ",
+              feature_term);
+  TORCH_CHECK(combine == kCombineProduct || combine == kCombineSum,
+              "lastlayer_score: combine must be 0 (product) or 1 (sum), got ",
+              combine);
 }
 
 }  // namespace gradood

@@ -63,6 +63,11 @@ int main() {
   const double rg_score = term(gradood::kEnergy) * term(gradood::kFeatureClippedL1);
   std::printf("RG score (T=2, clip=1): %.15f\n", rg_score);
   expect_near("rg", rg_score, temperature * std::log(total) * 2.5);
+  // The same score from the fused op: energy x clipped L1, composed in the kernel.
+  const at::Tensor fused = gradood::lastlayer_score(
+      logits, features, gradood::kEnergy, 1.0, gradood::kFeatureClippedL1,
+      /*with_bias=*/false, gradood::kCombineProduct, /*alpha=*/0.0, temperature, clip);
+  expect_near("lastlayer_score rg", fused.item<double>(), temperature * std::log(total) * 2.5);
 
   if (failures != 0) {
     std::printf("%d check(s) failed\n", failures);

@@ -1,0 +1,29 @@
+// Vectorised float32 row kernels of lastlayer_terms (CPU). Each function is
+// compiled for several instruction sets and picked at load time (GCC/Clang
+// target_clones), so one binary uses AVX-512 or AVX2 where the CPU has them.
+#pragma once
+
+#include <cstdint>
+
+namespace gradood {
+namespace cpu {
+
+// Writes the kNumLogitTerms logit terms of one row and its argmax. `scratch`
+// holds num_classes floats. Without need_deviation the uniform_deviation_l1
+// pass is skipped and that term is NaN. Returns false, writing nothing, for a
+// row the fast path does not cover (a NaN or an infinite max); the caller then
+// uses the exact scalar path, which defines those rows' results.
+bool logit_terms_row_float(const float* logits, int64_t num_classes,
+                           float temperature, bool need_deviation, float* out,
+                           int64_t* argmax, float* scratch);
+
+// Writes the feature terms (kFeatureL1, kFeatureL2, kFeatureClippedL1).
+void feature_terms_row_float(const float* features, int64_t num_features,
+                             float clip, float* out);
+
+// Widens bfloat16 / IEEE half bit patterns to float32.
+void widen_bfloat16(const uint16_t* bits, int64_t count, float* out);
+void widen_half(const uint16_t* bits, int64_t count, float* out);
+
+}  // namespace cpu
+}  // namespace gradood
