@@ -1,63 +1,118 @@
-"""Last-layer scores: the gradood op vs. the eager reference vs. the reference
-under torch.compile, in one run.
+"""Last-layer scores, every implementation of one case in one run:
 
-    python -m pytest benchmarks/test_lastlayer_scores.py --benchmark-group-by=param:case --benchmark-columns=median,iqr,rounds
+    gradood             gradood.scores.<score> (one fused kernel)
+    reference           gradood.reference.<score>, eager
+    reference_compiled  torch.compile(gradood.reference.<score>, dynamic=False)
+    autograd_loop       GradNorm as the official and OpenOOD code compute it: one
+                        backward() per sample through the last nn.Linear, reading
+                        its weight gradient (last layer only: the most favourable
+                        version of that loop). Timed on the first LOOP_SUBSET
+                        samples; the median is extrapolated linearly to B and
+                        stored in extra_info["extrapolated_median_s"].
+    copy                torch's device copy of logits and features (read + write of
+                        the bytes the score reads once): the bandwidth yardstick.
 
-Each case is one (score, device, B, C, D, dtype); compare medians within a group.
+Run (all sizes; GRADOOD_BENCH_SIZES=small for a quick subset):
+
+    python -m pytest benchmarks/test_lastlayer_scores.py --benchmark-json=bench.json
+    python benchmarks/summarize.py bench.json
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from gradood import reference, scores
 
-SIZES = [(64, 10, 512), (1024, 10, 512), (64, 1000, 2048), (1024, 1000, 2048)]
+BATCHES = [1, 64, 1024, 8192]
+CLASSES_FEATURES = [(10, 512), (1000, 2048), (21843, 2048)]
+if os.environ.get("GRADOOD_BENCH_SIZES") == "small":
+    BATCHES, CLASSES_FEATURES = [1, 1024], [(10, 512), (1000, 2048)]
 DTYPES = [torch.float32, torch.bfloat16]
 SCORES = ["gradnorm", "rg"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+IMPLEMENTATIONS = ["gradood", "reference", "reference_compiled", "autograd_loop", "copy"]
+LOOP_SUBSET = 32
+
 CASES = [
-    pytest.param((score, device, size, dtype), id=f"{score}-{device}-B{size[0]}-C{size[1]}-D{size[2]}-{str(dtype)[6:]}")
-    for score, device, size, dtype in itertools.product(SCORES, DEVICES, SIZES, DTYPES)
+    pytest.param(
+        (score, device, batch, num_classes, num_features, dtype),
+        id=f"{score}-{device}-B{batch}-C{num_classes}-D{num_features}-{str(dtype).removeprefix('torch.')}",
+    )
+    for score, device, batch, (num_classes, num_features), dtype in itertools.product(
+        SCORES, DEVICES, BATCHES, CLASSES_FEATURES, DTYPES
+    )
 ]
-IMPLEMENTATIONS = ["gradood", "reference", "reference_compiled"]
 
 _compiled = {}
 
 
-def _implementation(name: str, score: str):
-    if name == "gradood":
-        return getattr(scores, score)
-    if name == "reference":
-        return getattr(reference, score)
-    if score not in _compiled:
-        _compiled[score] = torch.compile(getattr(reference, score), dynamic=False)
-    return _compiled[score]
-
-
-def _synchronized(function, device):
-    if device != "cuda":
-        return function
-
-    def run(*args):
-        result = function(*args)
+def _synchronize(device: str) -> None:
+    if device == "cuda":
         torch.cuda.synchronize()
-        return result
 
-    return run
+
+def _autograd_loop(layer: nn.Linear, features: torch.Tensor) -> torch.Tensor:
+    """GradNorm by per-sample backward (official code: targets all ones, T=1, L1 of the weight gradient)."""
+    norms = []
+    for row in features:
+        layer.zero_grad(set_to_none=True)
+        logits = layer(row[None])
+        loss = torch.sum(-F.log_softmax(logits, dim=-1)) / logits.shape[1]
+        loss.backward()
+        norms.append(layer.weight.grad.abs().sum())
+    return torch.stack(norms)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", CASES)
 def test_lastlayer_score(benchmark, case, implementation):
-    score, device, (batch, num_classes, num_features), dtype = case
+    score, device, batch, num_classes, num_features, dtype = case
+    if implementation == "autograd_loop" and score != "gradnorm":
+        pytest.skip("the per-sample loop is GradNorm's procedure; RG has no gradient to loop over")
     generator = torch.Generator().manual_seed(0)
-    logits = (torch.randn(batch, num_classes, generator=generator) * 3).to(dtype).to(device)
-    features = torch.randn(batch, num_features, generator=generator).relu().to(dtype).to(device)
-    function = _synchronized(_implementation(implementation, score), device)
-    function(logits, features)  # warm-up (and compilation)
-    benchmark.group = f"{score}-{device}-B{batch}-C{num_classes}-D{num_features}-{str(dtype)[6:]}"
-    benchmark(function, logits, features)
+    layer = nn.Linear(num_features, num_classes).to(device=device, dtype=dtype)
+    features = torch.randn(batch, num_features, generator=generator).relu().to(device=device, dtype=dtype)
+    with torch.no_grad():
+        logits = layer(features)
+    benchmark.group = f"{score}-{device}-B{batch}-C{num_classes}-D{num_features}-{str(dtype).removeprefix('torch.')}"
+    benchmark.extra_info["bytes_read"] = logits.numel() * logits.element_size() + features.numel() * features.element_size()
+
+    if implementation == "copy":
+        logits_out, features_out = torch.empty_like(logits), torch.empty_like(features)
+
+        def run():
+            logits_out.copy_(logits)
+            features_out.copy_(features)
+            _synchronize(device)
+
+    elif implementation == "autograd_loop":
+        subset = features[:LOOP_SUBSET]
+        benchmark.extra_info["loop_samples"] = subset.shape[0]
+
+        def run():
+            _autograd_loop(layer, subset)
+            _synchronize(device)
+
+    else:
+        if implementation == "gradood":
+            function = getattr(scores, score)
+        elif implementation == "reference":
+            function = getattr(reference, score)
+        else:
+            function = _compiled.setdefault(score, torch.compile(getattr(reference, score), dynamic=False))
+
+        def run():
+            function(logits, features)
+            _synchronize(device)
+
+    run()  # warm-up (and compilation)
+    benchmark(run)
+    if implementation == "autograd_loop":
+        benchmark.extra_info["extrapolated_median_s"] = benchmark.stats.stats.median * batch / subset.shape[0]

@@ -40,6 +40,14 @@ enum LastLayerTerm : int64_t {
   kNumTerms = 9,
 };
 
+// A set of LastLayerTerm columns, as bits; kernels computing one score
+// finalise only the terms it reads.
+using TermMask = uint32_t;
+constexpr TermMask kAllTerms = (1u << kNumTerms) - 1u;
+GRADOOD_HOST_DEVICE constexpr TermMask term_bit(int64_t term) {
+  return 1u << static_cast<uint32_t>(term);
+}
+
 // Running max, its first index, and the exp-mass of every other element
 // relative to that max. `argmax == kNoIndex` marks the empty state (the
 // identity of `merge`), which a thread holds when a row has fewer elements
@@ -128,36 +136,48 @@ GRADOOD_HOST_DEVICE void accumulate_feature(FeatureSums<acc_t>& sums,
 }
 
 // Composes the logit terms of one row from the two passes' results.
+// Composes the logit terms of one row from the two passes' results; only the
+// `wanted` ones are written (the others are left untouched).
 template <typename acc_t>
 GRADOOD_HOST_DEVICE void finalize_logit_terms(const MaxState<acc_t>& state,
                                               const SoftmaxSums<acc_t>& sums,
                                               int64_t num_classes,
-                                              acc_t temperature, acc_t* out) {
+                                              acc_t temperature, acc_t* out,
+                                              TermMask wanted = kAllTerms) {
   const acc_t total = acc_t(1) + state.others;
   const acc_t max_softmax = acc_t(1) / total;
   const acc_t one_minus_max_softmax = state.others / total;
-  const acc_t uniform = acc_t(1) / static_cast<acc_t>(num_classes);
-  out[kMaxLogit] = state.max;
-  out[kEnergy] = state.max + temperature * std::log1p(state.others);
-  out[kMaxSoftmax] = max_softmax;
-  // p_max - 1/C written as (1 - 1/C) - (1 - p_max): no cancellation in 1 - p_max.
-  out[kUniformDeviationL1] =
-      std::fabs((acc_t(1) - uniform) - one_minus_max_softmax) +
-      sums.uniform_deviation;
-  // p_max (1 - p_max) + sum_{j != argmax} (p_j - p_j^2), with
-  // sum_{j != argmax} p_j = 1 - p_max.
-  out[kGini] = max_softmax * one_minus_max_softmax +
-               (one_minus_max_softmax - sums.squares);
-  out[kOneHotDeviationL2] = std::sqrt(
-      one_minus_max_softmax * one_minus_max_softmax + sums.squares);
+  if (wanted & term_bit(kMaxLogit)) out[kMaxLogit] = state.max;
+  if (wanted & term_bit(kEnergy)) {
+    out[kEnergy] = state.max + temperature * std::log1p(state.others);
+  }
+  if (wanted & term_bit(kMaxSoftmax)) out[kMaxSoftmax] = max_softmax;
+  if (wanted & term_bit(kUniformDeviationL1)) {
+    // p_max - 1/C as (1 - 1/C) - (1 - p_max): no cancellation in 1 - p_max.
+    const acc_t uniform = acc_t(1) / static_cast<acc_t>(num_classes);
+    out[kUniformDeviationL1] =
+        std::fabs((acc_t(1) - uniform) - one_minus_max_softmax) +
+        sums.uniform_deviation;
+  }
+  if (wanted & term_bit(kGini)) {
+    // p_max (1 - p_max) + sum_{j != argmax} (p_j - p_j^2), with
+    // sum_{j != argmax} p_j = 1 - p_max.
+    out[kGini] = max_softmax * one_minus_max_softmax +
+                 (one_minus_max_softmax - sums.squares);
+  }
+  if (wanted & term_bit(kOneHotDeviationL2)) {
+    out[kOneHotDeviationL2] = std::sqrt(
+        one_minus_max_softmax * one_minus_max_softmax + sums.squares);
+  }
 }
 
 template <typename acc_t>
 GRADOOD_HOST_DEVICE void finalize_feature_terms(const FeatureSums<acc_t>& sums,
-                                                acc_t* out) {
-  out[kFeatureL1] = sums.l1;
-  out[kFeatureL2] = std::sqrt(sums.squares);
-  out[kFeatureClippedL1] = sums.clipped_l1;
+                                                acc_t* out,
+                                                TermMask wanted = kAllTerms) {
+  if (wanted & term_bit(kFeatureL1)) out[kFeatureL1] = sums.l1;
+  if (wanted & term_bit(kFeatureL2)) out[kFeatureL2] = std::sqrt(sums.squares);
+  if (wanted & term_bit(kFeatureClippedL1)) out[kFeatureClippedL1] = sums.clipped_l1;
 }
 
 // lastlayer_score: one score per row from one logit term U and optionally
@@ -177,6 +197,12 @@ struct ScoreSpec {
   int64_t combine;
   acc_t alpha;
 };
+
+template <typename acc_t>
+GRADOOD_HOST_DEVICE TermMask score_terms(const ScoreSpec<acc_t>& spec) {
+  return term_bit(spec.logit_term) |
+         (spec.feature_term == kNoFeatureTerm ? 0u : term_bit(spec.feature_term));
+}
 
 template <typename acc_t>
 GRADOOD_HOST_DEVICE acc_t compose_score(const acc_t* terms,

@@ -67,11 +67,42 @@ inline float exp_nonpositive(float x) {
 
 constexpr int64_t kBlock = 64;
 
+struct ExpSums {
+  float sum = 0.0f;
+  float squares = 0.0f;
+};
+
+// e_j = exp((x_j - max) / T) for begin <= j < end, stored to scratch and summed.
+inline void exp_range(const float* logits, int64_t begin, int64_t end, float max,
+                      float inv_temperature, float* scratch, ExpSums& sums) {
+  float sum = 0.0f, squares = 0.0f;
+#pragma omp simd reduction(+ : sum, squares)
+  for (int64_t j = begin; j < end; ++j) {
+    const float e = exp_nonpositive((logits[j] - max) * inv_temperature);
+    scratch[j] = e;
+    sum += e;
+    squares += e * e;
+  }
+  sums.sum += sum;
+  sums.squares += squares;
+}
+
+// sum_{begin <= j < end} |e_j / s - u|
+inline float deviation_range(const float* exps, int64_t begin, int64_t end,
+                             float inv_sum, float uniform) {
+  float deviation = 0.0f;
+#pragma omp simd reduction(+ : deviation)
+  for (int64_t j = begin; j < end; ++j) {
+    deviation += std::fabs(exps[j] * inv_sum - uniform);
+  }
+  return deviation;
+}
+
 }  // namespace
 
 GRADOOD_CPU_CLONES
 bool logit_terms_row_float(const float* logits, int64_t num_classes,
-                           float temperature, bool need_deviation, float* out,
+                           float temperature, TermMask wanted, float* out,
                            int64_t* argmax, float* scratch) {
   // Max by blocks, keeping the first block that reaches it, then the first
   // index of the max inside that block: the argmax torch.max reports.
@@ -93,40 +124,31 @@ bool logit_terms_row_float(const float* logits, int64_t num_classes,
   int64_t top = max_block;
   while (logits[top] != max) ++top;
 
+  // Sums over j != top as two contiguous ranges, [0, top) and (top, C): no
+  // per-element index test in the vector loops.
   const float inv_temperature = 1.0f / temperature;
-  float others = 0.0f;
-  float others_squares = 0.0f;
-#pragma omp simd reduction(+ : others, others_squares)
-  for (int64_t j = 0; j < num_classes; ++j) {
-    const float e = j == top ? 0.0f : exp_nonpositive((logits[j] - max) * inv_temperature);
-    scratch[j] = e;
-    others += e;
-    others_squares += e * e;
-  }
-  const float inv_sum = 1.0f / (1.0f + others);
-  const float uniform = 1.0f / static_cast<float>(num_classes);
-  if (std::isnan(others)) return false;  // a NaN logit
-  float deviation = std::numeric_limits<float>::quiet_NaN();
-  if (need_deviation) {
-    deviation = 0.0f;
-#pragma omp simd reduction(+ : deviation)
-    for (int64_t j = 0; j < num_classes; ++j) {
-      const float d = std::fabs(scratch[j] * inv_sum - uniform);
-      deviation += j == top ? 0.0f : d;
-    }
-  }
+  ExpSums others;
+  exp_range(logits, 0, top, max, inv_temperature, scratch, others);
+  exp_range(logits, top + 1, num_classes, max, inv_temperature, scratch, others);
+  if (std::isnan(others.sum)) return false;  // a NaN logit
 
-  const MaxState<float> state{max, top, others};
-  const SoftmaxSums<float> sums{deviation, others_squares * inv_sum * inv_sum};
-  finalize_logit_terms(state, sums, num_classes, temperature, out);
+  const float inv_sum = 1.0f / (1.0f + others.sum);
+  float deviation = 0.0f;
+  if (wanted & term_bit(kUniformDeviationL1)) {
+    const float uniform = 1.0f / static_cast<float>(num_classes);
+    deviation = deviation_range(scratch, 0, top, inv_sum, uniform) +
+                deviation_range(scratch, top + 1, num_classes, inv_sum, uniform);
+  }
+  const MaxState<float> state{max, top, others.sum};
+  const SoftmaxSums<float> sums{deviation, others.squares * inv_sum * inv_sum};
+  finalize_logit_terms(state, sums, num_classes, temperature, out, wanted);
   *argmax = top;
   return true;
 }
 
 GRADOOD_CPU_CLONES
 void feature_terms_row_float(const float* features, int64_t num_features,
-                             float clip, float* out) {
-  FeatureSums<float> sums{0.0f, 0.0f, 0.0f};
+                             float clip, TermMask wanted, float* out) {
   float l1 = 0.0f, squares = 0.0f, clipped = 0.0f;
 #pragma omp simd reduction(+ : l1, squares, clipped)
   for (int64_t i = 0; i < num_features; ++i) {
@@ -135,10 +157,7 @@ void feature_terms_row_float(const float* features, int64_t num_features,
     squares += magnitude * magnitude;
     clipped += magnitude > clip ? clip : magnitude;  // keeps NaN
   }
-  sums.l1 = l1;
-  sums.squares = squares;
-  sums.clipped_l1 = clipped;
-  finalize_feature_terms(sums, out);
+  finalize_feature_terms(FeatureSums<float>{l1, squares, clipped}, out, wanted);
 }
 
 GRADOOD_CPU_CLONES

@@ -5,21 +5,23 @@
 
 #include <cstdint>
 
+#include "common/lastlayer_terms_math.h"
+
 namespace gradood {
 namespace cpu {
 
-// Writes the kNumLogitTerms logit terms of one row and its argmax. `scratch`
-// holds num_classes floats. Without need_deviation the uniform_deviation_l1
-// pass is skipped and that term is NaN. Returns false, writing nothing, for a
-// row the fast path does not cover (a NaN or an infinite max); the caller then
-// uses the exact scalar path, which defines those rows' results.
+// Writes the `wanted` logit terms of one row and its argmax. `scratch` holds
+// num_classes floats. The uniform_deviation_l1 pass runs only when that term
+// is wanted. Returns false, writing nothing, for a row the fast path does not
+// cover (a NaN or an infinite max); the caller then uses the exact scalar
+// path, which defines those rows' results.
 bool logit_terms_row_float(const float* logits, int64_t num_classes,
-                           float temperature, bool need_deviation, float* out,
+                           float temperature, TermMask wanted, float* out,
                            int64_t* argmax, float* scratch);
 
-// Writes the feature terms (kFeatureL1, kFeatureL2, kFeatureClippedL1).
+// Writes the `wanted` feature terms (kFeatureL1, kFeatureL2, kFeatureClippedL1).
 void feature_terms_row_float(const float* features, int64_t num_features,
-                             float clip, float* out);
+                             float clip, TermMask wanted, float* out);
 
 // Widens bfloat16 / IEEE half bit patterns to float32.
 void widen_bfloat16(const uint16_t* bits, int64_t count, float* out);

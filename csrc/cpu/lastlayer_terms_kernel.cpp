@@ -71,7 +71,7 @@ struct RowProblem {
   int64_t num_features;  // 0 without features
   double temperature;
   double clip;
-  bool need_deviation;  // the uniform_deviation_l1 pass (the rest is always computed)
+  TermMask wanted;  // the terms emit reads
 };
 
 // Computes every term of every row (in parallel) and passes each row's terms
@@ -109,14 +109,14 @@ void for_each_row(const scalar_t* logits, const scalar_t* features,
         int64_t argmax = 0;
         const float* row_logits = as_float(logits + row * num_classes, num_classes, widened);
         if (!cpu::logit_terms_row_float(row_logits, num_classes, temperature,
-                                        problem.need_deviation, terms, &argmax, exps)) {
+                                        problem.wanted, terms, &argmax, exps)) {
           logit_terms_row<float, float>(row_logits, num_classes, temperature, terms, &argmax);
         }
         if (features != nullptr) {
           const float* row_features =
               as_float(features + row * num_features, num_features, widened);
           cpu::feature_terms_row_float(row_features, num_features,
-                                       static_cast<float>(problem.clip), terms);
+                                       static_cast<float>(problem.clip), problem.wanted, terms);
         }
         emit(row, terms, argmax);
       }
@@ -131,7 +131,7 @@ struct ContiguousInputs {
 };
 
 ContiguousInputs prepare(const at::Tensor& logits, const std::optional<at::Tensor>& features,
-                         double temperature, double clip, bool need_deviation) {
+                         double temperature, double clip, TermMask wanted) {
   check_lastlayer_terms_inputs(logits, features, temperature, clip);
   TORCH_CHECK(logits.device().is_cpu(), "gradood CPU kernel: logits must be on the CPU, got ",
               logits.device());
@@ -140,7 +140,7 @@ ContiguousInputs prepare(const at::Tensor& logits, const std::optional<at::Tenso
   if (features.has_value()) inputs.features = features->contiguous();
   inputs.problem = RowProblem{logits.size(0), logits.size(1),
                               features.has_value() ? features->size(1) : 0,
-                              temperature, clip, need_deviation};
+                              temperature, clip, wanted};
   return inputs;
 }
 
@@ -156,7 +156,7 @@ const scalar_t* features_ptr(const ContiguousInputs& inputs) {
 std::tuple<at::Tensor, at::Tensor> lastlayer_terms_cpu(
     const at::Tensor& logits, const std::optional<at::Tensor>& features,
     double temperature, double clip) {
-  const ContiguousInputs inputs = prepare(logits, features, temperature, clip, true);
+  const ContiguousInputs inputs = prepare(logits, features, temperature, clip, kAllTerms);
   const int64_t num_terms = features.has_value() ? kNumTerms : kNumLogitTerms;
   const int64_t batch = inputs.problem.batch;
   at::Tensor terms = at::empty({batch, num_terms}, logits.options().dtype(accumulator_dtype(logits)));
@@ -181,8 +181,9 @@ at::Tensor lastlayer_score_cpu(const at::Tensor& logits, const std::optional<at:
                                bool with_bias, int64_t combine, double alpha,
                                double temperature, double clip) {
   check_lastlayer_score_spec(features, logit_term, feature_term, with_bias, combine);
-  const ContiguousInputs inputs =
-      prepare(logits, features, temperature, clip, logit_term == kUniformDeviationL1);
+  const TermMask wanted = score_terms(ScoreSpec<double>{logit_term, logit_scale, feature_term,
+                                                        with_bias, combine, alpha});
+  const ContiguousInputs inputs = prepare(logits, features, temperature, clip, wanted);
   const int64_t batch = inputs.problem.batch;
   at::Tensor scores = at::empty({batch}, logits.options().dtype(accumulator_dtype(logits)));
   if (batch == 0) return scores;
