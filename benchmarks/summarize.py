@@ -1,7 +1,8 @@
-"""Markdown table of a benchmark JSON from test_lastlayer_scores.py: medians per
-implementation and ratios to gradood.
+"""Markdown table of benchmark JSON files from test_lastlayer_scores.py: medians
+per implementation and ratios to gradood. With several files, a later file's
+measurement of a (case, implementation) replaces an earlier one's.
 
-    python benchmarks/summarize.py bench.json
+    python benchmarks/summarize.py bench.json [more.json ...]
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import json
 import sys
 
 
-def main(path: str) -> None:
-    data = json.load(open(path))
+def main(paths: list) -> None:
+    benchmarks = [bench for path in paths for bench in json.load(open(path))["benchmarks"]]
     rows = collections.OrderedDict()
-    for bench in data["benchmarks"]:
+    for bench in benchmarks:
         median = bench["stats"]["median"]
         extra = bench.get("extra_info", {})
         implementation = bench["params"]["implementation"]
@@ -22,8 +23,11 @@ def main(path: str) -> None:
             median = extra["extrapolated_median_s"]
         row = rows.setdefault(bench["group"], {"bytes": extra.get("bytes_read", 0)})
         row[implementation] = median
-    print("| case | gradood µs | GB/s | copy GB/s | eager µs (×) | compiled µs (×) | autograd loop µs, extrapolated (×) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| case | gradood µs | GB/s | copy GB/s | eager µs (×) | compiled µs (×) "
+        "| autograd loop µs, extrapolated (×) | tiny kernel µs |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for group, row in rows.items():
         ours = row["gradood"]
 
@@ -34,11 +38,11 @@ def main(path: str) -> None:
 
         bandwidth = row["bytes"] / ours / 1e9
         copy = 2 * row["bytes"] / row["copy"] / 1e9 if "copy" in row else float("nan")
+        tiny = f"{row['tiny_kernel'] * 1e6:,.1f}" if "tiny_kernel" in row else "—"
         print(
             f"| {group} | {ours * 1e6:,.1f} | {bandwidth:,.1f} | {copy:,.1f} | {cell('reference')} | "
-            f"{cell('reference_compiled')} | {cell('autograd_loop')} |"
+            f"{cell('reference_compiled')} | {cell('autograd_loop')} | {tiny} |"
         )
 
-
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -11,11 +11,16 @@
                         stored in extra_info["extrapolated_median_s"].
     copy                torch's device copy of logits and features (read + write of
                         the bytes the score reads once): the bandwidth yardstick.
+    tiny_kernel         (B=1 only) an in-place add on a one-element tensor: the
+                        launch-latency yardstick.
 
 Run (all sizes; GRADOOD_BENCH_SIZES=small for a quick subset):
 
     python -m pytest benchmarks/test_lastlayer_scores.py --benchmark-json=bench.json
     python benchmarks/summarize.py bench.json
+
+(summarize.py takes several JSON files, later ones replacing earlier rows, so
+one implementation can be re-measured with -k.)
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ if os.environ.get("GRADOOD_BENCH_SIZES") == "small":
 DTYPES = [torch.float32, torch.bfloat16]
 SCORES = ["gradnorm", "rg"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-IMPLEMENTATIONS = ["gradood", "reference", "reference_compiled", "autograd_loop", "copy"]
+IMPLEMENTATIONS = ["gradood", "reference", "reference_compiled", "autograd_loop", "copy", "tiny_kernel"]
 LOOP_SUBSET = 32
 
 CASES = [
@@ -49,8 +54,6 @@ CASES = [
         SCORES, DEVICES, BATCHES, CLASSES_FEATURES, DTYPES
     )
 ]
-
-_compiled = {}
 
 
 def _synchronize(device: str) -> None:
@@ -76,6 +79,8 @@ def test_lastlayer_score(benchmark, case, implementation):
     score, device, batch, num_classes, num_features, dtype = case
     if implementation == "autograd_loop" and score != "gradnorm":
         pytest.skip("the per-sample loop is GradNorm's procedure; RG has no gradient to loop over")
+    if implementation == "tiny_kernel" and batch != 1:
+        pytest.skip("the launch-latency yardstick is measured at B=1")
     generator = torch.Generator().manual_seed(0)
     layer = nn.Linear(num_features, num_classes).to(device=device, dtype=dtype)
     features = torch.randn(batch, num_features, generator=generator).relu().to(device=device, dtype=dtype)
@@ -84,7 +89,14 @@ def test_lastlayer_score(benchmark, case, implementation):
     benchmark.group = f"{score}-{device}-B{batch}-C{num_classes}-D{num_features}-{str(dtype).removeprefix('torch.')}"
     benchmark.extra_info["bytes_read"] = logits.numel() * logits.element_size() + features.numel() * features.element_size()
 
-    if implementation == "copy":
+    if implementation == "tiny_kernel":
+        one = torch.zeros(1, device=device)
+
+        def run():
+            one.add_(1)
+            _synchronize(device)
+
+    elif implementation == "copy":
         logits_out, features_out = torch.empty_like(logits), torch.empty_like(features)
 
         def run():
@@ -106,7 +118,10 @@ def test_lastlayer_score(benchmark, case, implementation):
         elif implementation == "reference":
             function = getattr(reference, score)
         else:
-            function = _compiled.setdefault(score, torch.compile(getattr(reference, score), dynamic=False))
+            # A fresh compilation per case: one shared compiled function would hit
+            # dynamo's recompile limit after a few shapes and silently run eagerly.
+            torch._dynamo.reset()
+            function = torch.compile(getattr(reference, score), dynamic=False)
 
         def run():
             function(logits, features)

@@ -6,6 +6,8 @@ Every score is an ID-score: higher means more in-distribution.
     gradood.reference  pure-PyTorch definitions, the oracle for the kernels
     gradood.metrics    AUROC, FPR@95TPR (both conventions), AUPR, bootstrap
     gradood.testing    autograd oracles for the gradient-norm closed forms
+    gradood.persample_grad_norms
+                       full-network per-sample gradient norms, one forward + one backward
 
 The operators are also reachable as torch.ops.gradood.* (Python, TorchScript)
 and from C++ (csrc/ops/*.h).
@@ -14,7 +16,18 @@ and from C++ (csrc/ops/*.h).
 from gradood import _extension  # noqa: F401  (fails with build instructions if unbuilt)
 from gradood import metrics, reference, scores
 from gradood._ops import TERM_NAMES, LastLayerTerms, lastlayer_terms
+from gradood.persample import PerSampleGradNorms, persample_grad_norms
 
 __version__ = "0.1.0"
 
-__all__ = ["metrics", "reference", "scores", "lastlayer_terms", "LastLayerTerms", "TERM_NAMES", "__version__"]
+__all__ = [
+    "metrics",
+    "reference",
+    "scores",
+    "lastlayer_terms",
+    "LastLayerTerms",
+    "TERM_NAMES",
+    "persample_grad_norms",
+    "PerSampleGradNorms",
+    "__version__",
+]

@@ -86,13 +86,14 @@ def test_scores_match_reference_on_non_contiguous_inputs(name, device):
     _compare(name, logits, features)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", SCORES)
-def test_scores_match_reference_on_confident_and_uniform_rows(name, device):
+def test_scores_match_reference_on_confident_and_uniform_rows(name, dtype, device):
     logits, features = _inputs(6, 50, 16, torch.float64, seed=5)
     logits[0:2] = 0.0  # uniform predictions
     logits[2:4, 7] += 200.0  # confident beyond float64's 1 - p resolution
     logits[4, [3, 9]] = 30.0  # a tie at the max
-    _compare(name, logits.to(device), features.to(device))
+    _compare(name, logits.to(dtype).to(device), features.to(dtype).to(device))
 
 
 @pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e4), (torch.float16, 6e4), (torch.bfloat16, 1e4)])
@@ -137,9 +138,13 @@ def test_infinite_logits_give_limits(device):
     assert energy[1].item() == math.inf and result.column("max_softmax")[1].item() == 1.0
 
 
-def test_raw_op_accepts_an_empty_batch(device):
+def test_raw_ops_accept_an_empty_batch(device):
     terms, argmax = torch.ops.gradood.lastlayer_terms(torch.empty(0, 5, device=device), None, 1.0, 1.0)
     assert terms.shape == (0, gradood._ops.NUM_LOGIT_TERMS) and argmax.shape == (0,)
+    score = torch.ops.gradood.lastlayer_score(
+        torch.empty(0, 5, device=device), torch.empty(0, 3, device=device), 1, 1.0, 8, False, 0, 0.0, 1.0, 1.0
+    )
+    assert score.shape == (0,)
 
 
 def test_argmax_is_the_first_maximum(device):

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks, in one device run (device tool, from the repo
+# root): build with the CUDA kernels, the whole test suite (CUDA cases
+# included), compute-sanitizer memcheck over the CUDA op tests, and the
+# last-layer benchmark with its summary. Results land in $OUT.
+#
+#   run: bash benchmarks/gpu_check.sh            (OUT is set by the device tool)
+set -uo pipefail
+OUT="${OUT:-$(mktemp -d)}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" GRADOOD_WITH_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
+status=0
+step() { echo "== $1 =="; }
+
+step "device"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } | tee "$OUT/device.txt"
+
+step "build"
+if ! python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"; exit 1
+fi
+python3 -c "import torch, gradood; print('CUDA kernels registered:', torch._C._dispatch_has_kernel_for_dispatch_key('gradood::lastlayer_score', 'CUDA'))" | tee -a "$OUT/device.txt"
+
+step "tests"
+python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/tests.txt" || status=1
+
+step "compute-sanitizer memcheck (CUDA op tests)"
+compute-sanitizer --tool memcheck --error-exitcode 99 \
+  python3 -m pytest tests/test_scores.py tests/test_ops.py -q -p no:cacheprovider -k "cuda and not arbitrary" \
+  2>&1 | tail -15 | tee "$OUT/memcheck.txt" || status=1
+
+step "benchmark"
+python3 -m pytest benchmarks/test_lastlayer_scores.py -q -p no:cacheprovider -k "cuda" \
+  --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1 || status=1
+tail -3 "$OUT/bench.log"
+python3 benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/summary.md"
+exit $status

@@ -1,0 +1,82 @@
+"""The registry of per-layer norm rules and the contraction they share.
+
+A rule receives a module, the input it was called with and the gradient of the
+loss with respect to its output, and returns, for each of the module's
+parameters, the per-sample squared gradient norm [B] — never a per-sample
+gradient beyond a bounded chunk, never a summed `.grad`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Type
+
+import torch
+from torch import nn
+
+#: Per-sample squared norms by parameter name (the module's own names, e.g. "weight").
+SquaredNorms = Dict[str, torch.Tensor]
+
+
+class RuleResult(NamedTuple):
+    squared_norms: SquaredNorms
+    method: str  # "ghost", "materialise" or "direct": how the weight's norm was computed
+
+
+Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], RuleResult]
+
+_RULES: Dict[Type[nn.Module], Rule] = {}
+
+# Elements of the largest per-sample intermediate a chunk may hold (≈256 MB in float32).
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def register_rule(*module_types: Type[nn.Module]):
+    """Registers the decorated function as the norm rule of these module classes
+    (exact classes: a subclass with a different forward needs its own rule)."""
+
+    def decorate(rule: Rule) -> Rule:
+        for module_type in module_types:
+            _RULES[module_type] = rule
+        return rule
+
+    return decorate
+
+
+def rule_for(module: nn.Module):
+    return _RULES.get(type(module))
+
+
+def prefers_ghost(positions: int, in_features: int, out_features: int) -> bool:
+    """FLOP rule: the Gram contraction costs ≈2T²(d+p), materialising ≈2Tdp."""
+    return positions * (in_features + out_features) < in_features * out_features
+
+
+def sum_of_outer_products_sq_norm(activations: torch.Tensor, grads: torch.Tensor) -> RuleResult:
+    """Per-sample ‖Σ_t g_t a_tᵀ‖_F² for activations [N, T, d] and grads [N, T, p]
+    (N = samples, or samples × groups), by the cheaper of the two identities:
+
+        ghost:       Σ_{t,s} ⟨a_t, a_s⟩ ⟨g_t, g_s⟩
+        materialise: ‖G‖_F² with G = Σ_t g_t a_tᵀ  (p × d per sample)
+
+    Processed in chunks of samples so no intermediate exceeds _CHUNK_ELEMENTS.
+    Returns [N] in the grads' dtype.
+    """
+    count, positions, in_features = activations.shape
+    out_features = grads.shape[2]
+    if positions == 1:  # Goodfellow's identity: ‖a‖² ‖g‖²
+        squared = activations.square().sum((1, 2)) * grads.square().sum((1, 2))
+        return RuleResult({"weight": squared}, "direct")
+    ghost = prefers_ghost(positions, in_features, out_features)
+    per_sample = positions * positions if ghost else in_features * out_features
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
+    pieces = []
+    for start in range(0, count, chunk):
+        a = activations[start : start + chunk]
+        g = grads[start : start + chunk]
+        if ghost:
+            gram_a = torch.bmm(a, a.transpose(1, 2))
+            gram_g = torch.bmm(g, g.transpose(1, 2))
+            pieces.append((gram_a * gram_g).sum((1, 2)))
+        else:
+            pieces.append(torch.bmm(g.transpose(1, 2), a).square().sum((1, 2)))
+    return RuleResult({"weight": torch.cat(pieces)}, "ghost" if ghost else "materialise")

@@ -1,0 +1,211 @@
+"""Full-network per-sample gradient norms from one forward and one backward pass.
+
+‖∇_θ ℓ(x_i)‖₂ for every sample, without a per-sample loop, without per-sample
+gradients beyond a bounded chunk of one layer, and without the summed weight
+gradient: parameters are frozen for the pass, so the backward runs only the
+input-gradient chain from the first hooked layer on; each layer's norm comes
+from its input and output gradient through the rule registered for its class
+(gradood.persample.{linear,conv,norm,embedding}). Layers combine by
+Pythagoras: s_i² = Σ_layers ‖∇_{θ_l} ℓ_i‖².
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from gradood._checks import check_positive
+from gradood.persample import conv, embedding, linear, norm  # noqa: F401  (register the rules)
+from gradood.persample._rules import rule_for
+from gradood.persample.losses import LOSSES, Loss, per_sample_loss
+
+ParamSelector = Union[None, Iterable[str], Callable[[str, nn.Parameter], bool]]
+
+_WHERE = "gradood.persample_grad_norms"
+
+
+class PerSampleGradNorms(NamedTuple):
+    """norms [B]: L2 norm over the selected parameters; logits [B, C] of the same
+    forward (detached); per_layer [B, L] squared norms per layer (when asked),
+    with layer_names and the method of each layer's weight ("ghost",
+    "materialise" or "direct")."""
+
+    norms: torch.Tensor
+    logits: torch.Tensor
+    per_layer: Optional[torch.Tensor]
+    layer_names: Tuple[str, ...]
+    methods: Tuple[str, ...]
+
+
+class _Layer(NamedTuple):
+    name: str
+    module: nn.Module
+    parameter_names: Tuple[str, ...]  # the module's own names of its selected parameters
+
+
+def _refuse_sample_mixing(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.training or module.running_mean is None:
+                raise ValueError(
+                    f"{_WHERE}: {name or 'the model'} ({type(module).__name__}) normalises with batch statistics "
+                    "(train mode, or no running statistics), which mixes the samples of a batch: "
+                    "call model.eval() first"
+                )
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training:
+            raise ValueError(f"{_WHERE}: {name} ({type(module).__name__}) is in train mode: call model.eval() first")
+
+
+def _select(model: nn.Module, params: ParamSelector) -> Dict[str, nn.Parameter]:
+    named = dict(model.named_parameters())
+    trainable = {name: p for name, p in named.items() if p.requires_grad}
+    if params is None:
+        selected = trainable
+    elif callable(params):
+        selected = {name: p for name, p in trainable.items() if params(name, p)}
+    else:
+        names = [params] if isinstance(params, str) else list(params)
+        unknown = [name for name in names if name not in named]
+        if unknown:
+            raise ValueError(f"{_WHERE}: params names unknown parameters: {unknown}")
+        frozen = [name for name in names if name not in trainable]
+        if frozen:
+            raise ValueError(f"{_WHERE}: params names frozen parameters (requires_grad=False): {frozen}")
+        selected = {name: trainable[name] for name in names}
+    if not selected:
+        raise ValueError(f"{_WHERE}: no trainable parameter is selected")
+    return selected
+
+
+def _layers(model: nn.Module, selected: Dict[str, nn.Parameter]) -> List[_Layer]:
+    owners: Dict[int, Tuple[str, nn.Module, str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for short_name, parameter in module._parameters.items():
+            if parameter is None:
+                continue
+            if id(parameter) in owners and owners[id(parameter)][1] is not module:
+                raise ValueError(
+                    f"{_WHERE}: parameter {module_name + '.' + short_name!r} is shared by two modules "
+                    f"({owners[id(parameter)][0] or 'the model'} and {module_name}); per-sample norms of shared "
+                    "parameters are not supported"
+                )
+            owners[id(parameter)] = (module_name, module, short_name)
+    by_module: Dict[int, _Layer] = {}
+    for full_name, parameter in selected.items():
+        module_name, module, short_name = owners[id(parameter)]
+        if rule_for(module) is None:
+            raise ValueError(
+                f"{_WHERE}: parameter {full_name!r} belongs to {module_name or 'the model'} "
+                f"({type(module).__name__}), which has no per-sample norm rule (supported: Linear, Conv1d, Conv2d, "
+                "BatchNorm, LayerNorm, GroupNorm, RMSNorm, Embedding). Exclude it with `params`, or freeze it."
+            )
+        layer = by_module.get(id(module))
+        names = (layer.parameter_names if layer else ()) + (short_name,)
+        by_module[id(module)] = _Layer(module_name, module, names)
+    return list(by_module.values())
+
+
+def persample_grad_norms(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    loss: Loss = "ce_pred",
+    temperature: float = 1.0,
+    targets: Optional[torch.Tensor] = None,
+    params: ParamSelector = None,
+    per_layer: bool = False,
+) -> PerSampleGradNorms:
+    """‖∇_θ ℓ(x_i)‖₂ over the selected trainable parameters θ, for each sample.
+
+    loss: "ce_pred" (CE at the predicted label, temperature T: GRODIN),
+    "ce" (with `targets`), "kl_uniform" (GradNorm's loss), "logsumexp", or a
+    callable logits [B, C] -> loss [B]. params: parameter names, or a predicate
+    (name, parameter) -> bool; default all trainable parameters.
+
+    The model is left as it was: no `.grad` written, requires_grad flags
+    restored and hooks removed, also when an exception is raised. Models whose
+    BatchNorm uses batch statistics or whose Dropout is active are refused: call
+    model.eval(). Every selected parameter must belong to a module with a rule;
+    others raise, naming the parameter.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{_WHERE}: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"{_WHERE}: inputs must be a tensor, got {type(inputs).__name__}")
+    if inputs.shape[0] == 0:
+        raise ValueError(f"{_WHERE}: inputs is an empty batch (shape {tuple(inputs.shape)})")
+    if not callable(loss) and loss not in LOSSES:
+        raise ValueError(f"{_WHERE}: loss must be one of {LOSSES} or a callable, got {loss!r}")
+    temperature = check_positive(_WHERE, "temperature", temperature)
+    if loss == "ce" and (targets is None or targets.shape != (inputs.shape[0],)):
+        raise ValueError(f"{_WHERE}: loss='ce' needs targets of shape [{inputs.shape[0]}]")
+    _refuse_sample_mixing(model)
+    layers = _layers(model, _select(model, params))
+
+    requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    records: Dict[int, Tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def capture(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if id(module) in records:
+            raise RuntimeError(
+                f"{_WHERE}: {type(module).__name__} was called twice in one forward; per-sample norms of reused "
+                "modules are not supported"
+            )
+        layer_input = args[0]
+        if not output.requires_grad:  # the start of the chain we differentiate
+            output = output.detach().requires_grad_()
+        # The graph continues from a copy, so in-place ops downstream (ReLU(inplace=True))
+        # leave the tensor we take the gradient against untouched.
+        records[id(module)] = (layer_input.detach(), layer_input._version, output)
+        return output.clone()
+
+    handles = [layer.module.register_forward_hook(capture) for layer in layers]
+    try:
+        for parameter in requires_grad:
+            parameter.requires_grad_(False)
+        with torch.enable_grad():
+            logits = model(inputs)
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
+                shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise ValueError(f"{_WHERE}: the model must return logits [B, C], got {shape}")
+            losses = per_sample_loss(logits, loss, temperature, targets)
+            if losses.shape != (inputs.shape[0],):
+                raise ValueError(f"{_WHERE}: the loss must be per sample, shape [{inputs.shape[0]}], got {tuple(losses.shape)}")
+            called = [layer for layer in layers if id(layer.module) in records]
+            outputs = [records[id(layer.module)][2] for layer in called]
+            grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
+        grad_of = {id(layer.module): grad for layer, grad in zip(called, grads)}
+
+        columns, names, methods = [], [], []
+        for layer in layers:
+            names.append(layer.name)
+            if id(layer.module) not in records:  # never called: its parameters get no gradient
+                columns.append(logits.new_zeros(inputs.shape[0]))
+                methods.append("unused")
+                continue
+            layer_input, version, output = records[id(layer.module)]
+            if layer_input._version != version:
+                raise RuntimeError(
+                    f"{_WHERE}: the input of {layer.name} was modified in place after the layer ran; "
+                    "its per-sample norm cannot be computed"
+                )
+            grad = grad_of[id(layer.module)]
+            if grad is None:
+                grad = torch.zeros_like(output)
+            result = rule_for(layer.module)(layer.module, layer_input, grad)
+            columns.append(sum(result.squared_norms[name] for name in layer.parameter_names))
+            methods.append(result.method)
+        squared = torch.stack(columns, dim=1)
+        return PerSampleGradNorms(
+            norms=squared.sum(1).sqrt(),
+            logits=logits.detach(),
+            per_layer=squared if per_layer else None,
+            layer_names=tuple(names),
+            methods=tuple(methods),
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad_(flag)

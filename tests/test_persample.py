@@ -1,0 +1,314 @@
+"""gradood.persample_grad_norms against a literal per-sample backward loop in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradood.persample import persample_grad_norms
+from gradood.persample.losses import per_sample_loss
+
+# torch's own note about the even 'same' kernel of _ResidualCNN (a copy it makes internally).
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+
+
+def _randomise_batch_norms(model: nn.Module, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator, dtype=module.running_mean.dtype))
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator, dtype=module.running_var.dtype) + 0.5)
+            module.weight.data.normal_(1.0, 0.2, generator=generator)
+            module.bias.data.normal_(0.0, 0.2, generator=generator)
+    return model
+
+
+class _ResidualCNN(nn.Module):
+    """ResNet-like: eval BatchNorm, ReLU(inplace), a residual add, a grouped dilated
+    conv, a strided downsampling conv, reflect padding and an even 'same' kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 16, 3, padding=1, groups=8, padding_mode="reflect")
+        self.same_even = nn.Conv2d(16, 6, 4, padding="same")
+        self.down = nn.Conv2d(6, 12, 3, stride=2, padding=1)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.stem(x)))
+        x = self.relu(x + self.bn2(self.grouped(x)))
+        x = self.relu(self.same_even(self.depthwise(x)))
+        x = self.down(x).mean((2, 3))
+        return self.head(x)
+
+
+class _SequenceNet(nn.Module):
+    """Embedding input (repeated ids, padding_idx), Conv1d with 'same' padding,
+    GroupNorm, a depthwise dilated Conv1d, LayerNorm and Linear on 3-D input."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6, padding_idx=0)
+        self.conv = nn.Conv1d(6, 8, 3, padding="same")
+        self.group_norm = nn.GroupNorm(2, 8)
+        self.depthwise = nn.Conv1d(8, 8, 3, padding=2, dilation=2, groups=8)
+        self.layer_norm = nn.LayerNorm(8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        x = self.embed(ids).transpose(1, 2)
+        x = torch.relu(self.group_norm(self.conv(x)))
+        x = self.depthwise(x).transpose(1, 2)  # [B, T, 8]
+        x = torch.tanh(self.mix(self.layer_norm(x)))
+        return self.head(x.mean(1))
+
+
+class _MLP4D(nn.Module):
+    """Linear layers applied to 4-D input [B, H, W, d], and RMSNorm where torch has it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(5, 7)
+        self.norm = nn.RMSNorm(7) if hasattr(nn, "RMSNorm") else nn.LayerNorm(7)
+        self.outer = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.outer(torch.relu(self.norm(self.inner(x)))).mean((1, 2))
+
+
+def _models():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (5, 9), generator=generator)
+    ids[:, :3] = torch.tensor([3, 3, 0])  # repeated ids and padding in every sample
+    return {
+        "residual_cnn": (_randomise_batch_norms(_ResidualCNN(), 1), torch.randn(4, 3, 8, 8, generator=generator)),
+        "sequence": (_SequenceNet(), ids),
+        "mlp_4d": (_MLP4D(), torch.randn(4, 2, 3, 5, generator=generator)),
+    }
+
+
+MODELS = _models()
+
+
+def _loop_norms(model, inputs, loss="ce_pred", temperature=1.0, targets=None, names=None):
+    """Ground truth: one backward per sample (batch of one), float64."""
+    model = copy.deepcopy(model)
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad and (names is None or name in names)}
+    norms = []
+    for i in range(inputs.shape[0]):
+        model.zero_grad(set_to_none=True)
+        sample_targets = None if targets is None else targets[i : i + 1]
+        per_sample_loss(model(inputs[i : i + 1]), loss, temperature, sample_targets).sum().backward()
+        squared = sum(p.grad.square().sum() for p in parameters.values() if p.grad is not None)
+        norms.append(torch.as_tensor(squared).sqrt())
+    return torch.stack(norms)
+
+
+def _float64(name):
+    model, inputs = MODELS[name]
+    model = copy.deepcopy(model).double().eval()
+    return model, inputs if not inputs.is_floating_point() else inputs.double()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("loss,temperature", [("ce_pred", 1.0), ("ce_pred", 3.0), ("kl_uniform", 1.0), ("logsumexp", 1.0)])
+def test_norms_match_the_per_sample_loop(name, loss, temperature):
+    model, inputs = _float64(name)
+    result = persample_grad_norms(model, inputs, loss=loss, temperature=temperature)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs, loss, temperature), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_ce_with_targets_and_callable_losses(name):
+    model, inputs = _float64(name)
+    targets = torch.arange(inputs.shape[0]) % 3
+    result = persample_grad_norms(model, inputs, loss="ce", targets=targets)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs, "ce", targets=targets), rtol=1e-6, atol=1e-12)
+
+    def squared_max(logits):
+        return logits.amax(1).square()
+
+    result = persample_grad_norms(model, inputs, loss=squared_max)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs, squared_max), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_norms_match_torch_func_vmap_grad(name):
+    model, inputs = _float64(name)
+    parameters = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def sample_loss(params, sample):
+        logits = torch.func.functional_call(model, (params, buffers), (sample.unsqueeze(0),))
+        return per_sample_loss(logits, "ce_pred", 1.0, None).sum()
+
+    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0))(parameters, inputs)
+    expected = torch.stack([g.reshape(inputs.shape[0], -1).square().sum(1) for g in grads.values()]).sum(0).sqrt()
+    torch.testing.assert_close(persample_grad_norms(model, inputs).norms, expected, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_per_layer_norms_sum_to_the_total(name):
+    model, inputs = _float64(name)
+    result = persample_grad_norms(model, inputs, per_layer=True)
+    assert result.per_layer.shape == (inputs.shape[0], len(result.layer_names))
+    torch.testing.assert_close(result.per_layer.sum(1).sqrt(), result.norms)
+    assert set(result.methods) <= {"ghost", "materialise", "direct"}
+
+
+def test_logits_are_the_models_output():
+    model, inputs = _float64("residual_cnn")
+    torch.testing.assert_close(persample_grad_norms(model, inputs).logits, model(inputs).detach())
+
+
+def test_parameter_selection_by_names_and_predicate():
+    model, inputs = _float64("residual_cnn")
+    names = ["head.weight", "down.bias", "bn2.weight"]
+    by_name = persample_grad_norms(model, inputs, params=names)
+    torch.testing.assert_close(by_name.norms, _loop_norms(model, inputs, names=names), rtol=1e-6, atol=1e-12)
+    by_predicate = persample_grad_norms(model, inputs, params=lambda name, p: name in names)
+    torch.testing.assert_close(by_predicate.norms, by_name.norms)
+
+
+def test_frozen_parameters_are_excluded():
+    model, inputs = _float64("sequence")
+    model.embed.weight.requires_grad_(False)
+    model.conv.requires_grad_(False)
+    result = persample_grad_norms(model, inputs)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-6, atol=1e-12)
+    assert "embed" not in result.layer_names and "conv" not in result.layer_names
+    assert not model.embed.weight.requires_grad and model.head.weight.requires_grad
+
+
+def test_both_rules_agree_on_a_linear_layer(monkeypatch):
+    """The ghost and materialise identities give the same norm (forced either way)."""
+    from gradood.persample import _rules
+
+    model, inputs = _float64("sequence")
+    results = {}
+    for forced in (True, False):
+        monkeypatch.setattr(_rules, "prefers_ghost", lambda *args, forced=forced: forced)
+        results[forced] = persample_grad_norms(model, inputs, per_layer=True)
+    torch.testing.assert_close(results[True].per_layer, results[False].per_layer, rtol=1e-10, atol=1e-14)
+    assert "ghost" in results[True].methods and "materialise" in results[False].methods
+
+
+def test_the_model_is_left_untouched():
+    model, inputs = _float64("residual_cnn")
+    model.stem.weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    persample_grad_norms(model, inputs)
+    assert all(p.grad is None for p in model.parameters())
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(not m._forward_hooks for m in model.modules())
+    assert not model.training
+
+
+def test_the_model_is_restored_when_the_loss_raises():
+    model, inputs = _float64("mlp_4d")
+
+    def broken(logits):
+        raise RuntimeError("loss exploded")
+
+    with pytest.raises(RuntimeError, match="loss exploded"):
+        persample_grad_norms(model, inputs, loss=broken)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_batch_invariance():
+    model, inputs = _float64("residual_cnn")
+    whole = persample_grad_norms(model, inputs).norms
+    halves = torch.cat([persample_grad_norms(model, inputs[:2]).norms, persample_grad_norms(model, inputs[2:]).norms])
+    torch.testing.assert_close(whole, halves)
+
+
+def test_train_mode_batch_norm_is_refused():
+    model, inputs = _float64("residual_cnn")
+    model.train()
+    with pytest.raises(ValueError, match=r"bn1 \(BatchNorm2d\) normalises with batch statistics.*model.eval\(\)"):
+        persample_grad_norms(model, inputs)
+
+
+def test_train_mode_dropout_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"1 \(Dropout\) is in train mode"):
+        persample_grad_norms(model, torch.randn(3, 4))
+
+
+def test_parameters_without_a_rule_are_named():
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 2)).eval()
+    with pytest.raises(ValueError, match=r"parameter '1.weight' belongs to 1 \(PReLU\), which has no per-sample norm rule"):
+        persample_grad_norms(model, torch.randn(3, 4))
+    result = persample_grad_norms(model, torch.randn(3, 4), params=lambda name, p: not name.startswith("1."))
+    assert result.norms.shape == (3,)
+
+
+def test_functionally_used_parameters_are_named():
+    class WithPositionEmbedding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head((x + self.pos_embed).mean(1))
+
+    with pytest.raises(ValueError, match=r"parameter 'pos_embed' belongs to the model \(WithPositionEmbedding\)"):
+        persample_grad_norms(WithPositionEmbedding(), torch.randn(2, 3, 4))
+
+
+def test_reused_modules_are_refused():
+    layer = nn.Linear(4, 4)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    with pytest.raises(RuntimeError, match="called twice in one forward"):
+        persample_grad_norms(model, torch.randn(3, 4))
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_top_level_name():
+    import gradood
+
+    model, inputs = _float64("mlp_4d")
+    torch.testing.assert_close(gradood.persample_grad_norms(model, inputs).norms, persample_grad_norms(model, inputs).norms)
+
+
+def test_multihead_attention_is_refused_with_its_parameter_named():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.attention(x, x, x)[0].mean(1))
+
+    with pytest.raises(ValueError, match=r"'attention.in_proj_weight' belongs to attention \(MultiheadAttention\)"):
+        persample_grad_norms(Attention().eval(), torch.randn(2, 3, 4))
+
+
+def test_bad_arguments():
+    model, inputs = _float64("mlp_4d")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        persample_grad_norms(model, inputs, loss="hinge")
+    with pytest.raises(ValueError, match="loss='ce' needs targets"):
+        persample_grad_norms(model, inputs, loss="ce")
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        persample_grad_norms(model, inputs, temperature=0.0)
+    with pytest.raises(ValueError, match="empty batch"):
+        persample_grad_norms(model, inputs[:0])
+    with pytest.raises(ValueError, match="params names unknown parameters"):
+        persample_grad_norms(model, inputs, params=["nope.weight"])
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        persample_grad_norms(lambda x: x, inputs)
