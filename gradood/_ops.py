@@ -19,6 +19,8 @@ TERM_NAMES: tuple = tuple(torch.ops.gradood.lastlayer_term_names())
 #: The first NUM_LOGIT_TERMS columns depend on the logits only.
 NUM_LOGIT_TERMS: int = TERM_NAMES.index("feature_l1")
 _NO_FEATURE_TERM = -1
+#: Whether this build of the extension has its CUDA kernels (setup.py: GRADOOD_WITH_CUDA).
+HAS_CUDA_KERNELS: bool = torch._C._dispatch_has_kernel_for_dispatch_key("gradood::lastlayer_score", "CUDA")
 _COMBINE = {"product": 0, "sum": 1}
 
 
@@ -51,6 +53,11 @@ def _lastlayer_score_fake(logits, features, logit_term, logit_scale, feature_ter
 def _check_inputs(where: str, logits, features, temperature: float, clip: float) -> tuple:
     check_logits(where, logits)
     check_kernel_dtype(where, "logits", logits)
+    if logits.is_cuda and not HAS_CUDA_KERNELS:
+        raise RuntimeError(
+            f"{where}: logits are on {logits.device}, but this build of gradood has no CUDA kernels; rebuild "
+            "against a CUDA torch with nvcc available: GRADOOD_WITH_CUDA=1 pip install --no-build-isolation -e ."
+        )
     if features is not None:
         check_features(where, features, logits)
     return check_positive(where, "temperature", temperature), check_positive(where, "clip", clip, allow_inf=True)

@@ -84,6 +84,16 @@ def test_lastlayer_score_needs_features_for_a_feature_term():
         torch.ops.gradood.lastlayer_score(torch.randn(2, 3), None, 1, 1.0, 8, False, 0, 0.0, 1.0, 1.0)
 
 
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA torch may or may not have been built with the kernels")
+def test_cpu_torch_builds_have_no_cuda_kernels():
+    assert not gradood._ops.HAS_CUDA_KERNELS
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_cuda_kernels_are_registered():
+    assert gradood._ops.HAS_CUDA_KERNELS
+
+
 def test_term_names_come_from_the_library():
     assert gradood.TERM_NAMES == (
         "max_logit", "energy", "max_softmax", "uniform_deviation_l1", "gini",

@@ -166,6 +166,18 @@ def test_per_layer_norms_sum_to_the_total(name):
     assert set(result.methods) <= {"ghost", "materialise", "direct"}
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=str)
+def test_lower_precision_models_are_close_to_float64(name, dtype, rtol):
+    model, inputs = _float64(name)
+    expected = _loop_norms(model, inputs)
+    low = copy.deepcopy(model).to(dtype)
+    low_inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
+    norms = persample_grad_norms(low, low_inputs).norms
+    assert norms.dtype == torch.float32
+    torch.testing.assert_close(norms.double(), expected, rtol=rtol, atol=1e-6)
+
+
 def test_logits_are_the_models_output():
     model, inputs = _float64("residual_cnn")
     torch.testing.assert_close(persample_grad_norms(model, inputs).logits, model(inputs).detach())

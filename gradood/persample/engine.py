@@ -193,6 +193,11 @@ def persample_grad_norms(
             grad = grad_of[id(layer.module)]
             if grad is None:
                 grad = torch.zeros_like(output)
+            # Half-precision layers are contracted in float32 (the rules' sums of squares).
+            if grad.dtype in (torch.float16, torch.bfloat16):
+                grad = grad.float()
+            if layer_input.dtype in (torch.float16, torch.bfloat16):
+                layer_input = layer_input.float()
             result = rule_for(layer.module)(layer.module, layer_input, grad)
             columns.append(sum(result.squared_norms[name] for name in layer.parameter_names))
             methods.append(result.method)

@@ -29,7 +29,9 @@ def _per_channel_norms(module: nn.Module, normalised: torch.Tensor, grad_output:
 def batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
     """Eval mode: x̂ = (x - running_mean) / sqrt(running_var + eps), per channel (dim 1)."""
     shape = (1, -1) + (1,) * (inputs.dim() - 2)
-    normalised = (inputs - module.running_mean.reshape(shape)) * torch.rsqrt(module.running_var.reshape(shape) + module.eps)
+    mean = module.running_mean.to(inputs.dtype).reshape(shape)
+    variance = module.running_var.to(inputs.dtype).reshape(shape)
+    normalised = (inputs - mean) * torch.rsqrt(variance + module.eps)
     return _per_channel_norms(module, normalised, grad_output)
 
 
