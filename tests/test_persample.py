@@ -86,6 +86,41 @@ class _MLP4D(nn.Module):
         return self.outer(torch.relu(self.norm(self.inner(x)))).mean((1, 2))
 
 
+class _TinyViT(nn.Module):
+    """Patch conv, class token, position embedding, LayerNorm, MultiheadAttention, 3-D Linear."""
+
+    def __init__(self, batch_first: bool = True):
+        super().__init__()
+        self.batch_first = batch_first
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8) * 0.1)
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 8) * 0.1)
+        self.norm1 = nn.LayerNorm(8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.norm2 = nn.LayerNorm(8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, images):
+        x = self.patch(images).flatten(2).transpose(1, 2)  # [B, 4, 8]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        h = self.norm1(x)
+        if self.batch_first:
+            attended = self.attention(h, h, h, need_weights=False)[0]
+        else:
+            h = h.transpose(0, 1)
+            attended = self.attention(h, h, h)[0].transpose(0, 1)
+        x = x + attended
+        x = x + self.mlp(self.norm2(x))
+        return self.head(x[:, 0])
+
+
+def _vit(batch_first: bool = True):
+    torch.manual_seed(3)
+    model = _TinyViT(batch_first).double().eval()
+    return model, torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+
 def _models():
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 11, (5, 9), generator=generator)
@@ -296,18 +331,65 @@ def test_top_level_name():
     torch.testing.assert_close(gradood.persample_grad_norms(model, inputs).norms, persample_grad_norms(model, inputs).norms)
 
 
-def test_multihead_attention_is_refused_with_its_parameter_named():
-    class Attention(nn.Module):
+def test_functional_parameters_can_be_excluded():
+    model, inputs = _vit()
+    with pytest.raises(ValueError, match=r"parameter 'cls_token' belongs to the model \(_TinyViT\)"):
+        persample_grad_norms(model, inputs)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_vit_like_model_matches_the_loop(batch_first):
+    model, inputs = _vit(batch_first)
+    names = [name for name, _ in model.named_parameters() if name not in ("cls_token", "pos_embed")]
+    result = persample_grad_norms(model, inputs, params=names, per_layer=True)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs, names=names), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(result.logits, model(inputs).detach())
+    assert "attention" in result.layer_names
+    assert all(not m._forward_hooks for m in model.modules()) and "forward" not in model.attention.__dict__
+
+
+class _CrossAttention(nn.Module):
+    """Separate k/v dims, a key padding mask derived from the input, a causal bool
+    mask, and attention weights requested per head."""
+
+    def __init__(self):
+        super().__init__()
+        self.memory = nn.Linear(8, 6)
+        self.attention = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # x: [B, T, 8]
+        memory = torch.tanh(self.memory(x))
+        padding = x[..., 0] > 1.0  # per sample
+        padding[:, 0] = False  # every query keeps a key
+        causal = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
+        out, weights = self.attention(x.transpose(0, 1), memory.transpose(0, 1), memory.transpose(0, 1),
+                                      key_padding_mask=padding, attn_mask=causal, average_attn_weights=False)
+        return self.head(out.mean(0)) + weights.sum((1, 2, 3))[:, None]
+
+
+def test_cross_attention_with_masks_matches_the_loop():
+    model = _CrossAttention().double().eval()
+    inputs = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    result = persample_grad_norms(model, inputs)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(result.logits, model(inputs).detach())
+
+
+def test_attention_with_bias_kv_is_refused():
+    attention = nn.MultiheadAttention(4, 2, add_bias_kv=True, batch_first=True)
+
+    class Wrapper(nn.Module):
         def __init__(self):
             super().__init__()
-            self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
-            self.head = nn.Linear(4, 2)
+            self.attention = attention
 
         def forward(self, x):
-            return self.head(self.attention(x, x, x)[0].mean(1))
+            return self.attention(x, x, x)[0].mean(1)
 
-    with pytest.raises(ValueError, match=r"'attention.in_proj_weight' belongs to attention \(MultiheadAttention\)"):
-        persample_grad_norms(Attention().eval(), torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="add_bias_kv or add_zero_attn is not supported"):
+        persample_grad_norms(Wrapper().eval(), torch.randn(2, 3, 4), params=["attention.in_proj_weight"])
+    assert "forward" not in attention.__dict__
 
 
 def test_bad_arguments():

@@ -25,6 +25,24 @@ class RuleResult(NamedTuple):
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], RuleResult]
 
 _RULES: Dict[Type[nn.Module], Rule] = {}
+_COMPOSITE_RULES: Dict[Type[nn.Module], "CompositeRule"] = {}
+
+
+class CompositeRule:
+    """A rule for a module whose parameters are used inside its forward without
+    passing through hookable submodules (nn.MultiheadAttention). During the pass
+    the engine runs `forward(module, record, *args, **kwargs)` instead of the
+    module's own forward; it must compute the same outputs and call
+    record(piece, input, output) -> output for every linear piece, using the
+    returned tensor downstream. `norms(module, pieces)` then gets, per piece,
+    (input, gradient of the loss w.r.t. the piece's output) and returns the
+    squared norms keyed by the module's own parameter names ("out_proj.weight")."""
+
+    def forward(self, module: nn.Module, record, *args, **kwargs):
+        raise NotImplementedError
+
+    def norms(self, module: nn.Module, pieces: Dict[str, tuple]) -> RuleResult:
+        raise NotImplementedError
 
 # Elements of the largest per-sample intermediate a chunk may hold (≈256 MB in float32).
 _CHUNK_ELEMENTS = 1 << 26
@@ -42,8 +60,20 @@ def register_rule(*module_types: Type[nn.Module]):
     return decorate
 
 
+def register_composite_rule(*module_types: Type[nn.Module]):
+    """Registers the decorated CompositeRule class for these module classes."""
+
+    def decorate(rule_class):
+        for module_type in module_types:
+            _COMPOSITE_RULES[module_type] = rule_class()
+        return rule_class
+
+    return decorate
+
+
 def rule_for(module: nn.Module):
-    return _RULES.get(type(module))
+    """The rule of this module's exact class: a function, a CompositeRule, or None."""
+    return _RULES.get(type(module)) or _COMPOSITE_RULES.get(type(module))
 
 
 def prefers_ghost(positions: int, in_features: int, out_features: int) -> bool:

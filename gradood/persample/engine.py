@@ -11,14 +11,15 @@ Pythagoras: s_i² = Σ_layers ‖∇_{θ_l} ℓ_i‖².
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from gradood._checks import check_positive
-from gradood.persample import conv, embedding, linear, norm  # noqa: F401  (register the rules)
-from gradood.persample._rules import rule_for
+from gradood.persample import attention, conv, embedding, linear, norm  # noqa: F401  (register the rules)
+from gradood.persample._rules import CompositeRule, rule_for
 from gradood.persample.losses import LOSSES, Loss, per_sample_loss
 
 ParamSelector = Union[None, Iterable[str], Callable[[str, nn.Parameter], bool]]
@@ -56,6 +57,8 @@ def _refuse_sample_mixing(model: nn.Module) -> None:
                 )
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.training:
             raise ValueError(f"{_WHERE}: {name} ({type(module).__name__}) is in train mode: call model.eval() first")
+        if isinstance(module, nn.MultiheadAttention) and module.training and module.dropout > 0:
+            raise ValueError(f"{_WHERE}: {name} (MultiheadAttention) applies dropout in train mode: call model.eval() first")
 
 
 def _select(model: nn.Module, params: ParamSelector) -> Dict[str, nn.Parameter]:
@@ -92,6 +95,10 @@ def _layers(model: nn.Module, selected: Dict[str, nn.Parameter]) -> List[_Layer]
                     "parameters are not supported"
                 )
             owners[id(parameter)] = (module_name, module, short_name)
+    for module_name, module in model.named_modules():
+        if isinstance(rule_for(module), CompositeRule):  # e.g. MultiheadAttention's out_proj
+            for short_name, parameter in module.named_parameters():
+                owners[id(parameter)] = (module_name, module, short_name)
     by_module: Dict[int, _Layer] = {}
     for full_name, parameter in selected.items():
         module_name, module, short_name = owners[id(parameter)]
@@ -99,12 +106,47 @@ def _layers(model: nn.Module, selected: Dict[str, nn.Parameter]) -> List[_Layer]
             raise ValueError(
                 f"{_WHERE}: parameter {full_name!r} belongs to {module_name or 'the model'} "
                 f"({type(module).__name__}), which has no per-sample norm rule (supported: Linear, Conv1d, Conv2d, "
-                "BatchNorm, LayerNorm, GroupNorm, RMSNorm, Embedding). Exclude it with `params`, or freeze it."
+                "BatchNorm, LayerNorm, GroupNorm, RMSNorm, Embedding, MultiheadAttention). Exclude it with `params`, "
+                "or freeze it."
             )
         layer = by_module.get(id(module))
         names = (layer.parameter_names if layer else ()) + (short_name,)
         by_module[id(module)] = _Layer(module_name, module, names)
     return list(by_module.values())
+
+
+class _Recorder:
+    """Keeps, per (layer, piece), the piece's input and its output, the tensor the
+    loss is differentiated against."""
+
+    def __init__(self):
+        self.records: Dict[Tuple[str, Optional[str]], Tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def record(self, key: Tuple[str, Optional[str]], layer_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if key in self.records:
+            raise RuntimeError(
+                f"{_WHERE}: {key[0]} was called twice in one forward; per-sample norms of reused modules are "
+                "not supported"
+            )
+        if not output.requires_grad:  # the start of the chain we differentiate
+            output = output.detach().requires_grad_()
+        self.records[key] = (layer_input.detach(), layer_input._version, output)
+        # The graph continues from a copy, so in-place ops downstream (ReLU(inplace=True))
+        # leave the tensor we take the gradient against untouched.
+        return output.clone()
+
+
+def _record_output(recorder: _Recorder, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return recorder.record((name, None), args[0], output)
+
+
+def _record_piece(recorder: _Recorder, name: str, piece: str, layer_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    return recorder.record((name, piece), layer_input, output)
+
+
+def _float32_if_half(tensor: torch.Tensor) -> torch.Tensor:
+    # Half-precision layers are contracted in float32 (the rules' sums of squares).
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
 def persample_grad_norms(
@@ -144,24 +186,17 @@ def persample_grad_norms(
     layers = _layers(model, _select(model, params))
 
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    records: Dict[int, Tuple[torch.Tensor, int, torch.Tensor]] = {}
-
-    def capture(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        if id(module) in records:
-            raise RuntimeError(
-                f"{_WHERE}: {type(module).__name__} was called twice in one forward; per-sample norms of reused "
-                "modules are not supported"
-            )
-        layer_input = args[0]
-        if not output.requires_grad:  # the start of the chain we differentiate
-            output = output.detach().requires_grad_()
-        # The graph continues from a copy, so in-place ops downstream (ReLU(inplace=True))
-        # leave the tensor we take the gradient against untouched.
-        records[id(module)] = (layer_input.detach(), layer_input._version, output)
-        return output.clone()
-
-    handles = [layer.module.register_forward_hook(capture) for layer in layers]
+    recorder = _Recorder()
+    handles, overridden = [], []
     try:
+        for layer in layers:
+            rule = rule_for(layer.module)
+            if isinstance(rule, CompositeRule):
+                record = functools.partial(_record_piece, recorder, layer.name)
+                layer.module.forward = functools.partial(rule.forward, layer.module, record)
+                overridden.append(layer.module)
+            else:
+                handles.append(layer.module.register_forward_hook(functools.partial(_record_output, recorder, layer.name)))
         for parameter in requires_grad:
             parameter.requires_grad_(False)
         with torch.enable_grad():
@@ -172,33 +207,34 @@ def persample_grad_norms(
             losses = per_sample_loss(logits, loss, temperature, targets)
             if losses.shape != (inputs.shape[0],):
                 raise ValueError(f"{_WHERE}: the loss must be per sample, shape [{inputs.shape[0]}], got {tuple(losses.shape)}")
-            called = [layer for layer in layers if id(layer.module) in records]
-            outputs = [records[id(layer.module)][2] for layer in called]
+            keys = list(recorder.records)
+            outputs = [recorder.records[key][2] for key in keys]
             grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
-        grad_of = {id(layer.module): grad for layer, grad in zip(called, grads)}
+        pieces_of: Dict[str, Dict[Optional[str], tuple]] = {}
+        for key, grad in zip(keys, grads):
+            layer_name, piece = key
+            layer_input, version, output = recorder.records[key]
+            if layer_input._version != version:
+                raise RuntimeError(
+                    f"{_WHERE}: the input of {layer_name} was modified in place after the layer ran; "
+                    "its per-sample norm cannot be computed"
+                )
+            grad = torch.zeros_like(output) if grad is None else grad
+            pieces_of.setdefault(layer_name, {})[piece] = (_float32_if_half(layer_input), _float32_if_half(grad))
 
         columns, names, methods = [], [], []
         for layer in layers:
             names.append(layer.name)
-            if id(layer.module) not in records:  # never called: its parameters get no gradient
+            pieces = pieces_of.get(layer.name)
+            if pieces is None:  # never called: its parameters get no gradient
                 columns.append(logits.new_zeros(inputs.shape[0]))
                 methods.append("unused")
                 continue
-            layer_input, version, output = records[id(layer.module)]
-            if layer_input._version != version:
-                raise RuntimeError(
-                    f"{_WHERE}: the input of {layer.name} was modified in place after the layer ran; "
-                    "its per-sample norm cannot be computed"
-                )
-            grad = grad_of[id(layer.module)]
-            if grad is None:
-                grad = torch.zeros_like(output)
-            # Half-precision layers are contracted in float32 (the rules' sums of squares).
-            if grad.dtype in (torch.float16, torch.bfloat16):
-                grad = grad.float()
-            if layer_input.dtype in (torch.float16, torch.bfloat16):
-                layer_input = layer_input.float()
-            result = rule_for(layer.module)(layer.module, layer_input, grad)
+            rule = rule_for(layer.module)
+            if isinstance(rule, CompositeRule):
+                result = rule.norms(layer.module, pieces)
+            else:
+                result = rule(layer.module, *pieces[None])
             columns.append(sum(result.squared_norms[name] for name in layer.parameter_names))
             methods.append(result.method)
         squared = torch.stack(columns, dim=1)
@@ -212,5 +248,7 @@ def persample_grad_norms(
     finally:
         for handle in handles:
             handle.remove()
+        for module in overridden:
+            del module.forward  # back to the class's forward
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
