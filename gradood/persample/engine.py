@@ -5,7 +5,7 @@ gradients beyond a bounded chunk of one layer, and without the summed weight
 gradient: parameters are frozen for the pass, so the backward runs only the
 input-gradient chain from the first hooked layer on; each layer's norm comes
 from its input and output gradient through the rule registered for its class
-(gradood.persample.{linear,conv,norm,embedding}). Layers combine by
+(gradood.persample.{linear,conv,norm,embedding,attention}). Layers combine by
 Pythagoras: s_i² = Σ_layers ‖∇_{θ_l} ℓ_i‖².
 """
 
