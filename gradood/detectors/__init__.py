@@ -1,0 +1,35 @@
+"""Detectors for any PyTorch classifier: one file per method on one small base
+class (_base.Detector). Every detector returns ID-scores (higher = more
+in-distribution) from `score(inputs)`; forward-only detectors also take
+precomputed `score_features(logits, features)`."""
+
+from gradood.detectors._base import Detector
+from gradood.detectors.energy import Energy
+from gradood.detectors.exgrad import ExGrad
+from gradood.detectors.full_gradnorm import FullGradNorm
+from gradood.detectors.gradnorm import GradNorm
+from gradood.detectors.grodin import GRODIN
+from gradood.detectors.kl_matching import KLMatching
+from gradood.detectors.max_logit import MaxLogit
+from gradood.detectors.msp import MSP
+from gradood.detectors.odin import ODIN
+from gradood.detectors.react import ReAct
+from gradood.detectors.rg import RG, RGAdditive
+from gradood.detectors.uv import UV
+
+__all__ = [
+    "Detector",
+    "MSP",
+    "MaxLogit",
+    "Energy",
+    "ODIN",
+    "GradNorm",
+    "ExGrad",
+    "UV",
+    "RG",
+    "RGAdditive",
+    "ReAct",
+    "KLMatching",
+    "GRODIN",
+    "FullGradNorm",
+]

@@ -1,0 +1,26 @@
+"""FullGradNorm: GradNorm's loss KL(u ‖ softmax(f/T)) differentiated w.r.t. the
+whole network (all parameters, or those selected by `params`), L2 norm per
+sample from gradood.persample_grad_norms (one forward, one backward). The L2
+norm has the ghost shortcut; an L1 full-network norm would not. ID-high (larger
+norm = more in-distribution, as GradNorm)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from gradood.detectors._base import Detector, eval_mode
+from gradood.persample import persample_grad_norms
+from gradood.persample.engine import ParamSelector
+
+
+class FullGradNorm(Detector):
+    def __init__(self, model: nn.Module, temperature: float = 1.0, params: ParamSelector = None, head: Optional[str] = None):
+        super().__init__(model, head)
+        self.temperature, self.params = temperature, params
+
+    def score(self, inputs: torch.Tensor) -> torch.Tensor:
+        with eval_mode(self.model):
+            return persample_grad_norms(self.model, inputs, "kl_uniform", self.temperature, params=self.params).norms

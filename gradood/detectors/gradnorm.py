@@ -1,0 +1,21 @@
+"""GradNorm (Huang et al. 2021): ‖∇_W KL(u ‖ softmax(f/T))‖_1 of the last layer,
+(Σ_j |p_j − 1/C| / T) · ‖v‖_1 in closed form: one forward, no backward. ID-high."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from gradood import scores
+from gradood.detectors._base import Detector
+
+
+class GradNorm(Detector):
+    def __init__(self, model: nn.Module, temperature: float = 1.0, scale: str = "paper", head: Optional[str] = None):
+        super().__init__(model, head)
+        self.temperature = temperature
+        self.scale = scale
+
+    def score_features(self, logits, features):
+        return scores.gradnorm(logits, features, self.temperature, scale=self.scale)

@@ -1,0 +1,38 @@
+"""KL matching (Hendrycks et al. 2022): −min_k KL(p ‖ d_k) (mode="min", as OpenOOD)
+or −KL(p ‖ d_ŷ) (mode="predicted", as pytorch-ood), with d_k the mean softmax of
+the ID samples predicted as class k, fitted on ID data (classes never predicted
+get the uniform template). ID-high."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from gradood import scores
+from gradood.detectors._base import Data, Detector
+
+
+class KLMatching(Detector):
+    fitted = ("templates",)
+
+    def __init__(self, model: nn.Module, mode: str = "min", head: Optional[str] = None):
+        super().__init__(model, head)
+        self.mode = mode
+        self.templates: Optional[torch.Tensor] = None
+
+    def fit(self, id_data: Data) -> "KLMatching":
+        logits = self.collect(id_data)[0].double()
+        probs = torch.softmax(logits, dim=1)
+        num_classes = logits.shape[1]
+        predicted = logits.argmax(1)
+        sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device).index_add_(0, predicted, probs)
+        counts = torch.bincount(predicted, minlength=num_classes).unsqueeze(1).double()
+        uniform = torch.full_like(sums, 1.0 / num_classes)
+        self.templates = torch.where(counts > 0, sums / counts.clamp_min(1), uniform)
+        return self
+
+    def score_features(self, logits, features=None):
+        self._require_fitted()
+        return scores.kl_matching(logits, self.templates.to(logits.dtype), self.mode)

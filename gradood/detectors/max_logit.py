@@ -1,0 +1,11 @@
+"""MaxLogit: max_j f_j (Hendrycks et al. 2022). ID-high."""
+
+from __future__ import annotations
+
+from gradood import scores
+from gradood.detectors._base import Detector
+
+
+class MaxLogit(Detector):
+    def score_features(self, logits, features=None):
+        return scores.max_logit(logits)

@@ -1,0 +1,19 @@
+"""MSP: max_j softmax(f / T)_j (Hendrycks & Gimpel 2017). ID-high."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from gradood import scores
+from gradood.detectors._base import Detector
+
+
+class MSP(Detector):
+    def __init__(self, model: nn.Module, temperature: float = 1.0, head: Optional[str] = None):
+        super().__init__(model, head)
+        self.temperature = temperature
+
+    def score_features(self, logits, features=None):
+        return scores.msp(logits, self.temperature)

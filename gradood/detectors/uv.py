@@ -1,0 +1,28 @@
+"""The U·V family (Igoe et al. 2022): an output-space term U(f) times a feature
+norm V(v); see gradood.reference.uv. ID-high."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from gradood import scores
+from gradood.detectors._base import Detector
+
+
+class UV(Detector):
+    def __init__(
+        self,
+        model: nn.Module,
+        u: str = "energy",
+        v: str = "l1",
+        clip: Optional[float] = None,
+        temperature: float = 1.0,
+        head: Optional[str] = None,
+    ):
+        super().__init__(model, head)
+        self.u, self.v, self.clip, self.temperature = u, v, clip, temperature
+
+    def score_features(self, logits, features):
+        return scores.uv(logits, features, self.u, self.v, self.clip, self.temperature)

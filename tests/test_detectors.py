@@ -1,0 +1,291 @@
+"""gradood.detectors on small classifiers: reference formulas, head discovery, the
+model left untouched, batch invariance, fitting, thresholds, GRODIN and ODIN
+against literal autograd implementations of the official procedures."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradood import detectors as D
+from gradood import reference
+
+
+class _SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc1 = nn.Linear(6 * 2, 16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(torch.relu(self.bn(self.conv(x))), 4).flatten(1)
+        return self.fc(torch.relu(self.fc1(x)))
+
+    def features(self, x):
+        x = F.max_pool2d(torch.relu(self.bn(self.conv(x))), 4).flatten(1)
+        return torch.relu(self.fc1(x))
+
+
+def _model(dtype=torch.float64):
+    torch.manual_seed(0)
+    model = _SmallCNN().to(dtype).eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    inputs = torch.randn(6, 3, 8, 4, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    return model, inputs
+
+
+def _logits_features(model, inputs):
+    with torch.no_grad():
+        features = model.features(inputs)
+        return model.fc(features), features
+
+
+FORWARD_ONLY = {
+    "MSP": (lambda m: D.MSP(m, temperature=2.0), lambda f, v: reference.msp(f, 2.0)),
+    "MaxLogit": (D.MaxLogit, lambda f, v: reference.max_logit(f)),
+    "Energy": (lambda m: D.Energy(m, temperature=0.5), lambda f, v: reference.energy(f, 0.5)),
+    "GradNorm": (D.GradNorm, lambda f, v: reference.gradnorm(f, v)),
+    "ExGrad": (D.ExGrad, lambda f, v: reference.exgrad(f, v)),
+    "UV": (lambda m: D.UV(m, u="msp", v="l2"), lambda f, v: reference.uv(f, v, u="msp", v="l2")),
+    "RG": (lambda m: D.RG(m, clip=0.3), lambda f, v: reference.rg(f, v, clip=0.3)),
+}
+
+
+@pytest.mark.parametrize("name", FORWARD_ONLY)
+def test_forward_only_detectors_equal_the_reference(name):
+    model, inputs = _model()
+    make, formula = FORWARD_ONLY[name]
+    logits, features = _logits_features(model, inputs)
+    detector = make(model)
+    torch.testing.assert_close(detector.score(inputs), formula(logits, features), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(detector.score_features(logits, features), formula(logits, features), rtol=1e-12, atol=1e-12)
+    assert detector.head_name == "fc"
+
+
+def test_fitted_detectors_equal_the_reference():
+    model, inputs = _model()
+    id_data = [(inputs[:3], None), (inputs[3:], None)]  # a DataLoader-like iterable
+    logits, features = _logits_features(model, inputs)
+    react = D.ReAct(model, percentile=80).fit(id_data)
+    assert react.clip == pytest.approx(np.percentile(features.numpy().ravel(), 80))
+    torch.testing.assert_close(react.score(inputs), reference.react(features, model.fc.weight.detach(), model.fc.bias.detach(), react.clip))
+    rg = D.RG(model, percentile=70).fit(inputs)
+    assert rg.clip == pytest.approx(np.percentile(features.numpy().ravel(), 70))
+    additive = D.RGAdditive(model, clip=0.5, a=0.6).fit(inputs)
+    alpha = 0.6 * float(torch.logsumexp(logits, 1).std() / features.abs().clamp_max(0.5).sum(1).std())
+    assert additive.alpha == pytest.approx(alpha, rel=1e-12)
+    torch.testing.assert_close(additive.score(inputs), reference.rg_additive(logits, features, 0.5, alpha))
+
+
+def test_kl_matching_templates_are_mean_softmax_per_predicted_class():
+    model, inputs = _model()
+    logits, _ = _logits_features(model, inputs)
+    detector = D.KLMatching(model).fit(inputs)
+    probs, predicted = torch.softmax(logits, 1), logits.argmax(1)
+    for k in range(5):
+        expected = probs[predicted == k].mean(0) if (predicted == k).any() else torch.full((5,), 0.2, dtype=torch.float64)
+        torch.testing.assert_close(detector.templates[k], expected)
+    torch.testing.assert_close(detector.score(inputs), reference.kl_matching(logits, detector.templates))
+
+
+def _official_odin(model, inputs, temperature, epsilon, std):
+    """The official ODIN procedure, sample by sample."""
+    scores = []
+    for i in range(inputs.shape[0]):
+        x = inputs[i : i + 1].clone().requires_grad_()
+        outputs = model(x)
+        label = outputs.argmax(1)
+        F.cross_entropy(outputs / temperature, label).backward()
+        gradient = (torch.ge(x.grad, 0).to(x.dtype) - 0.5) * 2
+        if std is not None:
+            gradient = gradient / torch.tensor(std, dtype=x.dtype).reshape(1, -1, 1, 1)
+        perturbed = x.detach() - epsilon * gradient
+        scores.append(torch.softmax(model(perturbed) / temperature, 1).amax(1))
+    return torch.cat(scores).detach()
+
+
+@pytest.mark.parametrize("eps_space,std", [("input", None), ("pixel", (0.2, 0.3, 0.25))])
+def test_odin_equals_the_official_procedure(eps_space, std):
+    model, inputs = _model()
+    detector = D.ODIN(model, temperature=1000.0, epsilon=0.01, eps_space=eps_space, std=std)
+    expected = _official_odin(copy.deepcopy(model), inputs, 1000.0, 0.01, std)
+    torch.testing.assert_close(detector.score(inputs), expected, rtol=1e-12, atol=1e-15)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _official_grodin(model, inputs, temperature, epsilon, part, repredict):
+    """Perturb as ODIN, re-predict on x̃ (or keep ŷ), full backward, L2 over all parameters."""
+    model = copy.deepcopy(model)
+    scores = []
+    for i in range(inputs.shape[0]):
+        x = inputs[i : i + 1].clone().requires_grad_()
+        outputs = model(x)
+        label = outputs.argmax(1)
+        F.cross_entropy(outputs / temperature, label).backward()
+        perturbed = (x - epsilon * torch.where(x.grad >= 0, 1.0, -1.0).to(x.dtype)).detach()
+        model.zero_grad()
+        outputs = model(perturbed)
+        if repredict:
+            label = outputs.argmax(1)
+        F.cross_entropy(outputs / temperature, label).backward()
+        norm = torch.sqrt(sum(p.grad.square().sum() for p in model.parameters()))
+        model.zero_grad()
+        if part == "G":
+            norm = norm / torch.softmax(outputs.detach() / temperature, 1)[0, label]
+        scores.append(-norm.reshape(1))
+    return torch.cat(scores).detach()
+
+
+@pytest.mark.parametrize("part", ["SG", "G"])
+@pytest.mark.parametrize("repredict", [True, False])
+@pytest.mark.parametrize("temperature,epsilon", [(1.0, 0.0), (10.0, 0.02)])
+def test_grodin_equals_the_official_procedure(part, repredict, temperature, epsilon):
+    model, inputs = _model()
+    detector = D.GRODIN(model, temperature=temperature, epsilon=epsilon, part=part, repredict=repredict)
+    expected = _official_grodin(model, inputs, temperature, epsilon, part, repredict)
+    torch.testing.assert_close(detector.score(inputs), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_full_gradnorm_equals_the_per_sample_loop():
+    model, inputs = _model()
+    expected = []
+    copied = copy.deepcopy(model)
+    for i in range(inputs.shape[0]):
+        copied.zero_grad()
+        logits = copied(inputs[i : i + 1])
+        (-np.log(5) - F.log_softmax(logits, 1)).mean().backward()
+        expected.append(torch.sqrt(sum(p.grad.square().sum() for p in copied.parameters())))
+    torch.testing.assert_close(D.FullGradNorm(model).score(inputs), torch.stack(expected), rtol=1e-6, atol=1e-12)
+
+
+def _all_detectors(model, inputs):
+    fitted = [D.ReAct(model), D.RGAdditive(model), D.KLMatching(model), D.RG(model, percentile=90)]
+    for detector in fitted:
+        detector.fit(inputs)
+    return [make(model) for make, _ in FORWARD_ONLY.values()] + fitted + [
+        D.ODIN(model, epsilon=0.01), D.GRODIN(model, epsilon=0.01, part="G"), D.FullGradNorm(model)
+    ]
+
+
+def test_every_detector_is_batch_invariant():
+    model, inputs = _model()
+    for detector in _all_detectors(model, inputs):
+        whole = detector.score(inputs)
+        parts = torch.cat([detector.score(inputs[:2]), detector.score(inputs[2:])])
+        torch.testing.assert_close(whole, parts, rtol=1e-10, atol=1e-12, msg=type(detector).__name__)
+
+
+def test_the_model_is_left_untouched_even_in_train_mode():
+    model, inputs = _model()
+    model.train()
+    model.fc1.eval()  # a mixed state must come back as it was
+    state = copy.deepcopy(model.state_dict())
+    modes = {name: m.training for name, m in model.named_modules()}
+    for detector in _all_detectors(model, inputs):
+        detector.score(inputs)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())
+    for key, value in model.state_dict().items():  # BatchNorm statistics included
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_the_model_is_left_untouched_on_errors():
+    model, inputs = _model()
+    model.train()
+    with pytest.raises(RuntimeError):
+        D.GradNorm(model).score(torch.randn(2, 5, 8, 4, dtype=torch.float64))  # wrong channel count
+    assert model.training and all(not m._forward_hooks for m in model.modules())
+
+
+def test_head_discovery_by_name_and_1x1_conv_heads():
+    class ConvHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Conv2d(3, 8, 3, padding=1)
+            self.classifier = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            pooled = torch.relu(self.body(x)).mean((2, 3), keepdim=True)
+            return self.classifier(pooled).flatten(1)
+
+    model = ConvHead().double().eval()
+    inputs = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    detector = D.GradNorm(model)
+    pooled = torch.relu(model.body(inputs)).mean((2, 3))
+    expected = reference.gradnorm(model(inputs).detach(), pooled.detach())
+    torch.testing.assert_close(detector.score(inputs), expected)
+    assert detector.head_name == "classifier"
+    assert D.Energy(model, head="classifier").score(inputs).shape == (3,)
+    with pytest.raises(ValueError, match="has no module named 'nope'"):
+        D.Energy(model, head="nope")
+
+
+def test_a_model_without_a_linear_head_gets_an_error_saying_what_to_pass():
+    class NoHead(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)
+
+    with pytest.raises(ValueError, match="pass head='<module name>'"):
+        D.MSP(NoHead()).score(torch.randn(2, 3))
+
+
+def test_calibrate_and_is_ood():
+    model, inputs = _model()
+    detector = D.Energy(model)
+    with pytest.raises(RuntimeError, match="call calibrate"):
+        detector.is_ood(inputs)
+    id_scores = detector.score(inputs)
+    threshold = detector.calibrate(id_scores, tpr=0.5)
+    assert threshold == float(torch.sort(id_scores, descending=True).values[2])
+    assert detector.is_ood(inputs).tolist() == (id_scores < threshold).tolist()
+
+
+def test_state_dict_round_trip():
+    model, inputs = _model()
+    fitted = D.RGAdditive(model, percentile=80).fit(inputs)
+    fitted.calibrate(fitted.score(inputs))
+    fresh = D.RGAdditive(model).load_state_dict(fitted.state_dict())
+    torch.testing.assert_close(fresh.score(inputs), fitted.score(inputs))
+    assert fresh.threshold == fitted.threshold
+    with pytest.raises(ValueError, match="expected keys"):
+        D.RGAdditive(model).load_state_dict({"clip": 1.0})
+
+
+def test_fit_is_required_where_statistics_are_needed():
+    model, inputs = _model()
+    for detector in (D.ReAct(model), D.RGAdditive(model), D.KLMatching(model)):
+        with pytest.raises(RuntimeError, match=r"call fit\(id_data\) first"):
+            detector.score(inputs)
+
+
+def test_bad_hyperparameters_are_named():
+    model, _ = _model()
+    with pytest.raises(ValueError, match="eps_space='pixel' needs std"):
+        D.ODIN(model, eps_space="pixel")
+    with pytest.raises(ValueError, match="part must be one of 'SG', 'G'"):
+        D.GRODIN(model, part="S")
+    with pytest.raises(ValueError, match="epsilon must be a real number >= 0"):
+        D.GRODIN(model, epsilon=-1.0)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        D.ODIN(model, temperature=0.0)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        D.MSP("resnet")
+
+
+def test_plain_mlp_in_float32():
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 7))
+    inputs = torch.randn(16, 10)
+    for detector in _all_detectors(model, inputs):
+        result = detector.score(inputs)
+        assert result.shape == (16,) and torch.isfinite(result).all(), type(detector).__name__
