@@ -97,8 +97,13 @@ setup(
     description="Gradient-based out-of-distribution scores for PyTorch classifiers",
     packages=find_packages(include=["gradood", "gradood.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # `gradood demo`: its data sets ship with scikit-learn and scikit-image; plots need matplotlib.
+        "demo": ["scikit-learn", "scikit-image", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["gradood = gradood.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     zip_safe=False,

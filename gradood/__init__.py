@@ -8,6 +8,9 @@ Every score is an ID-score: higher means more in-distribution.
     gradood.testing    autograd oracles for the gradient-norm closed forms
     gradood.persample_grad_norms
                        full-network per-sample gradient norms, one forward + one backward
+    gradood.detectors  detectors for any classifier (MSP ... GRODIN), fit/score/calibrate
+    gradood.evaluate, gradood.tune
+                       metric tables and reports; grid search by AUROC
 
 The operators are also reachable as torch.ops.gradood.* (Python, TorchScript)
 and from C++ (csrc/ops/*.h).
@@ -17,6 +20,9 @@ from gradood import _extension  # noqa: F401  (fails with build instructions if 
 from gradood import metrics, reference, scores
 from gradood._ops import TERM_NAMES, LastLayerTerms, lastlayer_terms
 from gradood.persample import PerSampleGradNorms, persample_grad_norms
+from gradood import detectors
+from gradood.evaluation import Evaluation, evaluate
+from gradood.tuning import TuneResult, tune
 
 __version__ = "0.1.0"
 
@@ -29,5 +35,10 @@ __all__ = [
     "TERM_NAMES",
     "persample_grad_norms",
     "PerSampleGradNorms",
+    "detectors",
+    "evaluate",
+    "Evaluation",
+    "tune",
+    "TuneResult",
     "__version__",
 ]

@@ -64,3 +64,9 @@ def mp_lastlayer_norm(logits_row, features_row, loss: str, p: float, temperature
         raise ValueError(loss)
     feature_norm = norm(v + [mp.mpf(1)] if include_bias else v)
     return float(delta_norm * feature_norm)
+
+
+def tiny_classifier():
+    """A factory for `gradood bench --model helpers:tiny_classifier` in the CLI test."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))

@@ -121,7 +121,8 @@ class Detector:
         for name in reversed(list(captured)):
             output = captured[name][1]
             if output.shape[0] == logits.shape[0] and output.numel() == logits.numel():
-                if torch.equal(output.reshape(logits.shape), logits):
+                reshaped = output.reshape(logits.shape)
+                if reshaped.dtype == logits.dtype and torch.allclose(reshaped, logits, rtol=0, atol=0, equal_nan=True):
                     return name
         raise ValueError(
             f"{type(self).__name__}: no nn.Linear or 1×1 nn.Conv2d in {type(self.model).__name__} produces the "

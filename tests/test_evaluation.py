@@ -1,0 +1,128 @@
+"""gradood.evaluate, gradood.tune, the demo and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradood
+from gradood import detectors as D
+from gradood import metrics
+
+
+def _model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    generator = torch.Generator().manual_seed(1)
+    id_data = [torch.randn(20, 4, generator=generator) for _ in range(3)]  # DataLoader-like
+    ood = {"far": torch.randn(30, 4, generator=generator) * 4, "near": torch.randn(25, 4, generator=generator) * 1.5}
+    return model, id_data, ood
+
+
+def test_evaluate_tabulates_every_metric_per_set_and_mean():
+    model, id_data, ood = _model_and_data()
+    detectors = {"MSP": D.MSP(model), "Energy": D.Energy(model)}
+    result = gradood.evaluate(detectors, id_data, ood, bootstrap=20, progress=False)
+    assert [(row["detector"], row["ood_set"]) for row in result.rows] == [
+        (name, ood_set) for name in detectors for ood_set in ("far", "near", "mean")
+    ]
+    id_scores = detectors["Energy"].score(torch.cat(id_data)).numpy()
+    far_scores = detectors["Energy"].score(ood["far"]).numpy()
+    row = result.rows[3]
+    assert row["auroc"] == metrics.auroc(id_scores, far_scores)
+    assert row["fpr95"] == metrics.fpr_at_95_tpr(id_scores, far_scores)
+    assert row["fpr95_ood_positive"] == metrics.fpr_at_95_tpr_ood_positive(id_scores, far_scores)
+    assert row["auroc_std"] == metrics.bootstrap(metrics.auroc, id_scores, far_scores, n=20).std
+    mean = result.rows[5]
+    assert mean["auroc"] == pytest.approx((result.rows[3]["auroc"] + result.rows[4]["auroc"]) / 2)
+    assert result.throughput["MSP"] > 0
+    np.testing.assert_array_equal(result.scores["Energy"]["far"], far_scores)
+
+
+def test_evaluation_reports(tmp_path):
+    model, id_data, ood = _model_and_data()
+    result = gradood.evaluate([D.MSP(model), D.GradNorm(model)], id_data, ood, bootstrap=0, progress=False)
+    markdown = result.to_markdown()
+    assert "### OOD set: far" in markdown and "### Mean over OOD sets" in markdown and "| GradNorm |" in markdown
+    assert json.loads(result.to_json())["ood_sets"] == ["far", "near"]
+    written = result.save(str(tmp_path), plots=True)
+    names = {os.path.basename(path) for path in written}
+    assert {"report.md", "results.json"} <= names
+    pytest.importorskip("matplotlib")
+    assert {"hist_MSP.png", "hist_GradNorm.png", "roc_far.png", "roc_near.png"} <= names
+
+
+def test_evaluate_refuses_nan_scores():
+    model, id_data, ood = _model_and_data()
+    with pytest.raises(ValueError, match="NaN"):
+        gradood.evaluate([D.MSP(model)], [torch.full((2, 4), float("nan"))], ood, bootstrap=0, progress=False)
+
+
+def test_tune_searches_the_grid_by_auroc():
+    model, id_data, ood = _model_and_data()
+    result = gradood.tune(lambda temperature: D.Energy(model, temperature=temperature), {"temperature": [0.5, 1.0, 5.0]},
+                          id_data, ood["near"])
+    assert [row["temperature"] for row in result.table] == [0.5, 1.0, 5.0]
+    id_scores = torch.cat(id_data)
+    for row in result.table:
+        detector = D.Energy(model, temperature=row["temperature"])
+        assert row["auroc"] == metrics.auroc(detector.score(id_scores), detector.score(ood["near"]))
+    assert result.best["auroc"] == max(row["auroc"] for row in result.table)
+
+
+def test_tune_default_grids():
+    import functools
+
+    from gradood.tuning import PERCENTILE_GRID, PERTURBATION_GRID, default_grid
+
+    model, id_data, ood = _model_and_data()
+    assert default_grid(functools.partial(D.ODIN, model)) is PERTURBATION_GRID
+    assert len(PERTURBATION_GRID["epsilon"]) == 21 and PERTURBATION_GRID["epsilon"][-1] == 0.004
+    result = gradood.tune(functools.partial(D.ReAct, model), None, id_data, ood["far"])
+    assert [row["percentile"] for row in result.table] == PERCENTILE_GRID["percentile"]
+    with pytest.raises(ValueError, match="no default grid"):
+        default_grid(D.MSP)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("skimage")
+    from gradood import demo
+
+    result = demo.run(out=str(tmp_path / "report"), epochs=3, plots=False, bootstrap=0, progress=False)
+    assert set(result.ood_names) == {"near-ood-digits", "faces", "textures", "photographs"}
+    assert len(result.scores) == 14
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert report.startswith("# gradood demo") and "ID test accuracy" in report
+
+
+def test_demo_training_is_deterministic():
+    pytest.importorskip("sklearn")
+    pytest.importorskip("skimage")
+    from gradood import demo
+
+    splits, _ = demo.load_data(seed=0)
+    first, second = demo.train(splits, epochs=1), demo.train(splits, epochs=1)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_cli_bench_and_help():
+    here = os.path.dirname(__file__)
+    env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(
+        [sys.executable, "-m", "gradood", "bench", "--model", "helpers:tiny_classifier", "--batch", "8",
+         "--input-shape", "3,4", "--repeat", "2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "GradNorm" in result.stdout and "GRODIN" in result.stdout
+    usage = subprocess.run([sys.executable, "-m", "gradood"], capture_output=True, text=True, timeout=120)
+    assert "demo" in usage.stdout and "bench" in usage.stdout
