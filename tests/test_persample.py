@@ -331,10 +331,27 @@ def test_top_level_name():
     torch.testing.assert_close(gradood.persample_grad_norms(model, inputs).norms, persample_grad_norms(model, inputs).norms)
 
 
-def test_functional_parameters_can_be_excluded():
+def test_functional_parameters_are_named_unless_opted_in():
     model, inputs = _vit()
-    with pytest.raises(ValueError, match=r"parameter 'cls_token' belongs to the model \(_TinyViT\)"):
+    with pytest.raises(ValueError, match=r"parameter 'cls_token' belongs to the model \(_TinyViT\).*functional_params='broadcast'"):
         persample_grad_norms(model, inputs)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_broadcast_functional_parameters_match_the_loop(batch_first):
+    model, inputs = _vit(batch_first)
+    parameters = list(model.named_parameters())
+    result = persample_grad_norms(model, inputs, functional_params="broadcast", per_layer=True)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-6, atol=1e-12)
+    assert result.layer_names[-2:] == ("cls_token", "pos_embed")
+    assert list(model.named_parameters()) == parameters  # the same objects, in the same order
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_functional_params_option_is_checked():
+    model, inputs = _vit()
+    with pytest.raises(ValueError, match="functional_params must be None or 'broadcast'"):
+        persample_grad_norms(model, inputs, functional_params="yes")
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

@@ -17,10 +17,20 @@ from gradood.persample.engine import ParamSelector
 
 
 class FullGradNorm(Detector):
-    def __init__(self, model: nn.Module, temperature: float = 1.0, params: ParamSelector = None, head: Optional[str] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        temperature: float = 1.0,
+        params: ParamSelector = None,
+        functional_params: Optional[str] = None,
+        head: Optional[str] = None,
+    ):
         super().__init__(model, head)
-        self.temperature, self.params = temperature, params
+        self.temperature, self.params, self.functional_params = temperature, params, functional_params
 
     def score(self, inputs: torch.Tensor) -> torch.Tensor:
         with eval_mode(self.model):
-            return persample_grad_norms(self.model, inputs, "kl_uniform", self.temperature, params=self.params).norms
+            return persample_grad_norms(
+                self.model, inputs, "kl_uniform", self.temperature, params=self.params,
+                functional_params=self.functional_params,
+            ).norms

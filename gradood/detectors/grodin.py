@@ -8,7 +8,8 @@ factors as ∇_θ ℓ = (1/T) · p_ŷ · G. Scores, both at the ODIN-perturbed i
 ŷ is re-predicted on x̃ before the gradient step (repredict=True, as the
 official code), or kept from x. All parameters count (or those selected by
 `params`); the norms come from gradood.persample_grad_norms in one forward and
-one backward pass.
+one backward pass (functional_params="broadcast" for a ViT's class token and
+position embedding, see there).
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ class GRODIN(Detector):
         std: Std = None,
         repredict: bool = True,
         params: ParamSelector = None,
+        functional_params: Optional[str] = None,
         head: Optional[str] = None,
     ):
         super().__init__(model, head)
         check_perturbation(type(self).__name__, temperature, epsilon, eps_space, std)
         self.part = check_choice(type(self).__name__, "part", part, ("SG", "G"))
         self.temperature, self.epsilon, self.eps_space, self.std = temperature, epsilon, eps_space, std
-        self.repredict, self.params = repredict, params
+        self.repredict, self.params, self.functional_params = repredict, params, functional_params
 
     def score(self, inputs: torch.Tensor) -> torch.Tensor:
         perturbed, original_labels = inputs, None
@@ -52,11 +54,15 @@ class GRODIN(Detector):
             )
         with eval_mode(self.model):
             if self.repredict:
-                result = persample_grad_norms(self.model, perturbed, "ce_pred", self.temperature, params=self.params)
+                result = persample_grad_norms(
+                    self.model, perturbed, "ce_pred", self.temperature, params=self.params,
+                    functional_params=self.functional_params,
+                )
                 labels = result.logits.argmax(dim=1)
             else:
                 result = persample_grad_norms(
-                    self.model, perturbed, "ce", self.temperature, targets=original_labels, params=self.params
+                    self.model, perturbed, "ce", self.temperature, targets=original_labels, params=self.params,
+                    functional_params=self.functional_params,
                 )
                 labels = original_labels
         if self.part == "SG":

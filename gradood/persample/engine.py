@@ -40,6 +40,16 @@ class PerSampleGradNorms(NamedTuple):
     methods: Tuple[str, ...]
 
 
+class _Functional(NamedTuple):
+    """A parameter its module uses directly in forward (a ViT's class token or
+    position embedding), handled by batch broadcast substitution."""
+
+    name: str
+    module: nn.Module
+    short_name: str
+    parameter: nn.Parameter
+
+
 class _Layer(NamedTuple):
     name: str
     module: nn.Module
@@ -82,7 +92,9 @@ def _select(model: nn.Module, params: ParamSelector) -> Dict[str, nn.Parameter]:
     return selected
 
 
-def _layers(model: nn.Module, selected: Dict[str, nn.Parameter]) -> List[_Layer]:
+def _layers(
+    model: nn.Module, selected: Dict[str, nn.Parameter], functional_params: Optional[str]
+) -> Tuple[List[_Layer], List[_Functional]]:
     owners: Dict[int, Tuple[str, nn.Module, str]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for short_name, parameter in module._parameters.items():
@@ -100,19 +112,24 @@ def _layers(model: nn.Module, selected: Dict[str, nn.Parameter]) -> List[_Layer]
             for short_name, parameter in module.named_parameters():
                 owners[id(parameter)] = (module_name, module, short_name)
     by_module: Dict[int, _Layer] = {}
+    functional: List[_Functional] = []
     for full_name, parameter in selected.items():
         module_name, module, short_name = owners[id(parameter)]
         if rule_for(module) is None:
+            if functional_params == "broadcast" and parameter.dim() >= 1 and parameter.shape[0] == 1:
+                functional.append(_Functional(full_name, module, short_name, parameter))
+                continue
             raise ValueError(
                 f"{_WHERE}: parameter {full_name!r} belongs to {module_name or 'the model'} "
                 f"({type(module).__name__}), which has no per-sample norm rule (supported: Linear, Conv1d, Conv2d, "
                 "BatchNorm, LayerNorm, GroupNorm, RMSNorm, Embedding, MultiheadAttention). Exclude it with `params`, "
-                "or freeze it."
+                "or freeze it; a parameter of leading size 1 that the model broadcasts over the batch (a class "
+                "token, a position embedding) is handled with functional_params='broadcast'."
             )
         layer = by_module.get(id(module))
         names = (layer.parameter_names if layer else ()) + (short_name,)
         by_module[id(module)] = _Layer(module_name, module, names)
-    return list(by_module.values())
+    return list(by_module.values()), functional
 
 
 class _Recorder:
@@ -157,6 +174,7 @@ def persample_grad_norms(
     targets: Optional[torch.Tensor] = None,
     params: ParamSelector = None,
     per_layer: bool = False,
+    functional_params: Optional[str] = None,
 ) -> PerSampleGradNorms:
     """‖∇_θ ℓ(x_i)‖₂ over the selected trainable parameters θ, for each sample.
 
@@ -169,7 +187,12 @@ def persample_grad_norms(
     restored and hooks removed, also when an exception is raised. Models whose
     BatchNorm uses batch statistics or whose Dropout is active are refused: call
     model.eval(). Every selected parameter must belong to a module with a rule;
-    others raise, naming the parameter.
+    others raise, naming the parameter. functional_params="broadcast" handles
+    parameters that a module uses directly in its forward and that have a leading
+    dimension of size 1 broadcast over the batch (a ViT's class token, expanded,
+    and position embedding, added): each is replaced for the pass by a per-sample
+    copy [B, ...], whose gradient is then each sample's own. This is exact for
+    such broadcast uses only, so it is an explicit opt-in.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{_WHERE}: model must be an nn.Module, got {type(model).__name__}")
@@ -183,12 +206,21 @@ def persample_grad_norms(
     if loss == "ce" and (targets is None or targets.shape != (inputs.shape[0],)):
         raise ValueError(f"{_WHERE}: loss='ce' needs targets of shape [{inputs.shape[0]}]")
     _refuse_sample_mixing(model)
-    layers = _layers(model, _select(model, params))
+    if functional_params not in (None, "broadcast"):
+        raise ValueError(f"{_WHERE}: functional_params must be None or 'broadcast', got {functional_params!r}")
+    layers, functional = _layers(model, _select(model, params), functional_params)
 
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
     recorder = _Recorder()
-    handles, overridden = [], []
+    handles, overridden, substituted = [], [], []
+    saved_parameters: Dict[int, Tuple[nn.Module, dict]] = {}  # each module's table, as it was
     try:
+        for item in functional:  # per-sample copies in place of broadcast parameters
+            saved_parameters.setdefault(id(item.module), (item.module, dict(item.module._parameters)))
+            del item.module._parameters[item.short_name]
+            copies = item.parameter.detach().expand(inputs.shape[0], *item.parameter.shape[1:]).clone()
+            item.module.__dict__[item.short_name] = copies.requires_grad_()
+            substituted.append((item, copies))
         for layer in layers:
             rule = rule_for(layer.module)
             if isinstance(rule, CompositeRule):
@@ -208,8 +240,9 @@ def persample_grad_norms(
             if losses.shape != (inputs.shape[0],):
                 raise ValueError(f"{_WHERE}: the loss must be per sample, shape [{inputs.shape[0]}], got {tuple(losses.shape)}")
             keys = list(recorder.records)
-            outputs = [recorder.records[key][2] for key in keys]
-            grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
+            outputs = [recorder.records[key][2] for key in keys] + [copies for _, copies in substituted]
+            all_grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
+            grads, functional_grads = all_grads[: len(keys)], all_grads[len(keys) :]
         pieces_of: Dict[str, Dict[Optional[str], tuple]] = {}
         for key, grad in zip(keys, grads):
             layer_name, piece = key
@@ -237,6 +270,11 @@ def persample_grad_norms(
                 result = rule(layer.module, *pieces[None])
             columns.append(sum(result.squared_norms[name] for name in layer.parameter_names))
             methods.append(result.method)
+        for (item, copies), grad in zip(substituted, functional_grads):
+            names.append(item.name)
+            grad = torch.zeros_like(copies) if grad is None else _float32_if_half(grad)
+            columns.append(grad.reshape(grad.shape[0], -1).square().sum(1))
+            methods.append("direct")
         squared = torch.stack(columns, dim=1)
         return PerSampleGradNorms(
             norms=squared.sum(1).sqrt(),
@@ -250,5 +288,10 @@ def persample_grad_norms(
             handle.remove()
         for module in overridden:
             del module.forward  # back to the class's forward
+        for item, _ in substituted:
+            item.module.__dict__.pop(item.short_name, None)
+        for module, table in saved_parameters.values():
+            module._parameters.clear()
+            module._parameters.update(table)  # the same objects, in the same order
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
