@@ -104,11 +104,7 @@ def _plots(evaluation: Evaluation, folder: str) -> List[str]:
             axes.hist(values[np.isfinite(values)], bins=bins, alpha=0.5, density=True, label=name)
         axes.set_title(f"{detector} scores (higher = more in-distribution)")
         axes.legend(fontsize=7)
-        path = os.path.join(folder, f"hist_{_file_name(detector)}.png")
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
+        written.append(_save(plt, figure, os.path.join(folder, f"hist_{_file_name(detector)}.png")))
     for ood_set in evaluation.ood_names:
         figure, axes = plt.subplots(figsize=(4.5, 4.5))
         for index, (detector, by_set) in enumerate(evaluation.scores.items()):
@@ -119,12 +115,15 @@ def _plots(evaluation: Evaluation, folder: str) -> List[str]:
         axes.set_ylabel("TPR (ID accepted)")
         axes.set_title(f"ROC, OOD set {ood_set}")
         axes.legend(fontsize=6)
-        path = os.path.join(folder, f"roc_{_file_name(ood_set)}.png")
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
+        written.append(_save(plt, figure, os.path.join(folder, f"roc_{_file_name(ood_set)}.png")))
     return written
+
+
+def _save(plt, figure, path: str) -> str:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 def _file_name(name: str) -> str:
