@@ -13,8 +13,8 @@ import gradood
 from gradood import reference, scores
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [  # (B, C, D)
-    (1, 1, 1), (3, 2, 7), (5, 10, 1), (17, 33, 65), (4, 1000, 512), (2, 21843, 33), (64, 10, 2048),
+SHAPES = [  # (B, C, D); C <= 32 takes the CPU's 16-rows-at-a-time path, in full and partial tiles
+    (1, 1, 1), (3, 2, 7), (5, 10, 1), (37, 32, 5), (17, 33, 65), (4, 1000, 512), (2, 21843, 33), (64, 10, 2048),
 ]
 # Inputs of every dtype are upcast exactly, so the error is the accumulator's;
 # it grows with the number of classes summed (in float32 for non-float64 inputs).
@@ -117,6 +117,24 @@ def test_nan_logit_affects_only_its_row(device):
     rows = [0, 1, 3, 4]
     torch.testing.assert_close(dirty.terms[rows], clean.terms[rows], rtol=0, atol=0)
     torch.testing.assert_close(dirty.terms[2, gradood._ops.NUM_LOGIT_TERMS:], clean.terms[2, gradood._ops.NUM_LOGIT_TERMS:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("num_classes", [8, 300])
+def test_non_finite_rows_inside_a_tile_leave_the_others_exact(dtype, num_classes, device):
+    """Rows 3 (NaN) and 5 (+inf) take the scalar path; the rows after them in the
+    same tile, and their features, must come out as in a clean batch."""
+    logits, features = _inputs(20, num_classes, 6, torch.float32, seed=11)
+    logits, features = logits.to(dtype).to(device), features.to(dtype).to(device)
+    clean = gradood.lastlayer_terms(logits, features, 1.5, 0.7)
+    logits[3, 2] = math.nan
+    logits[5, 1] = math.inf
+    dirty = gradood.lastlayer_terms(logits, features, 1.5, 0.7)
+    others = [r for r in range(20) if r not in (3, 5)]
+    torch.testing.assert_close(dirty.terms[others], clean.terms[others], rtol=0, atol=0)
+    assert torch.isnan(dirty.terms[3, :gradood._ops.NUM_LOGIT_TERMS]).all()
+    assert dirty.terms[5, 1].item() == math.inf and dirty.argmax[5].item() == 1
+    torch.testing.assert_close(dirty.terms[[3, 5], gradood._ops.NUM_LOGIT_TERMS:], clean.terms[[3, 5], gradood._ops.NUM_LOGIT_TERMS:])
 
 
 def test_nan_feature_affects_only_its_row_and_feature_terms(device):

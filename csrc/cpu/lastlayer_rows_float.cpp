@@ -147,6 +147,73 @@ bool logit_terms_row_float(const float* logits, int64_t num_classes,
 }
 
 GRADOOD_CPU_CLONES
+void logit_terms_short_rows_float(const float* logits, int64_t rows,
+                                  int64_t num_classes, float temperature,
+                                  TermMask wanted, float* out, int64_t* argmax,
+                                  bool* ok) {
+  // tile[j][lane] = logit j of row `lane`; lanes past `rows` hold zeros and are ignored.
+  alignas(64) float tile[kMaxShortRow][kRowTile];
+  for (int64_t j = 0; j < num_classes; ++j) {
+    for (int64_t lane = 0; lane < kRowTile; ++lane) {
+      tile[j][lane] = lane < rows ? logits[lane * num_classes + j] : 0.0f;
+    }
+  }
+  alignas(64) float max[kRowTile];
+  alignas(64) int32_t top[kRowTile];
+#pragma omp simd
+  for (int64_t lane = 0; lane < kRowTile; ++lane) max[lane] = tile[0][lane];
+  for (int64_t j = 1; j < num_classes; ++j) {
+#pragma omp simd
+    for (int64_t lane = 0; lane < kRowTile; ++lane) {
+      max[lane] = tile[j][lane] > max[lane] ? tile[j][lane] : max[lane];
+    }
+  }
+#pragma omp simd
+  for (int64_t lane = 0; lane < kRowTile; ++lane) top[lane] = 0;
+  for (int64_t j = num_classes - 1; j >= 0; --j) {  // ends on the first index of the max
+#pragma omp simd
+    for (int64_t lane = 0; lane < kRowTile; ++lane) {
+      top[lane] = tile[j][lane] == max[lane] ? static_cast<int32_t>(j) : top[lane];
+    }
+  }
+  const float inv_temperature = 1.0f / temperature;
+  alignas(64) float others[kRowTile] = {};
+  alignas(64) float squares[kRowTile] = {};
+  for (int64_t j = 0; j < num_classes; ++j) {
+#pragma omp simd
+    for (int64_t lane = 0; lane < kRowTile; ++lane) {
+      const float e = exp_nonpositive((tile[j][lane] - max[lane]) * inv_temperature);
+      const float other = top[lane] == j ? 0.0f : e;
+      tile[j][lane] = other;
+      others[lane] += other;
+      squares[lane] += other * other;
+    }
+  }
+  alignas(64) float inv_sum[kRowTile];
+  alignas(64) float deviation[kRowTile] = {};
+#pragma omp simd
+  for (int64_t lane = 0; lane < kRowTile; ++lane) inv_sum[lane] = 1.0f / (1.0f + others[lane]);
+  if (wanted & term_bit(kUniformDeviationL1)) {
+    const float uniform = 1.0f / static_cast<float>(num_classes);
+    for (int64_t j = 0; j < num_classes; ++j) {
+#pragma omp simd
+      for (int64_t lane = 0; lane < kRowTile; ++lane) {
+        const float d = std::fabs(tile[j][lane] * inv_sum[lane] - uniform);
+        deviation[lane] += top[lane] == j ? 0.0f : d;
+      }
+    }
+  }
+  for (int64_t lane = 0; lane < rows; ++lane) {
+    ok[lane] = std::isfinite(max[lane]) && !std::isnan(others[lane]);
+    if (!ok[lane]) continue;
+    const MaxState<float> state{max[lane], top[lane], others[lane]};
+    const SoftmaxSums<float> sums{deviation[lane], squares[lane] * inv_sum[lane] * inv_sum[lane]};
+    finalize_logit_terms(state, sums, num_classes, temperature, out + lane * kNumTerms, wanted);
+    argmax[lane] = top[lane];
+  }
+}
+
+GRADOOD_CPU_CLONES
 void feature_terms_row_float(const float* features, int64_t num_features,
                              float clip, TermMask wanted, float* out) {
   float l1 = 0.0f, squares = 0.0f, clipped = 0.0f;

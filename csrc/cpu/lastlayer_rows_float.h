@@ -19,6 +19,20 @@ bool logit_terms_row_float(const float* logits, int64_t num_classes,
                            float temperature, TermMask wanted, float* out,
                            int64_t* argmax, float* scratch);
 
+// Rows with at most kMaxShortRow classes are processed kRowTile at a time, one
+// row per vector lane: a per-row loop over 10 logits would be all overhead.
+constexpr int64_t kMaxShortRow = 32;
+constexpr int64_t kRowTile = 16;
+
+// The `wanted` logit terms of `rows` (<= kRowTile) consecutive rows of
+// num_classes (<= kMaxShortRow) logits: out is rows x kNumTerms, argmax and ok
+// hold `rows` entries. ok[r] is false, and row r untouched, where the row needs
+// the scalar path (a NaN or an infinite max).
+void logit_terms_short_rows_float(const float* logits, int64_t rows,
+                                  int64_t num_classes, float temperature,
+                                  TermMask wanted, float* out, int64_t* argmax,
+                                  bool* ok);
+
 // Writes the `wanted` feature terms (kFeatureL1, kFeatureL2, kFeatureClippedL1).
 void feature_terms_row_float(const float* features, int64_t num_features,
                              float clip, TermMask wanted, float* out);

@@ -98,27 +98,46 @@ void for_each_row(const scalar_t* logits, const scalar_t* features,
         emit(row, terms, argmax);
       }
     } else {
+      // Short rows go kRowTile at a time (one per vector lane), long rows one at a time.
+      const bool short_rows = num_classes <= cpu::kMaxShortRow;
+      const int64_t tile_rows = short_rows ? cpu::kRowTile : 1;
       constexpr bool kWiden = !std::is_same_v<scalar_t, float>;
       std::vector<float> scratch(num_classes +
-                                 (kWiden ? std::max(num_classes, num_features) : 0));
+                                 (kWiden ? tile_rows * num_classes + num_features : 0));
       float* exps = scratch.data();
-      float* widened = exps + num_classes;
+      float* widened_logits = exps + num_classes;
+      float* widened_features = widened_logits + tile_rows * num_classes;
       const auto temperature = static_cast<float>(problem.temperature);
-      float terms[kNumTerms];
-      for (int64_t row = begin; row < end; ++row) {
-        int64_t argmax = 0;
-        const float* row_logits = as_float(logits + row * num_classes, num_classes, widened);
-        if (!cpu::logit_terms_row_float(row_logits, num_classes, temperature,
-                                        problem.wanted, terms, &argmax, exps)) {
-          logit_terms_row<float, float>(row_logits, num_classes, temperature, terms, &argmax);
+      float terms[cpu::kRowTile * kNumTerms];
+      int64_t argmax[cpu::kRowTile];
+      bool fast[cpu::kRowTile];
+      for (int64_t start = begin; start < end; start += tile_rows) {
+        const int64_t rows = std::min(tile_rows, end - start);
+        const float* tile_logits =
+            as_float(logits + start * num_classes, rows * num_classes, widened_logits);
+        if (short_rows) {
+          cpu::logit_terms_short_rows_float(tile_logits, rows, num_classes, temperature,
+                                            problem.wanted, terms, argmax, fast);
+        } else {
+          fast[0] = cpu::logit_terms_row_float(tile_logits, num_classes, temperature,
+                                               problem.wanted, terms, argmax, exps);
         }
-        if (features != nullptr) {
-          const float* row_features =
-              as_float(features + row * num_features, num_features, widened);
-          cpu::feature_terms_row_float(row_features, num_features,
-                                       static_cast<float>(problem.clip), problem.wanted, terms);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* row_terms = terms + r * kNumTerms;
+          if (!fast[r]) {
+            logit_terms_row<float, float>(tile_logits + r * num_classes, num_classes,
+                                          temperature, row_terms, argmax + r);
+          }
+          if (features != nullptr) {
+            const int64_t row = start + r;
+            const float* row_features =
+                as_float(features + row * num_features, num_features, widened_features);
+            cpu::feature_terms_row_float(row_features, num_features,
+                                         static_cast<float>(problem.clip), problem.wanted,
+                                         row_terms);
+          }
+          emit(start + r, row_terms, argmax[r]);
         }
-        emit(row, terms, argmax);
       }
     }
   });
