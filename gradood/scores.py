@@ -13,7 +13,7 @@ combine its columns.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ __all__ = [
     "react",
     "kl_matching",
     "lastlayer_grad_norm",
+    "ScoreSpec",
 ]
 
 _PREFIX = "gradood.scores."
@@ -55,23 +56,100 @@ KERNEL_GRAD_NORMS = (("kl_uniform", 1.0), ("ce_pred", 2.0), ("expected_ce", 1.0)
 _FEATURE_TERMS = {"l1": "feature_l1", "l2": "feature_l2", "clipped_l1": "feature_clipped_l1"}
 
 
+class ScoreSpec(NamedTuple):
+    """How `lastlayer_score` composes one score (see gradood._ops.lastlayer_score):
+    a logit term (TERM_NAMES) times logit_scale, optionally combined with a
+    feature term; the same spec drives gradood.scores and gradood.OODHead."""
+
+    logit_term: str
+    logit_scale: float = 1.0
+    feature_term: Optional[str] = None
+    with_bias: bool = False
+    combine: str = "product"
+    alpha: float = 0.0
+    temperature: float = 1.0
+    clip: float = math.inf
+
+
+def apply_spec(where: str, logits: torch.Tensor, features: Optional[torch.Tensor], spec: ScoreSpec) -> torch.Tensor:
+    return lastlayer_score(where, logits, features if spec.feature_term is not None else None, *spec)
+
+
 def _temperature(where: str, temperature: float) -> float:
     return check_positive(where, "temperature", temperature)
 
 
+def spec_msp(temperature: float = 1.0, where: str = _PREFIX + "msp") -> ScoreSpec:
+    return ScoreSpec("max_softmax", temperature=_temperature(where, temperature))
+
+
+def spec_max_logit() -> ScoreSpec:
+    return ScoreSpec("max_logit")
+
+
+def spec_energy(temperature: float = 1.0, where: str = _PREFIX + "energy") -> ScoreSpec:
+    return ScoreSpec("energy", temperature=_temperature(where, temperature))
+
+
+def spec_gradnorm(num_classes: int, temperature: float = 1.0, scale: str = "paper", include_bias: bool = False,
+                  where: str = _PREFIX + "gradnorm") -> ScoreSpec:
+    scale = check_choice(where, "scale", scale, ("paper", "official"))
+    temperature = _temperature(where, temperature)
+    factor = num_classes if scale == "official" else 1
+    return ScoreSpec("uniform_deviation_l1", factor / temperature, "feature_l1", include_bias, temperature=temperature)
+
+
+def spec_exgrad(temperature: float = 1.0, where: str = _PREFIX + "exgrad") -> ScoreSpec:
+    temperature = _temperature(where, temperature)
+    return ScoreSpec("gini", -2 / temperature, "feature_l1", temperature=temperature)
+
+
+def spec_grodin_last_layer(temperature: float = 1.0, include_bias: bool = True,
+                           where: str = _PREFIX + "grodin_last_layer") -> ScoreSpec:
+    temperature = _temperature(where, temperature)
+    return ScoreSpec("onehot_deviation_l2", -1 / temperature, "feature_l2", include_bias, temperature=temperature)
+
+
+def spec_rg(clip: float = 1.0, temperature: float = 1.0, where: str = _PREFIX + "rg") -> ScoreSpec:
+    return ScoreSpec("energy", 1.0, "feature_clipped_l1", temperature=_temperature(where, temperature),
+                     clip=check_positive(where, "clip", clip, allow_inf=True))
+
+
+def spec_rg_additive(clip: float = 1.0, alpha: float = 1.0, where: str = _PREFIX + "rg_additive") -> ScoreSpec:
+    return ScoreSpec("energy", 1.0, "feature_clipped_l1", combine="sum", alpha=check_real(where, "alpha", alpha),
+                     clip=check_positive(where, "clip", clip, allow_inf=True))
+
+
+def spec_uv(u: str = "energy", v: str = "l1", clip: Optional[float] = None, temperature: float = 1.0,
+            where: str = _PREFIX + "uv") -> ScoreSpec:
+    u = check_choice(where, "u", u, reference.U_TERMS)
+    v = check_choice(where, "v", v, reference.V_TERMS)
+    clip = check_optional_clip(where, clip, needed=v == "clipped_l1")
+    temperature = _temperature(where, temperature)
+    logit_term, logit_scale = {
+        "msp": ("max_softmax", 1.0),
+        "energy": ("energy", 1.0),
+        "max_logit": ("max_logit", 1.0),
+        "gradnorm": ("uniform_deviation_l1", 1 / temperature),
+        "exgrad": ("gini", -2 / temperature),
+    }[u]
+    return ScoreSpec(logit_term, logit_scale, _FEATURE_TERMS[v], temperature=temperature,
+                     clip=math.inf if clip is None else clip)
+
+
 def msp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Maximum softmax probability at temperature T. See gradood.reference.msp."""
-    return lastlayer_score(_PREFIX + "msp", logits, None, "max_softmax", temperature=temperature)
+    return apply_spec(_PREFIX + "msp", logits, None, spec_msp(temperature))
 
 
 def max_logit(logits: torch.Tensor) -> torch.Tensor:
     """Maximum logit. See gradood.reference.max_logit."""
-    return lastlayer_score(_PREFIX + "max_logit", logits, None, "max_logit")
+    return apply_spec(_PREFIX + "max_logit", logits, None, spec_max_logit())
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T · logsumexp(f / T). See gradood.reference.energy."""
-    return lastlayer_score(_PREFIX + "energy", logits, None, "energy", temperature=temperature)
+    return apply_spec(_PREFIX + "energy", logits, None, spec_energy(temperature))
 
 
 def gradnorm(
@@ -84,21 +162,13 @@ def gradnorm(
     """GradNorm, (Σ_j |p_j - 1/C| / T) · ‖v‖_1 (×C for scale="official").
     See gradood.reference.gradnorm."""
     where = _PREFIX + "gradnorm"
-    scale = check_choice(where, "scale", scale, ("paper", "official"))
-    temperature = _temperature(where, temperature)
     check_logits(where, logits)
-    factor = logits.shape[1] if scale == "official" else 1
-    return lastlayer_score(
-        where, logits, features, "uniform_deviation_l1", factor / temperature, "feature_l1",
-        with_bias=include_bias, temperature=temperature,
-    )
+    return apply_spec(where, logits, features, spec_gradnorm(logits.shape[1], temperature, scale, include_bias))
 
 
 def exgrad(logits: torch.Tensor, features: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """ExGrad, -(2 / T) · Σ_j p_j (1 - p_j) · ‖v‖_1. See gradood.reference.exgrad."""
-    where = _PREFIX + "exgrad"
-    temperature = _temperature(where, temperature)
-    return lastlayer_score(where, logits, features, "gini", -2 / temperature, "feature_l1", temperature=temperature)
+    return apply_spec(_PREFIX + "exgrad", logits, features, spec_exgrad(temperature))
 
 
 def grodin_last_layer(
@@ -109,26 +179,17 @@ def grodin_last_layer(
 ) -> torch.Tensor:
     """GRODIN's last-layer term, -(‖p - e_ŷ‖_2 / T) · ‖[v, 1]‖_2.
     See gradood.reference.grodin_last_layer."""
-    where = _PREFIX + "grodin_last_layer"
-    temperature = _temperature(where, temperature)
-    return lastlayer_score(
-        where, logits, features, "onehot_deviation_l2", -1 / temperature, "feature_l2",
-        with_bias=include_bias, temperature=temperature,
-    )
+    return apply_spec(_PREFIX + "grodin_last_layer", logits, features, spec_grodin_last_layer(temperature, include_bias))
 
 
 def rg(logits: torch.Tensor, features: torch.Tensor, clip: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
     """RG, T · logsumexp(f / T) · Σ_i min(|v_i|, clip). See gradood.reference.rg."""
-    return lastlayer_score(
-        _PREFIX + "rg", logits, features, "energy", 1.0, "feature_clipped_l1", temperature=temperature, clip=clip
-    )
+    return apply_spec(_PREFIX + "rg", logits, features, spec_rg(clip, temperature))
 
 
 def rg_additive(logits: torch.Tensor, features: torch.Tensor, clip: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
     """Additive RG, logsumexp(f) + α · Σ_i min(|v_i|, clip). See gradood.reference.rg_additive."""
-    where = _PREFIX + "rg_additive"
-    alpha = check_real(where, "alpha", alpha)
-    return lastlayer_score(where, logits, features, "energy", 1.0, "feature_clipped_l1", combine="sum", alpha=alpha, clip=clip)
+    return apply_spec(_PREFIX + "rg_additive", logits, features, spec_rg_additive(clip, alpha))
 
 
 def uv(
@@ -140,22 +201,7 @@ def uv(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """The U·V family, U(f) · V(v). See gradood.reference.uv for the terms."""
-    where = _PREFIX + "uv"
-    u = check_choice(where, "u", u, reference.U_TERMS)
-    v = check_choice(where, "v", v, reference.V_TERMS)
-    clip = check_optional_clip(where, clip, needed=v == "clipped_l1")
-    temperature = _temperature(where, temperature)
-    logit_term, logit_scale = {
-        "msp": ("max_softmax", 1.0),
-        "energy": ("energy", 1.0),
-        "max_logit": ("max_logit", 1.0),
-        "gradnorm": ("uniform_deviation_l1", 1 / temperature),
-        "exgrad": ("gini", -2 / temperature),
-    }[u]
-    return lastlayer_score(
-        where, logits, features, logit_term, logit_scale, _FEATURE_TERMS[v],
-        temperature=temperature, clip=math.inf if clip is None else clip,
-    )
+    return apply_spec(_PREFIX + "uv", logits, features, spec_uv(u, v, clip, temperature))
 
 
 def lastlayer_grad_norm(

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from gradood import metrics
+from gradood import metrics, scores
 
 Data = Union[torch.Tensor, Iterable]
 
@@ -138,7 +138,15 @@ class Detector:
 
     def score_features(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """ID-scores [B] from logits and penultimate features a server already holds."""
-        raise NotImplementedError(f"{type(self).__name__} needs the inputs: use score(inputs)")
+        spec = self.lastlayer_spec(logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else 0)
+        if spec is None:
+            raise NotImplementedError(f"{type(self).__name__} needs the inputs: use score(inputs)")
+        return scores.apply_spec(f"{type(self).__name__}.score_features", logits, features, spec)
+
+    def lastlayer_spec(self, num_classes: int) -> Optional["scores.ScoreSpec"]:
+        """The fused kernel's recipe for this detector's score (gradood.scores.ScoreSpec),
+        for detectors that are one lastlayer_score call; None otherwise."""
+        return None
 
     def collect(self, data: Data) -> Tuple[torch.Tensor, torch.Tensor]:
         """(logits, features) of every batch of `data`, concatenated."""

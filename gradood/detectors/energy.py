@@ -15,5 +15,5 @@ class Energy(Detector):
         super().__init__(model, head)
         self.temperature = temperature
 
-    def score_features(self, logits, features=None):
-        return scores.energy(logits, self.temperature)
+    def lastlayer_spec(self, num_classes):
+        return scores.spec_energy(self.temperature)

@@ -16,5 +16,5 @@ class ExGrad(Detector):
         super().__init__(model, head)
         self.temperature = temperature
 
-    def score_features(self, logits, features):
-        return scores.exgrad(logits, features, self.temperature)
+    def lastlayer_spec(self, num_classes):
+        return scores.spec_exgrad(self.temperature)

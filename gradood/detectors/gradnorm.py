@@ -17,5 +17,5 @@ class GradNorm(Detector):
         self.temperature = temperature
         self.scale = scale
 
-    def score_features(self, logits, features):
-        return scores.gradnorm(logits, features, self.temperature, scale=self.scale)
+    def lastlayer_spec(self, num_classes):
+        return scores.spec_gradnorm(num_classes, self.temperature, self.scale)

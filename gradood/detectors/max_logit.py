@@ -7,5 +7,5 @@ from gradood.detectors._base import Detector
 
 
 class MaxLogit(Detector):
-    def score_features(self, logits, features=None):
-        return scores.max_logit(logits)
+    def lastlayer_spec(self, num_classes):
+        return scores.spec_max_logit()

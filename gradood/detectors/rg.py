@@ -44,8 +44,8 @@ class RG(Detector):
             self.clip = activation_percentile(self.collect(id_data)[1], self.percentile)
         return self
 
-    def score_features(self, logits, features):
-        return scores.rg(logits, features, self.clip, self.temperature)
+    def lastlayer_spec(self, num_classes):
+        return scores.spec_rg(self.clip, self.temperature)
 
 
 class RGAdditive(Detector):
@@ -75,6 +75,6 @@ class RGAdditive(Detector):
         self.alpha = self.a * alpha_s
         return self
 
-    def score_features(self, logits, features):
+    def lastlayer_spec(self, num_classes):
         self._require_fitted()
-        return scores.rg_additive(logits, features, self.clip, self.alpha)
+        return scores.spec_rg_additive(self.clip, self.alpha)

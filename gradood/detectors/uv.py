@@ -24,5 +24,5 @@ class UV(Detector):
         super().__init__(model, head)
         self.u, self.v, self.clip, self.temperature = u, v, clip, temperature
 
-    def score_features(self, logits, features):
-        return scores.uv(logits, features, self.u, self.v, self.clip, self.temperature)
+    def lastlayer_spec(self, num_classes):
+        return scores.spec_uv(self.u, self.v, self.clip, self.temperature)
