@@ -22,6 +22,7 @@ from gradood._ops import TERM_NAMES, LastLayerTerms, lastlayer_terms
 from gradood.persample import PerSampleGradNorms, persample_grad_norms
 from gradood import detectors
 from gradood.evaluation import Evaluation, evaluate
+from gradood.ood_head import OODHead
 from gradood.tuning import TuneResult, tune
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "persample_grad_norms",
     "PerSampleGradNorms",
     "detectors",
+    "OODHead",
     "evaluate",
     "Evaluation",
     "tune",
