@@ -11,3 +11,14 @@ cmake -S "$root" -B "$build" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUIL
 cmake --build "$build" -j "$(nproc)"
 ctest --test-dir "$build" --output-on-failure
 "$build/test_lastlayer_terms"
+
+# The installed CMake package and the C++ example that loads a scripted OODHead.
+install_prefix="${build}-install"
+cmake --install "$build" --prefix "$install_prefix" >/dev/null
+example_build="${build}-example"
+cmake -S "$root/examples/cpp" -B "$example_build" -G Ninja -DCMAKE_PREFIX_PATH="$install_prefix;$prefix" \
+  -DCMAKE_BUILD_TYPE=Release >"$example_build.configure.log" 2>&1 || { cat "$example_build.configure.log"; exit 1; }
+cmake --build "$example_build"
+python "$root/examples/cpp/make_model.py" "$example_build/data"
+"$example_build/score_batch" "$example_build/data/model.pt" "$example_build/data/inputs.pt" | tee "$example_build/data/actual.txt"
+python "$root/examples/cpp/compare.py" "$example_build/data/expected.txt" "$example_build/data/actual.txt"
