@@ -102,6 +102,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         # `gradood demo`: its data sets ship with scikit-learn and scikit-image; plots need matplotlib.
         "demo": ["scikit-learn", "scikit-image", "matplotlib"],
+        # examples/serving: an ASGI app on Starlette, served by uvicorn.
+        "serving": ["starlette", "uvicorn"],
     },
     entry_points={"console_scripts": ["gradood = gradood.cli:main"]},
     ext_modules=[_extension()],

@@ -14,7 +14,7 @@ fi
 python -m pip install --upgrade pip
 python -m pip install "setuptools>=64" wheel ninja numpy pytest pytest-benchmark hypothesis
 # No build isolation: an isolated build would fetch another torch (setup.py says why).
-python -m pip install --no-build-isolation -e ".[demo,test]"
+python -m pip install --no-build-isolation -e ".[demo,serving,test]"
 
 echo "== CUDA compile check =="
 bash tests/check_cuda_compile.sh
