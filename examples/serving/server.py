@@ -165,7 +165,7 @@ def build_app(model: torch.nn.Module, input_shape: Tuple[int, ...], detector: st
         return JSONResponse({"predictions": predictions})
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "detector": detector, "threshold": threshold})
+        return JSONResponse({"status": "ok", "detector": detector, "threshold": None if head is None else threshold})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
