@@ -1,4 +1,5 @@
 """Writes model.pt (a scripted gradood.OODHead: a small CNN with RG scores),
+model.pt2 (the same head packaged with AOTInductor, where torch has it),
 inputs.pt (a TorchScript module holding a batch) and expected.txt (what
 score_batch must print) into the folder given.
 
@@ -46,6 +47,9 @@ def main(out_dir: str) -> None:
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript's deprecation notice
         torch.jit.script(head).save(os.path.join(out_dir, "model.pt"))
         torch.jit.script(Inputs(inputs)).save(os.path.join(out_dir, "inputs.pt"))
+    if hasattr(torch._inductor, "aoti_compile_and_package"):
+        exported = torch.export.export(head, (inputs,))
+        torch._inductor.aoti_compile_and_package(exported, package_path=os.path.join(out_dir, "model.pt2"))
     with torch.no_grad():
         logits, scores = head(inputs)
     probability, label = torch.softmax(logits, 1).max(1)

@@ -22,3 +22,7 @@ cmake --build "$example_build"
 python "$root/examples/cpp/make_model.py" "$example_build/data"
 "$example_build/score_batch" "$example_build/data/model.pt" "$example_build/data/inputs.pt" | tee "$example_build/data/actual.txt"
 python "$root/examples/cpp/compare.py" "$example_build/data/expected.txt" "$example_build/data/actual.txt"
+if [ -f "$example_build/data/model.pt2" ]; then  # the AOTInductor package, where torch makes one
+  "$example_build/score_batch" "$example_build/data/model.pt2" "$example_build/data/inputs.pt" >"$example_build/data/actual_aoti.txt"
+  python "$root/examples/cpp/compare.py" "$example_build/data/expected.txt" "$example_build/data/actual_aoti.txt"
+fi
