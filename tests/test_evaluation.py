@@ -126,3 +126,34 @@ def test_cli_bench_and_help():
     assert "GradNorm" in result.stdout and "GRODIN" in result.stdout
     usage = subprocess.run([sys.executable, "-m", "gradood"], capture_output=True, text=True, timeout=120)
     assert "demo" in usage.stdout and "bench" in usage.stdout
+
+
+def test_every_detector_equals_the_reference_formulas_on_the_demo_model():
+    pytest.importorskip("sklearn")
+    pytest.importorskip("skimage")
+    from gradood import demo, reference
+
+    splits, ood = demo.load_data(seed=0)
+    model = demo.train(splits, epochs=2)
+    detectors = demo.build_detectors(model, splits["train"])
+    inputs = torch.cat([splits["test"][:16], ood["faces"][:16]])
+    with torch.no_grad():
+        features = model.hidden(model.features(inputs))
+        logits = model.fc(features)
+    weight, bias = model.fc.weight, model.fc.bias
+    formulas = {
+        "MSP": reference.msp(logits),
+        "MaxLogit": reference.max_logit(logits),
+        "Energy": reference.energy(logits),
+        "GradNorm": reference.gradnorm(logits, features),
+        "ExGrad": reference.exgrad(logits, features),
+        "UV energy·L1": reference.uv(logits, features),
+        "RG (k = p90)": reference.rg(logits, features, detectors["RG (k = p90)"].clip),
+        "RGAdditive (k = p90, a=0.6)": reference.rg_additive(
+            logits, features, detectors["RGAdditive (k = p90, a=0.6)"].clip, detectors["RGAdditive (k = p90, a=0.6)"].alpha
+        ),
+        "ReAct (p90)": reference.react(features, weight.detach(), bias.detach(), detectors["ReAct (p90)"].clip),
+        "KLMatching": reference.kl_matching(logits, detectors["KLMatching"].templates.float()),
+    }
+    for name, expected in formulas.items():
+        torch.testing.assert_close(detectors[name].score(inputs), expected, rtol=1e-5, atol=1e-5, msg=name)
