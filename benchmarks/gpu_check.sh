@@ -4,8 +4,14 @@
 # included), compute-sanitizer memcheck over the CUDA op tests, and the
 # last-layer benchmark with its summary. Results land in $OUT.
 #
-#   run: bash benchmarks/gpu_check.sh            (OUT is set by the device tool)
+#   run: bash benchmarks/gpu_check.sh [STAGE...]   (OUT is set by the device tool)
+#
+# STAGE: tests, sanitizer, bench (default: all three). Every call builds first
+# (incrementally on a warm machine), so a 10-minute device call can take one
+# stage at a time: `bash benchmarks/gpu_check.sh tests`, then `... sanitizer bench`.
 set -uo pipefail
+stages="${*:-tests sanitizer bench}"
+wants() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT="${OUT:-$(mktemp -d)}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" GRADOOD_WITH_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
 status=0
@@ -21,17 +27,28 @@ if ! python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log
 fi
 python3 -c "import torch, gradood; print('CUDA kernels registered:', torch._C._dispatch_has_kernel_for_dispatch_key('gradood::lastlayer_score', 'CUDA'))" | tee -a "$OUT/device.txt"
 
-step "tests"
-python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/tests.txt" || status=1
+if wants tests; then
+  step "tests"
+  python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/tests.txt" || status=1
+fi
 
-step "compute-sanitizer memcheck (CUDA op tests)"
-compute-sanitizer --tool memcheck --error-exitcode 99 \
-  python3 -m pytest tests/test_scores.py tests/test_ops.py -q -p no:cacheprovider -k "cuda and not arbitrary" \
-  2>&1 | tail -15 | tee "$OUT/memcheck.txt" || status=1
+if wants sanitizer; then
+  step "compute-sanitizer memcheck (CUDA op tests)"
+  compute-sanitizer --tool memcheck --error-exitcode 99 \
+    python3 -m pytest tests/test_scores.py tests/test_ops.py -q -p no:cacheprovider -k "cuda and not arbitrary" \
+    2>&1 | tail -15 | tee "$OUT/memcheck.txt" || status=1
+fi
 
-step "benchmark"
-python3 -m pytest benchmarks/test_lastlayer_scores.py -q -p no:cacheprovider -k "cuda" \
-  --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1 || status=1
-tail -3 "$OUT/bench.log"
-python3 benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/summary.md"
+if wants bench; then
+  step "benchmark"
+  python3 -m pytest benchmarks/test_lastlayer_scores.py -q -p no:cacheprovider -k "cuda" \
+    --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1 || status=1
+  tail -3 "$OUT/bench.log"
+  python3 benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/summary.md"
+
+  step "per-sample engine benchmark"
+  (cd benchmarks && python3 -m pytest test_persample.py -q -p no:cacheprovider -k cuda \
+    --benchmark-json="$OUT/persample.json" >"$OUT/persample.log" 2>&1) || status=1
+  tail -15 "$OUT/persample.log"
+fi
 exit $status

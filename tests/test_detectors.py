@@ -289,3 +289,14 @@ def test_plain_mlp_in_float32():
     for detector in _all_detectors(model, inputs):
         result = detector.score(inputs)
         assert result.shape == (16,) and torch.isfinite(result).all(), type(detector).__name__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_every_detector_on_cuda_matches_cpu():
+    model, inputs = _model(torch.float32)
+    cpu = _all_detectors(model, inputs)
+    cuda_model = copy.deepcopy(model).cuda()
+    gpu = _all_detectors(cuda_model, inputs.cuda())
+    for on_cpu, on_gpu in zip(cpu, gpu):
+        torch.testing.assert_close(on_gpu.score(inputs.cuda()).cpu(), on_cpu.score(inputs), rtol=1e-4, atol=1e-4,
+                                   msg=type(on_cpu).__name__)

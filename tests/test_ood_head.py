@@ -110,3 +110,12 @@ def test_detectors_needing_more_than_one_pass_are_refused():
         gradood.OODHead(model, D.Energy(model))
     with pytest.raises(RuntimeError, match=r"call fit\(id_data\) first"):
         gradood.OODHead(model, D.ReAct(model), example_inputs=inputs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", FACTORIES)
+def test_cuda_head_matches_cpu(name):
+    _, inputs, _, head = _head(name)
+    cuda_head = head.cuda()
+    for expected, actual in zip(_head(name)[3](inputs), cuda_head(inputs.cuda())):
+        torch.testing.assert_close(actual.cpu(), expected, rtol=1e-4, atol=1e-4)

@@ -423,3 +423,14 @@ def test_bad_arguments():
         persample_grad_norms(model, inputs, params=["nope.weight"])
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         persample_grad_norms(lambda x: x, inputs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cuda_float32_matches_the_float64_loop(name):
+    model, inputs = _float64(name)
+    expected = _loop_norms(model, inputs)
+    cuda_model = copy.deepcopy(model).float().cuda()
+    cuda_inputs = (inputs.float() if inputs.is_floating_point() else inputs).cuda()
+    norms = persample_grad_norms(cuda_model, cuda_inputs).norms
+    torch.testing.assert_close(norms.double().cpu(), expected, rtol=1e-4, atol=1e-6)
