@@ -72,7 +72,7 @@ class Detector:
     def head(self) -> nn.Module:
         if self.head_name is None:
             raise RuntimeError(f"{type(self).__name__}: the head is found on the first forward pass; score or fit first")
-        return dict(self.model.named_modules())[self.head_name]
+        return self.model.get_submodule(self.head_name)
 
     def head_weight_bias(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         head = self.head
@@ -88,9 +88,11 @@ class Detector:
 
     def _forward_with_capture(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-        modules = dict(self.model.named_modules())
-        names = [self.head_name] if self.head_name is not None else [n for n, m in modules.items() if _is_head_candidate(m)]
-        if not names:
+        if self.head_name is not None:  # the hot path: one hook, found by its path
+            candidates = {self.head_name: self.model.get_submodule(self.head_name)}
+        else:
+            candidates = {name: m for name, m in self.model.named_modules() if _is_head_candidate(m)}
+        if not candidates:
             raise ValueError(
                 f"{type(self).__name__}: found no nn.Linear or 1×1 nn.Conv2d head in {type(self.model).__name__}; "
                 "pass head='<module name>' naming the layer that produces the logits"
@@ -102,7 +104,7 @@ class Detector:
 
             return capture
 
-        handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+        handles = [module.register_forward_hook(hook(name)) for name, module in candidates.items()]
         try:
             logits = self.model(inputs)
         finally:
