@@ -316,6 +316,21 @@ def test_functionally_used_parameters_are_named():
         persample_grad_norms(WithPositionEmbedding(), torch.randn(2, 3, 4))
 
 
+def test_an_unused_layer_in_a_bfloat16_model_counts_zero():
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 3)
+            self.spare = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = WithSpare().to(torch.bfloat16)
+    result = persample_grad_norms(model, torch.randn(2, 4, dtype=torch.bfloat16), per_layer=True)
+    assert result.methods[1] == "unused" and torch.equal(result.per_layer[:, 1], torch.zeros(2))
+
+
 def test_reused_modules_are_refused():
     layer = nn.Linear(4, 4)
     model = nn.Sequential(layer, nn.ReLU(), layer)
@@ -417,7 +432,7 @@ def test_bad_arguments():
         persample_grad_norms(model, inputs, loss="ce")
     with pytest.raises(ValueError, match="temperature must be finite and > 0"):
         persample_grad_norms(model, inputs, temperature=0.0)
-    with pytest.raises(ValueError, match="empty batch"):
+    with pytest.raises(ValueError, match="non-empty batch"):
         persample_grad_norms(model, inputs[:0])
     with pytest.raises(ValueError, match="params names unknown parameters"):
         persample_grad_norms(model, inputs, params=["nope.weight"])

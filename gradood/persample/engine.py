@@ -198,8 +198,8 @@ def persample_grad_norms(
         raise TypeError(f"{_WHERE}: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"{_WHERE}: inputs must be a tensor, got {type(inputs).__name__}")
-    if inputs.shape[0] == 0:
-        raise ValueError(f"{_WHERE}: inputs is an empty batch (shape {tuple(inputs.shape)})")
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"{_WHERE}: inputs must be a non-empty batch [B, ...], got shape {tuple(inputs.shape)}")
     if not callable(loss) and loss not in LOSSES:
         raise ValueError(f"{_WHERE}: loss must be one of {LOSSES} or a callable, got {loss!r}")
     temperature = check_positive(_WHERE, "temperature", temperature)
@@ -253,27 +253,30 @@ def persample_grad_norms(
                     "its per-sample norm cannot be computed"
                 )
             grad = torch.zeros_like(output) if grad is None else grad
-            pieces_of.setdefault(layer_name, {})[piece] = (_float32_if_half(layer_input), _float32_if_half(grad))
+            pieces_of.setdefault(layer_name, {})[piece] = (layer_input, grad)
 
+        # Half-precision layers are contracted in float32, one layer at a time.
+        norm_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
         columns, names, methods = [], [], []
         for layer in layers:
             names.append(layer.name)
             pieces = pieces_of.get(layer.name)
             if pieces is None:  # never called: its parameters get no gradient
-                columns.append(logits.new_zeros(inputs.shape[0]))
+                columns.append(logits.new_zeros(inputs.shape[0], dtype=norm_dtype))
                 methods.append("unused")
                 continue
+            pieces = {piece: tuple(_float32_if_half(t) for t in pair) for piece, pair in pieces.items()}
             rule = rule_for(layer.module)
             if isinstance(rule, CompositeRule):
                 result = rule.norms(layer.module, pieces)
             else:
                 result = rule(layer.module, *pieces[None])
-            columns.append(sum(result.squared_norms[name] for name in layer.parameter_names))
+            columns.append(sum(result.squared_norms[name] for name in layer.parameter_names).to(norm_dtype))
             methods.append(result.method)
         for (item, copies), grad in zip(substituted, functional_grads):
             names.append(item.name)
             grad = torch.zeros_like(copies) if grad is None else _float32_if_half(grad)
-            columns.append(grad.reshape(grad.shape[0], -1).square().sum(1))
+            columns.append(grad.reshape(grad.shape[0], -1).square().sum(1).to(norm_dtype))
             methods.append("direct")
         squared = torch.stack(columns, dim=1)
         return PerSampleGradNorms(
