@@ -48,23 +48,25 @@ class GRODIN(Detector):
 
     def score(self, inputs: torch.Tensor) -> torch.Tensor:
         perturbed, original_labels = inputs, None
-        if self.epsilon > 0 or not self.repredict:
+        if self.epsilon > 0:
             perturbed, original_labels = odin_perturbation(
                 self.model, inputs, self.temperature, self.epsilon, self.eps_space, self.std
             )
+        # Without a perturbation the re-predicted label is the original one.
+        keep_labels = original_labels is not None and not self.repredict
         with eval_mode(self.model):
-            if self.repredict:
-                result = persample_grad_norms(
-                    self.model, perturbed, "ce_pred", self.temperature, params=self.params,
-                    functional_params=self.functional_params,
-                )
-                labels = result.logits.argmax(dim=1)
-            else:
+            if keep_labels:
                 result = persample_grad_norms(
                     self.model, perturbed, "ce", self.temperature, targets=original_labels, params=self.params,
                     functional_params=self.functional_params,
                 )
                 labels = original_labels
+            else:
+                result = persample_grad_norms(
+                    self.model, perturbed, "ce_pred", self.temperature, params=self.params,
+                    functional_params=self.functional_params,
+                )
+                labels = result.logits.argmax(dim=1)
         if self.part == "SG":
             return -result.norms
         label_prob = torch.softmax(result.logits / self.temperature, dim=1).gather(1, labels[:, None]).squeeze(1)
