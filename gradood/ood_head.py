@@ -4,9 +4,11 @@ whose forward returns (logits, score) from a single forward pass.
 Made for deployment: it holds no hooks and no Python detector object in its
 forward, so it scripts with TorchScript, exports with torch.export, compiles
 with torch.compile(fullgraph=True) and packages with AOTInductor. The model is
-copied (the caller's is never modified): the copy's head is replaced by an
-identity, so the copy returns the penultimate features, and the head's weight
-and bias are held here and applied once. Supported detectors: MSP, MaxLogit,
+copied (the caller's is never modified, also not by OODHead.to(device)): the
+copy's head is replaced by an identity, so the copy returns the penultimate
+features, and the head's weight and bias are held here and applied once. The
+copy doubles the weights in memory while the original model is alive; a
+server that only needs the head can drop the original. Supported detectors: MSP, MaxLogit,
 Energy, GradNorm, ExGrad, UV, RG, RGAdditive (fitted), ReAct (fitted),
 KLMatching (fitted).
 """
