@@ -449,3 +449,47 @@ def test_cuda_float32_matches_the_float64_loop(name):
     cuda_inputs = (inputs.float() if inputs.is_floating_point() else inputs).cuda()
     norms = persample_grad_norms(cuda_model, cuda_inputs).norms
     torch.testing.assert_close(norms.double().cpu(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_func_fallback_for_modules_without_a_rule():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.PReLU(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double().eval()
+    inputs = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    result = persample_grad_norms(model, inputs, fallback="torch.func", per_layer=True)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-6, atol=1e-12)
+    assert result.methods[result.layer_names.index("1")] == "torch.func"
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+def test_torch_func_fallback_covers_parameters_of_the_model_itself():
+    """A ViT's class token and position embedding (the root module's own
+    parameters) by replaying the root per sample: exact, whatever their use."""
+    model, inputs = _vit()
+    result = persample_grad_norms(model, inputs, fallback="torch.func")
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-6, atol=1e-12)
+    assert "forward" not in model.attention.__dict__
+
+
+def test_torch_func_fallback_needs_a_single_input_module():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x, y):
+            return x * self.scale + y
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = TwoInputs()
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.mix(x, x))
+
+    with pytest.raises(ValueError, match=r"fallback='torch.func' needs mix \(TwoInputs\) to take one tensor"):
+        persample_grad_norms(Model(), torch.randn(2, 3), fallback="torch.func")
+    with pytest.raises(ValueError, match="fallback must be None or 'torch.func'"):
+        persample_grad_norms(Model(), torch.randn(2, 3), fallback="vmap")

@@ -23,14 +23,16 @@ class FullGradNorm(Detector):
         temperature: float = 1.0,
         params: ParamSelector = None,
         functional_params: Optional[str] = None,
+        fallback: Optional[str] = None,
         head: Optional[str] = None,
     ):
         super().__init__(model, head)
         self.temperature, self.params, self.functional_params = temperature, params, functional_params
+        self.fallback = fallback
 
     def score(self, inputs: torch.Tensor) -> torch.Tensor:
         with eval_mode(self.model):
             return persample_grad_norms(
                 self.model, inputs, "kl_uniform", self.temperature, params=self.params,
-                functional_params=self.functional_params,
+                functional_params=self.functional_params, fallback=self.fallback,
             ).norms

@@ -9,7 +9,7 @@ factors as ∇_θ ℓ = (1/T) · p_ŷ · G. Scores, both at the ODIN-perturbed i
 official code), or kept from x. All parameters count (or those selected by
 `params`); the norms come from gradood.persample_grad_norms in one forward and
 one backward pass (functional_params="broadcast" for a ViT's class token and
-position embedding, see there).
+position embedding, fallback="torch.func" for modules without a rule; see there).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class GRODIN(Detector):
         repredict: bool = True,
         params: ParamSelector = None,
         functional_params: Optional[str] = None,
+        fallback: Optional[str] = None,
         head: Optional[str] = None,
     ):
         super().__init__(model, head)
@@ -45,6 +46,7 @@ class GRODIN(Detector):
         self.part = check_choice(type(self).__name__, "part", part, ("SG", "G"))
         self.temperature, self.epsilon, self.eps_space, self.std = temperature, epsilon, eps_space, std
         self.repredict, self.params, self.functional_params = repredict, params, functional_params
+        self.fallback = fallback
 
     def score(self, inputs: torch.Tensor) -> torch.Tensor:
         perturbed, original_labels = inputs, None
@@ -58,13 +60,13 @@ class GRODIN(Detector):
             if keep_labels:
                 result = persample_grad_norms(
                     self.model, perturbed, "ce", self.temperature, targets=original_labels, params=self.params,
-                    functional_params=self.functional_params,
+                    functional_params=self.functional_params, fallback=self.fallback,
                 )
                 labels = original_labels
             else:
                 result = persample_grad_norms(
                     self.model, perturbed, "ce_pred", self.temperature, params=self.params,
-                    functional_params=self.functional_params,
+                    functional_params=self.functional_params, fallback=self.fallback,
                 )
                 labels = result.logits.argmax(dim=1)
         if self.part == "SG":

@@ -20,6 +20,7 @@ from torch import nn
 from gradood._checks import check_positive
 from gradood.persample import attention, conv, embedding, linear, norm  # noqa: F401  (register the rules)
 from gradood.persample._rules import CompositeRule, rule_for
+from gradood.persample.fallback import torch_func_rule
 from gradood.persample.losses import LOSSES, Loss, per_sample_loss
 
 ParamSelector = Union[None, Iterable[str], Callable[[str, nn.Parameter], bool]]
@@ -54,6 +55,7 @@ class _Layer(NamedTuple):
     name: str
     module: nn.Module
     parameter_names: Tuple[str, ...]  # the module's own names of its selected parameters
+    rule: object  # a rule function, a CompositeRule, or the torch.func fallback
 
 
 def _refuse_sample_mixing(model: nn.Module) -> None:
@@ -93,7 +95,7 @@ def _select(model: nn.Module, params: ParamSelector) -> Dict[str, nn.Parameter]:
 
 
 def _layers(
-    model: nn.Module, selected: Dict[str, nn.Parameter], functional_params: Optional[str]
+    model: nn.Module, selected: Dict[str, nn.Parameter], functional_params: Optional[str], fallback: Optional[str]
 ) -> Tuple[List[_Layer], List[_Functional]]:
     owners: Dict[int, Tuple[str, nn.Module, str]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
@@ -115,7 +117,10 @@ def _layers(
     functional: List[_Functional] = []
     for full_name, parameter in selected.items():
         module_name, module, short_name = owners[id(parameter)]
-        if rule_for(module) is None:
+        rule = rule_for(module)
+        if rule is None and fallback == "torch.func":
+            rule = torch_func_rule
+        if rule is None:
             if functional_params == "broadcast" and parameter.dim() >= 1 and parameter.shape[0] == 1:
                 functional.append(_Functional(full_name, module, short_name, parameter))
                 continue
@@ -124,11 +129,12 @@ def _layers(
                 f"({type(module).__name__}), which has no per-sample norm rule (supported: Linear, Conv1d, Conv2d, "
                 "BatchNorm, LayerNorm, GroupNorm, RMSNorm, Embedding, MultiheadAttention). Exclude it with `params`, "
                 "or freeze it; a parameter of leading size 1 that the model broadcasts over the batch (a class "
-                "token, a position embedding) is handled with functional_params='broadcast'."
+                "token, a position embedding) is handled with functional_params='broadcast', any module "
+                "with fallback='torch.func'."
             )
         layer = by_module.get(id(module))
         names = (layer.parameter_names if layer else ()) + (short_name,)
-        by_module[id(module)] = _Layer(module_name, module, names)
+        by_module[id(module)] = _Layer(module_name, module, names, rule)
     return list(by_module.values()), functional
 
 
@@ -157,6 +163,15 @@ def _record_output(recorder: _Recorder, name: str, module: nn.Module, args: tupl
     return recorder.record((name, None), args[0], output)
 
 
+def _record_single_input(recorder: _Recorder, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    if len(args) != 1 or not isinstance(output, torch.Tensor):
+        raise ValueError(
+            f"{_WHERE}: fallback='torch.func' needs {name or 'the model'} ({type(module).__name__}) to take one "
+            f"tensor and return one, got {len(args)} inputs"
+        )
+    return recorder.record((name, None), args[0], output)
+
+
 def _record_piece(recorder: _Recorder, name: str, piece: str, layer_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return recorder.record((name, piece), layer_input, output)
 
@@ -175,6 +190,7 @@ def persample_grad_norms(
     params: ParamSelector = None,
     per_layer: bool = False,
     functional_params: Optional[str] = None,
+    fallback: Optional[str] = None,
 ) -> PerSampleGradNorms:
     """‖∇_θ ℓ(x_i)‖₂ over the selected trainable parameters θ, for each sample.
 
@@ -192,7 +208,10 @@ def persample_grad_norms(
     dimension of size 1 broadcast over the batch (a ViT's class token, expanded,
     and position embedding, added): each is replaced for the pass by a per-sample
     copy [B, ...], whose gradient is then each sample's own. This is exact for
-    such broadcast uses only, so it is an explicit opt-in.
+    such broadcast uses only, so it is an explicit opt-in. fallback="torch.func"
+    handles any other module with parameters (called once, with one tensor) by
+    torch.func per-sample gradients of its own parameters (gradood/persample/
+    fallback.py): exact, at the cost of materialising them for that module.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{_WHERE}: model must be an nn.Module, got {type(model).__name__}")
@@ -208,12 +227,31 @@ def persample_grad_norms(
     _refuse_sample_mixing(model)
     if functional_params not in (None, "broadcast"):
         raise ValueError(f"{_WHERE}: functional_params must be None or 'broadcast', got {functional_params!r}")
-    layers, functional = _layers(model, _select(model, params), functional_params)
+    if fallback not in (None, "torch.func"):
+        raise ValueError(f"{_WHERE}: fallback must be None or 'torch.func', got {fallback!r}")
+    layers, functional = _layers(model, _select(model, params), functional_params, fallback)
 
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
     recorder = _Recorder()
     handles, overridden, substituted = [], [], []
     saved_parameters: Dict[int, Tuple[nn.Module, dict]] = {}  # each module's table, as it was
+
+    def restore() -> None:  # idempotent: hooks, forwards, parameter tables and flags as they were
+        for handle in handles:
+            handle.remove()
+        for module in overridden:
+            module.__dict__.pop("forward", None)  # back to the class's forward
+        for item, _ in substituted:
+            item.module.__dict__.pop(item.short_name, None)
+        for module, table in saved_parameters.values():
+            module._parameters.clear()
+            module._parameters.update(table)  # the same objects, in the same order
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad_(flag)
+        handles.clear()
+        overridden.clear()
+        saved_parameters.clear()
+
     try:
         for item in functional:  # per-sample copies in place of broadcast parameters
             saved_parameters.setdefault(id(item.module), (item.module, dict(item.module._parameters)))
@@ -222,13 +260,13 @@ def persample_grad_norms(
             item.module.__dict__[item.short_name] = copies.requires_grad_()
             substituted.append((item, copies))
         for layer in layers:
-            rule = rule_for(layer.module)
-            if isinstance(rule, CompositeRule):
+            if isinstance(layer.rule, CompositeRule):
                 record = functools.partial(_record_piece, recorder, layer.name)
-                layer.module.forward = functools.partial(rule.forward, layer.module, record)
+                layer.module.forward = functools.partial(layer.rule.forward, layer.module, record)
                 overridden.append(layer.module)
             else:
-                handles.append(layer.module.register_forward_hook(functools.partial(_record_output, recorder, layer.name)))
+                hook = _record_single_input if layer.rule is torch_func_rule else _record_output
+                handles.append(layer.module.register_forward_hook(functools.partial(hook, recorder, layer.name)))
         for parameter in requires_grad:
             parameter.requires_grad_(False)
         with torch.enable_grad():
@@ -243,6 +281,7 @@ def persample_grad_norms(
             outputs = [recorder.records[key][2] for key in keys] + [copies for _, copies in substituted]
             all_grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
             grads, functional_grads = all_grads[: len(keys)], all_grads[len(keys) :]
+        restore()  # the model as it was before the rules run (the torch.func fallback replays modules)
         pieces_of: Dict[str, Dict[Optional[str], tuple]] = {}
         for key, grad in zip(keys, grads):
             layer_name, piece = key
@@ -266,11 +305,10 @@ def persample_grad_norms(
                 methods.append("unused")
                 continue
             pieces = {piece: tuple(_float32_if_half(t) for t in pair) for piece, pair in pieces.items()}
-            rule = rule_for(layer.module)
-            if isinstance(rule, CompositeRule):
-                result = rule.norms(layer.module, pieces)
+            if isinstance(layer.rule, CompositeRule):
+                result = layer.rule.norms(layer.module, pieces)
             else:
-                result = rule(layer.module, *pieces[None])
+                result = layer.rule(layer.module, *pieces[None])
             columns.append(sum(result.squared_norms[name] for name in layer.parameter_names).to(norm_dtype))
             methods.append(result.method)
         for (item, copies), grad in zip(substituted, functional_grads):
@@ -287,14 +325,4 @@ def persample_grad_norms(
             methods=tuple(methods),
         )
     finally:
-        for handle in handles:
-            handle.remove()
-        for module in overridden:
-            del module.forward  # back to the class's forward
-        for item, _ in substituted:
-            item.module.__dict__.pop(item.short_name, None)
-        for module, table in saved_parameters.values():
-            module._parameters.clear()
-            module._parameters.update(table)  # the same objects, in the same order
-        for parameter, flag in requires_grad.items():
-            parameter.requires_grad_(flag)
+        restore()

@@ -1,0 +1,33 @@
+"""The opt-in fallback for modules without a norm rule (fallback="torch.func"):
+the module's per-sample gradients from torch.func, materialised for its own
+parameters only.
+
+For a module called once with one input tensor x (batch first) and receiving the
+output gradient g, sample i's gradient w.r.t. the module's own parameters θ is
+∇_θ ⟨g_i, module_θ(x_i)⟩, computed for every i with vmap(grad(...)). Exact for
+any module whose output for a sample depends only on that sample's input;
+it costs a per-sample forward and backward of the module, and B × |θ| memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gradood.persample._rules import RuleResult
+
+
+def torch_func_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
+    own = dict(module.named_parameters(recurse=False))
+    constants = {name: tensor.detach() for name, tensor in (*module.named_parameters(), *module.named_buffers())
+                 if name not in own}
+
+    def inner_product(parameters, sample, sample_grad):
+        output = torch.func.functional_call(module, {**parameters, **constants}, (sample.unsqueeze(0),))
+        return (output * sample_grad.unsqueeze(0)).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(inner_product), in_dims=(None, 0, 0))(
+        {name: parameter.detach() for name, parameter in own.items()}, inputs, grad_output
+    )
+    batch = inputs.shape[0]
+    return RuleResult({name: grad.reshape(batch, -1).square().sum(1) for name, grad in per_sample.items()}, "torch.func")
