@@ -184,3 +184,32 @@ def test_bootstrap_rejects_bad_arguments():
         metrics.bootstrap("auroc", [1.0], [0.0])
     with pytest.raises(ValueError, match="NaN"):
         metrics.bootstrap(metrics.auroc, [math.nan], [0.0])
+
+
+# Property tests -----------------------------------------------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scores = st.lists(st.integers(-5, 5).map(float) | st.floats(-10, 10, allow_nan=False), min_size=1, max_size=40)
+
+
+@given(_scores, _scores)
+def test_auroc_of_swapped_sets_is_the_complement(id_scores, ood_scores):
+    assert metrics.auroc(id_scores, ood_scores) + metrics.auroc(ood_scores, id_scores) == pytest.approx(1.0, abs=1e-12)
+
+
+@given(_scores, _scores)
+def test_rank_metrics_are_invariant_to_increasing_maps(id_scores, ood_scores):
+    def transform(values):  # strictly increasing also in floating point (an exact scaling)
+        return [4.0 * v for v in values]
+
+    for metric in (metrics.auroc, metrics.fpr_at_95_tpr, metrics.aupr_in, metrics.detection_error):
+        assert metric(transform(id_scores), transform(ood_scores)) == pytest.approx(metric(id_scores, ood_scores), abs=1e-12)
+
+
+@given(_scores, _scores)
+def test_ood_positive_variants_are_the_id_positive_ones_with_roles_swapped(id_scores, ood_scores):
+    negated_id, negated_ood = [-v for v in id_scores], [-v for v in ood_scores]
+    assert metrics.fpr_at_95_tpr_ood_positive(id_scores, ood_scores) == metrics.fpr_at_95_tpr(negated_ood, negated_id)
+    assert metrics.aupr_out(id_scores, ood_scores) == metrics.aupr_in(negated_ood, negated_id)

@@ -16,5 +16,5 @@ class ExGrad(Detector):
         super().__init__(model, head)
         self.temperature = temperature
 
-    def lastlayer_spec(self, num_classes):
+    def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         return scores.spec_exgrad(self.temperature)

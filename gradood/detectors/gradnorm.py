@@ -17,5 +17,5 @@ class GradNorm(Detector):
         self.temperature = temperature
         self.scale = scale
 
-    def lastlayer_spec(self, num_classes):
+    def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         return scores.spec_gradnorm(num_classes, self.temperature, self.scale)

@@ -7,5 +7,5 @@ from gradood.detectors._base import Detector
 
 
 class MaxLogit(Detector):
-    def lastlayer_spec(self, num_classes):
+    def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         return scores.spec_max_logit()

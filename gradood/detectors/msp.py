@@ -15,5 +15,5 @@ class MSP(Detector):
         super().__init__(model, head)
         self.temperature = temperature
 
-    def lastlayer_spec(self, num_classes):
+    def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         return scores.spec_msp(self.temperature)

@@ -44,7 +44,7 @@ class RG(Detector):
             self.clip = activation_percentile(self.collect(id_data)[1], self.percentile)
         return self
 
-    def lastlayer_spec(self, num_classes):
+    def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         return scores.spec_rg(self.clip, self.temperature)
 
 
@@ -75,6 +75,6 @@ class RGAdditive(Detector):
         self.alpha = self.a * alpha_s
         return self
 
-    def lastlayer_spec(self, num_classes):
+    def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         self._require_fitted()
         return scores.spec_rg_additive(self.clip, self.alpha)

@@ -24,5 +24,5 @@ class UV(Detector):
         super().__init__(model, head)
         self.u, self.v, self.clip, self.temperature = u, v, clip, temperature
 
-    def lastlayer_spec(self, num_classes):
+    def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         return scores.spec_uv(self.u, self.v, self.clip, self.temperature)
