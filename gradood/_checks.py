@@ -76,6 +76,10 @@ def check_positive(where: str, name: str, value: object, allow_inf: bool = False
     return number
 
 
+def check_temperature(where: str, temperature: object) -> float:
+    return check_positive(where, "temperature", temperature)
+
+
 def check_real(where: str, name: str, value: object) -> float:
     """A finite real number; returned as float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):

@@ -132,9 +132,7 @@ def _file_name(name: str) -> str:
 
 def _roc(id_scores: np.ndarray, ood_scores: np.ndarray):
     thresholds = np.unique(np.concatenate([id_scores, ood_scores]))[::-1]
-    id_sorted, ood_sorted = np.sort(id_scores), np.sort(ood_scores)
-    tpr = (id_sorted.size - np.searchsorted(id_sorted, thresholds, "left")) / id_sorted.size
-    fpr = (ood_sorted.size - np.searchsorted(ood_sorted, thresholds, "left")) / ood_sorted.size
+    tpr, fpr = metrics._rates_at(id_scores, ood_scores, thresholds)
     return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
 
 

@@ -54,8 +54,14 @@ def _pair(where: str, id_scores: Scores, ood_scores: Scores) -> tuple:
     return _as_scores(where, "id_scores", id_scores), _as_scores(where, "ood_scores", ood_scores)
 
 
-def _count_at_or_above(sorted_scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    return sorted_scores.size - np.searchsorted(sorted_scores, thresholds, side="left")
+def _rates_at(id_array: np.ndarray, ood_array: np.ndarray, thresholds: np.ndarray) -> tuple:
+    """(TPR, FPR) at each threshold t: fractions of ID and of OOD scores >= t."""
+
+    def at_or_above(scores: np.ndarray) -> np.ndarray:
+        ordered = np.sort(scores)
+        return (ordered.size - np.searchsorted(ordered, thresholds, side="left")) / ordered.size
+
+    return at_or_above(id_array), at_or_above(ood_array)
 
 
 def auroc(id_scores: Scores, ood_scores: Scores) -> float:
@@ -78,7 +84,8 @@ def _tpr_threshold(where: str, positives: np.ndarray, tpr: float) -> float:
         raise ValueError(f"{where}: tpr must be in (0, 1], got {tpr!r}")
     # ceil(tpr * n) in exact rational arithmetic: 0.95 * 100 is 95, not 96.
     needed = -((-positives.size * Fraction(tpr).limit_denominator(10**9)) // 1)
-    return float(np.sort(positives)[::-1][int(needed) - 1])
+    kth_largest = positives.size - int(needed)
+    return float(np.partition(positives, kth_largest)[kth_largest])
 
 
 def fpr_at_95_tpr(id_scores: Scores, ood_scores: Scores, tpr: float = 0.95) -> float:
@@ -141,9 +148,7 @@ def detection_error(id_scores: Scores, ood_scores: Scores) -> float:
     with TPR(t) = fraction of ID >= t and FPR(t) = fraction of OOD >= t; a
     threshold above every score gives 0.5."""
     id_array, ood_array = _pair("gradood.metrics.detection_error", id_scores, ood_scores)
-    thresholds = np.unique(np.concatenate([id_array, ood_array]))
-    tpr = _count_at_or_above(np.sort(id_array), thresholds) / id_array.size
-    fpr = _count_at_or_above(np.sort(ood_array), thresholds) / ood_array.size
+    tpr, fpr = _rates_at(id_array, ood_array, np.unique(np.concatenate([id_array, ood_array])))
     return float(min(0.5, np.min(0.5 * (1 - tpr) + 0.5 * fpr)))
 
 

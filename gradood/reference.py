@@ -30,6 +30,7 @@ from gradood._checks import (
     check_positive,
     check_real,
     check_same_dtype_device,
+    check_temperature,
 )
 
 __all__ = [
@@ -87,10 +88,6 @@ def _clipped_l1(features: torch.Tensor, clip: float) -> torch.Tensor:
     return features.abs().clamp_max(clip).sum(dim=1)
 
 
-def _check_temperature(where: str, temperature: float) -> float:
-    return check_positive(where, "temperature", temperature)
-
-
 def msp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Maximum softmax probability, max_j softmax(f / T)_j.
 
@@ -99,7 +96,7 @@ def msp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """
     where = "gradood.reference.msp"
     check_logits(where, logits)
-    temperature = _check_temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     return torch.softmax(logits / temperature, dim=1).amax(dim=1)
 
 
@@ -113,7 +110,7 @@ def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Negative free energy, T · log Σ_j exp(f_j / T) (Liu et al. 2020). ID-high."""
     where = "gradood.reference.energy"
     check_logits(where, logits)
-    temperature = _check_temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     return temperature * torch.logsumexp(logits / temperature, dim=1)
 
 
@@ -166,7 +163,7 @@ def lastlayer_grad_norm(
     p = check_positive(where, "p", p)
     if p < 1:
         raise ValueError(f"{where}: p must be >= 1 (a norm), got {p!r}")
-    temperature = _check_temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     return _delta_norm(logits, loss, p, temperature) * _feature_norm(features, p, include_bias)
 
 
@@ -189,7 +186,7 @@ def gradnorm(
     check_logits(where, logits)
     check_features(where, features, logits)
     scale = check_choice(where, "scale", scale, ("paper", "official"))
-    temperature = _check_temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     norm = _delta_norm(logits, "kl_uniform", 1.0, temperature) * _feature_norm(features, 1.0, include_bias)
     return norm * logits.shape[1] if scale == "official" else norm
 
@@ -205,7 +202,7 @@ def exgrad(logits: torch.Tensor, features: torch.Tensor, temperature: float = 1.
     where = "gradood.reference.exgrad"
     check_logits(where, logits)
     check_features(where, features, logits)
-    temperature = _check_temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     probs, one_minus, _ = _softmax(logits, temperature)
     gini = (probs * one_minus).sum(dim=1)
     return -(2 / temperature) * gini * features.abs().sum(dim=1)
@@ -228,7 +225,7 @@ def grodin_last_layer(
     where = "gradood.reference.grodin_last_layer"
     check_logits(where, logits)
     check_features(where, features, logits)
-    temperature = _check_temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     return -_delta_norm(logits, "ce_pred", 2.0, temperature) * _feature_norm(features, 2.0, include_bias)
 
 
@@ -244,7 +241,7 @@ def rg(logits: torch.Tensor, features: torch.Tensor, clip: float = 1.0, temperat
     check_logits(where, logits)
     check_features(where, features, logits)
     clip = check_positive(where, "clip", clip, allow_inf=True)
-    temperature = _check_temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     return temperature * torch.logsumexp(logits / temperature, dim=1) * _clipped_l1(features, clip)
 
 
@@ -290,7 +287,7 @@ def uv(
     u = check_choice(where, "u", u, U_TERMS)
     v = check_choice(where, "v", v, V_TERMS)
     clip = check_optional_clip(where, clip, needed=v == "clipped_l1")
-    temperature = _check_temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     if u == "msp":
         output_term = torch.softmax(logits / temperature, dim=1).amax(dim=1)
     elif u == "energy":

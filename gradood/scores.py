@@ -26,6 +26,7 @@ from gradood._checks import (
     check_optional_clip,
     check_positive,
     check_real,
+    check_temperature,
 )
 from gradood._ops import TERM_NAMES, LastLayerTerms, lastlayer_score, lastlayer_terms
 
@@ -75,12 +76,8 @@ def apply_spec(where: str, logits: torch.Tensor, features: Optional[torch.Tensor
     return lastlayer_score(where, logits, features if spec.feature_term is not None else None, *spec)
 
 
-def _temperature(where: str, temperature: float) -> float:
-    return check_positive(where, "temperature", temperature)
-
-
 def spec_msp(temperature: float = 1.0, where: str = _PREFIX + "msp") -> ScoreSpec:
-    return ScoreSpec("max_softmax", temperature=_temperature(where, temperature))
+    return ScoreSpec("max_softmax", temperature=check_temperature(where, temperature))
 
 
 def spec_max_logit() -> ScoreSpec:
@@ -88,30 +85,30 @@ def spec_max_logit() -> ScoreSpec:
 
 
 def spec_energy(temperature: float = 1.0, where: str = _PREFIX + "energy") -> ScoreSpec:
-    return ScoreSpec("energy", temperature=_temperature(where, temperature))
+    return ScoreSpec("energy", temperature=check_temperature(where, temperature))
 
 
 def spec_gradnorm(num_classes: int, temperature: float = 1.0, scale: str = "paper", include_bias: bool = False,
                   where: str = _PREFIX + "gradnorm") -> ScoreSpec:
     scale = check_choice(where, "scale", scale, ("paper", "official"))
-    temperature = _temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     factor = num_classes if scale == "official" else 1
     return ScoreSpec("uniform_deviation_l1", factor / temperature, "feature_l1", include_bias, temperature=temperature)
 
 
 def spec_exgrad(temperature: float = 1.0, where: str = _PREFIX + "exgrad") -> ScoreSpec:
-    temperature = _temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     return ScoreSpec("gini", -2 / temperature, "feature_l1", temperature=temperature)
 
 
 def spec_grodin_last_layer(temperature: float = 1.0, include_bias: bool = True,
                            where: str = _PREFIX + "grodin_last_layer") -> ScoreSpec:
-    temperature = _temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     return ScoreSpec("onehot_deviation_l2", -1 / temperature, "feature_l2", include_bias, temperature=temperature)
 
 
 def spec_rg(clip: float = 1.0, temperature: float = 1.0, where: str = _PREFIX + "rg") -> ScoreSpec:
-    return ScoreSpec("energy", 1.0, "feature_clipped_l1", temperature=_temperature(where, temperature),
+    return ScoreSpec("energy", 1.0, "feature_clipped_l1", temperature=check_temperature(where, temperature),
                      clip=check_positive(where, "clip", clip, allow_inf=True))
 
 
@@ -125,7 +122,7 @@ def spec_uv(u: str = "energy", v: str = "l1", clip: Optional[float] = None, temp
     u = check_choice(where, "u", u, reference.U_TERMS)
     v = check_choice(where, "v", v, reference.V_TERMS)
     clip = check_optional_clip(where, clip, needed=v == "clipped_l1")
-    temperature = _temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     logit_term, logit_scale = {
         "msp": ("max_softmax", 1.0),
         "energy": ("energy", 1.0),
@@ -225,7 +222,7 @@ def lastlayer_grad_norm(
             f"{where}: (loss, p) = ({loss!r}, {p:g}) has no kernel; supported: {supported}. "
             "gradood.reference.lastlayer_grad_norm computes any p >= 1."
         )
-    temperature = _temperature(where, temperature)
+    temperature = check_temperature(where, temperature)
     feature_term = "feature_l2" if p == 2.0 else "feature_l1"
     if loss == "energy":  # δ = p and ‖p‖_1 = 1: the feature norm alone (0·U keeps NaN rows NaN)
         return lastlayer_score(
