@@ -8,6 +8,10 @@ Every score is an ID-score: higher means more in-distribution.
     gradood.testing    autograd oracles for the gradient-norm closed forms
     gradood.persample_grad_norms
                        full-network per-sample gradient norms, one forward + one backward
+    gradood.persample_gradients
+                       per-sample gradients as an operator (projections, weighted sums, moments)
+    gradood.GradientSubspace, gradood.knn_score
+                       the low-dimensional-gradient method's subspace and KNN score
     gradood.detectors  detectors for any classifier (MSP ... GRODIN), fit/score/calibrate
     gradood.evaluate, gradood.tune
                        metric tables and reports; grid search by AUROC
@@ -19,7 +23,9 @@ and from C++ (csrc/ops/*.h).
 from gradood import _extension  # noqa: F401  (fails with build instructions if unbuilt)
 from gradood import metrics, reference, scores
 from gradood._ops import TERM_NAMES, LastLayerTerms, lastlayer_terms
-from gradood.persample import PerSampleGradNorms, persample_grad_norms
+from gradood.persample import PerSampleGradNorms, PerSampleGradients, persample_grad_norms, persample_gradients
+from gradood.gradient_subspace import GradientSubspace
+from gradood.knn import knn_score
 from gradood import detectors
 from gradood.evaluation import Evaluation, evaluate
 from gradood.ood_head import OODHead
@@ -36,6 +42,10 @@ __all__ = [
     "TERM_NAMES",
     "persample_grad_norms",
     "PerSampleGradNorms",
+    "persample_gradients",
+    "PerSampleGradients",
+    "GradientSubspace",
+    "knn_score",
     "detectors",
     "OODHead",
     "evaluate",

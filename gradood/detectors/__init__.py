@@ -10,6 +10,7 @@ from gradood.detectors.full_gradnorm import FullGradNorm
 from gradood.detectors.gradnorm import GradNorm
 from gradood.detectors.grodin import GRODIN
 from gradood.detectors.kl_matching import KLMatching
+from gradood.detectors.lowdim_grad import LowDimGrad
 from gradood.detectors.max_logit import MaxLogit
 from gradood.detectors.msp import MSP
 from gradood.detectors.odin import ODIN
@@ -32,4 +33,5 @@ __all__ = [
     "KLMatching",
     "GRODIN",
     "FullGradNorm",
+    "LowDimGrad",
 ]

@@ -1,13 +1,16 @@
-"""Full-network per-sample gradient norms (one forward, one backward), with one
-norm rule per layer type: linear.py, conv.py, norm.py, embedding.py, attention.py."""
+"""Full-network per-sample gradient norms and per-sample gradient operators (one
+forward, one backward), with one norm rule and one gradient rule per layer type:
+linear.py, conv.py, norm.py, embedding.py, attention.py."""
 
 from gradood.persample._rules import CompositeRule, RuleResult, register_composite_rule, register_rule
-from gradood.persample.engine import PerSampleGradNorms, persample_grad_norms
+from gradood.persample.engine import PerSampleGradNorms, PerSampleGradients, persample_grad_norms, persample_gradients
 from gradood.persample.losses import LOSSES
 
 __all__ = [
     "persample_grad_norms",
     "PerSampleGradNorms",
+    "persample_gradients",
+    "PerSampleGradients",
     "register_rule",
     "register_composite_rule",
     "CompositeRule",

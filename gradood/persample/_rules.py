@@ -44,6 +44,11 @@ class CompositeRule:
     def norms(self, module: nn.Module, pieces: Dict[str, tuple]) -> RuleResult:
         raise NotImplementedError
 
+    def grads(self, module: nn.Module, pieces: Dict[str, tuple]):
+        """The per-sample gradients as a LayerGradients (gradood.persample._grads),
+        keyed like norms()."""
+        raise NotImplementedError
+
 # Elements of the largest per-sample intermediate a chunk may hold (≈256 MB in float32).
 _CHUNK_ELEMENTS = 1 << 26
 

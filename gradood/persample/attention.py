@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradood.persample._grads import DenseLayerGradients, outer_product_sums
 from gradood.persample._rules import CompositeRule, RuleResult, register_composite_rule, sum_of_outer_products_sq_norm
 
 
@@ -94,3 +95,30 @@ class MultiheadAttentionRule(CompositeRule):
         if module.out_proj.bias is not None:
             squared["out_proj.bias"] = pieces["out"][1].sum(1).square().sum(1)
         return RuleResult(squared, out.method)
+
+    def grads(self, module, pieces):
+        """Per-sample gradients in the module's own layout: in_proj_weight [3E, E] is
+        the q, k, v projections' gradients stacked (or q/k/v_proj_weight apart)."""
+        batch = pieces["out"][0].shape[0]
+        numels = {name: parameter.numel() for name, parameter in module.named_parameters()}
+
+        def weight(piece, start, end):
+            inputs, grads = pieces[piece]
+            return outer_product_sums(inputs[start:end], grads[start:end])
+
+        def materialise(start, end):
+            count = end - start
+            chunk = {}
+            if module._qkv_same_embed_dim:
+                chunk["in_proj_weight"] = torch.cat([weight(p, start, end) for p in ("q", "k", "v")], 1).reshape(count, -1)
+            else:
+                for piece in ("q", "k", "v"):
+                    chunk[f"{piece}_proj_weight"] = weight(piece, start, end).reshape(count, -1)
+            if module.in_proj_bias is not None:
+                chunk["in_proj_bias"] = torch.cat([pieces[p][1][start:end].sum(1) for p in ("q", "k", "v")], 1)
+            chunk["out_proj.weight"] = weight("out", start, end).reshape(count, -1)
+            if module.out_proj.bias is not None:
+                chunk["out_proj.bias"] = pieces["out"][1][start:end].sum(1)
+            return chunk
+
+        return DenseLayerGradients(batch, numels, materialise)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradood.persample._grads import DenseLayerGradients, outer_product_sums, register_grad_rule
 from gradood.persample._rules import RuleResult, register_rule, sum_of_outer_products_sq_norm
 
 
@@ -19,11 +20,9 @@ def _padded(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return F.pad(inputs, padding, mode=mode)
 
 
-@register_rule(nn.Conv1d, nn.Conv2d)
-def conv_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
-    """Per group, the patches a_t (im2col of the padded input) and output
-    gradients g_t give ‖Σ_t g_t a_tᵀ‖² (ghost or materialise, all groups in one
-    batched product); bias: ‖Σ_t g_t‖²."""
+def _grouped_rows(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor):
+    """Per group, the patches a_t (im2col of the padded input) [B·groups, T, d/groups]
+    and the output gradients g_t [B·groups, T, p/groups]."""
     batch, groups = inputs.shape[0], module.groups
     padded = _padded(module, inputs)
     if isinstance(module, nn.Conv1d):  # as a 2-D convolution of height 1
@@ -36,10 +35,41 @@ def conv_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor
     # Channel-major rows: group g owns a contiguous block of rows and of output channels.
     activations = patches.reshape(batch, groups, -1, positions).transpose(2, 3)
     grads = grad_output.reshape(batch, groups, -1, positions).transpose(2, 3)
-    result = sum_of_outer_products_sq_norm(
-        activations.reshape(batch * groups, positions, -1), grads.reshape(batch * groups, positions, -1)
-    )
-    result.squared_norms["weight"] = result.squared_norms["weight"].reshape(batch, groups).sum(1)
+    return activations.reshape(batch * groups, positions, -1), grads.reshape(batch * groups, positions, -1)
+
+
+def _bias_grads(grad_output: torch.Tensor) -> torch.Tensor:
+    return grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1).sum(2)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d)
+def conv_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
+    """Per group, the patches a_t and output gradients g_t give ‖Σ_t g_t a_tᵀ‖²
+    (ghost or materialise, all groups in one batched product); bias: ‖Σ_t g_t‖²."""
+    activations, grads = _grouped_rows(module, inputs, grad_output)
+    result = sum_of_outer_products_sq_norm(activations, grads)
+    result.squared_norms["weight"] = result.squared_norms["weight"].reshape(inputs.shape[0], module.groups).sum(1)
     if module.bias is not None:
-        result.squared_norms["bias"] = grad_output.reshape(batch, grad_output.shape[1], -1).sum(2).square().sum(1)
+        result.squared_norms["bias"] = _bias_grads(grad_output).square().sum(1)
     return result
+
+
+@register_grad_rule(nn.Conv1d, nn.Conv2d)
+def conv_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> DenseLayerGradients:
+    """weight: per group Σ_t g_t a_tᵀ, laid out as the weight [C_out, C_in/groups, *kernel];
+    bias: Σ_t g_t. Patches are unfolded per chunk of samples."""
+    batch = inputs.shape[0]
+    numels = {"weight": module.weight.numel()}
+    if module.bias is not None:
+        numels["bias"] = module.bias.numel()
+    positions = grad_output[0].numel() // grad_output.shape[1]
+    patch_elements = positions * module.weight[0].numel() * module.groups
+
+    def materialise(start: int, end: int):
+        activations, grads = _grouped_rows(module, inputs[start:end], grad_output[start:end])
+        chunk = {"weight": outer_product_sums(activations, grads).reshape(end - start, -1)}
+        if module.bias is not None:
+            chunk["bias"] = _bias_grads(grad_output[start:end])
+        return chunk
+
+    return DenseLayerGradients(batch, numels, materialise, per_sample_cost=patch_elements)

@@ -19,8 +19,9 @@ from torch import nn
 
 from gradood._checks import check_positive
 from gradood.persample import attention, conv, embedding, linear, norm  # noqa: F401  (register the rules)
+from gradood.persample._grads import DenseLayerGradients, LayerGradients, grad_rule_for
 from gradood.persample._rules import CompositeRule, rule_for
-from gradood.persample.fallback import torch_func_rule
+from gradood.persample.fallback import torch_func_grads, torch_func_rule
 from gradood.persample.losses import LOSSES, Loss, per_sample_loss
 
 ParamSelector = Union[None, Iterable[str], Callable[[str, nn.Parameter], bool]]
@@ -58,22 +59,22 @@ class _Layer(NamedTuple):
     rule: object  # a rule function, a CompositeRule, or the torch.func fallback
 
 
-def _refuse_sample_mixing(model: nn.Module) -> None:
+def _refuse_sample_mixing(model: nn.Module, where: str) -> None:
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if module.training or module.running_mean is None:
                 raise ValueError(
-                    f"{_WHERE}: {name or 'the model'} ({type(module).__name__}) normalises with batch statistics "
+                    f"{where}: {name or 'the model'} ({type(module).__name__}) normalises with batch statistics "
                     "(train mode, or no running statistics), which mixes the samples of a batch: "
                     "call model.eval() first"
                 )
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.training:
-            raise ValueError(f"{_WHERE}: {name} ({type(module).__name__}) is in train mode: call model.eval() first")
+            raise ValueError(f"{where}: {name} ({type(module).__name__}) is in train mode: call model.eval() first")
         if isinstance(module, nn.MultiheadAttention) and module.training and module.dropout > 0:
-            raise ValueError(f"{_WHERE}: {name} (MultiheadAttention) applies dropout in train mode: call model.eval() first")
+            raise ValueError(f"{where}: {name} (MultiheadAttention) applies dropout in train mode: call model.eval() first")
 
 
-def _select(model: nn.Module, params: ParamSelector) -> Dict[str, nn.Parameter]:
+def _select(model: nn.Module, params: ParamSelector, where: str) -> Dict[str, nn.Parameter]:
     named = dict(model.named_parameters())
     trainable = {name: p for name, p in named.items() if p.requires_grad}
     if params is None:
@@ -84,18 +85,18 @@ def _select(model: nn.Module, params: ParamSelector) -> Dict[str, nn.Parameter]:
         names = [params] if isinstance(params, str) else list(params)
         unknown = [name for name in names if name not in named]
         if unknown:
-            raise ValueError(f"{_WHERE}: params names unknown parameters: {unknown}")
+            raise ValueError(f"{where}: params names unknown parameters: {unknown}")
         frozen = [name for name in names if name not in trainable]
         if frozen:
-            raise ValueError(f"{_WHERE}: params names frozen parameters (requires_grad=False): {frozen}")
+            raise ValueError(f"{where}: params names frozen parameters (requires_grad=False): {frozen}")
         selected = {name: trainable[name] for name in names}
     if not selected:
-        raise ValueError(f"{_WHERE}: no trainable parameter is selected")
+        raise ValueError(f"{where}: no trainable parameter is selected")
     return selected
 
 
 def _layers(
-    model: nn.Module, selected: Dict[str, nn.Parameter], functional_params: Optional[str], fallback: Optional[str]
+    model: nn.Module, selected: Dict[str, nn.Parameter], functional_params: Optional[str], fallback: Optional[str], where: str
 ) -> Tuple[List[_Layer], List[_Functional]]:
     owners: Dict[int, Tuple[str, nn.Module, str]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
@@ -104,7 +105,7 @@ def _layers(
                 continue
             if id(parameter) in owners and owners[id(parameter)][1] is not module:
                 raise ValueError(
-                    f"{_WHERE}: parameter {module_name + '.' + short_name!r} is shared by two modules "
+                    f"{where}: parameter {module_name + '.' + short_name!r} is shared by two modules "
                     f"({owners[id(parameter)][0] or 'the model'} and {module_name}); per-sample norms of shared "
                     "parameters are not supported"
                 )
@@ -125,7 +126,7 @@ def _layers(
                 functional.append(_Functional(full_name, module, short_name, parameter))
                 continue
             raise ValueError(
-                f"{_WHERE}: parameter {full_name!r} belongs to {module_name or 'the model'} "
+                f"{where}: parameter {full_name!r} belongs to {module_name or 'the model'} "
                 f"({type(module).__name__}), which has no per-sample norm rule (supported: Linear, Conv1d, Conv2d, "
                 "BatchNorm, LayerNorm, GroupNorm, RMSNorm, Embedding, MultiheadAttention). Exclude it with `params`, "
                 "or freeze it; a parameter of leading size 1 that the model broadcasts over the batch (a class "
@@ -142,13 +143,14 @@ class _Recorder:
     """Keeps, per (layer, piece), the piece's input and its output, the tensor the
     loss is differentiated against."""
 
-    def __init__(self):
+    def __init__(self, where: str):
+        self.where = where
         self.records: Dict[Tuple[str, Optional[str]], Tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def record(self, key: Tuple[str, Optional[str]], layer_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if key in self.records:
             raise RuntimeError(
-                f"{_WHERE}: {key[0]} was called twice in one forward; per-sample norms of reused modules are "
+                f"{self.where}: {key[0]} was called twice in one forward; per-sample norms of reused modules are "
                 "not supported"
             )
         if not output.requires_grad:  # the start of the chain we differentiate
@@ -166,7 +168,7 @@ def _record_output(recorder: _Recorder, name: str, module: nn.Module, args: tupl
 def _record_single_input(recorder: _Recorder, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
     if len(args) != 1 or not isinstance(output, torch.Tensor):
         raise ValueError(
-            f"{_WHERE}: fallback='torch.func' needs {name or 'the model'} ({type(module).__name__}) to take one "
+            f"{recorder.where}: fallback='torch.func' needs {name or 'the model'} ({type(module).__name__}) to take one "
             f"tensor and return one, got {len(args)} inputs"
         )
     return recorder.record((name, None), args[0], output)
@@ -181,58 +183,50 @@ def _float32_if_half(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
-def persample_grad_norms(
+class _Pass(NamedTuple):
+    """What one forward and backward pass leaves: the logits, the hooked layers and,
+    per layer, (input, gradient of the summed loss w.r.t. the output) per piece,
+    and the broadcast parameters with their per-sample gradients [B, ...]."""
+
+    logits: torch.Tensor
+    layers: List[_Layer]
+    pieces_of: Dict[str, Dict[Optional[str], tuple]]
+    functional: List[Tuple[_Functional, torch.Tensor]]
+
+
+def _run_pass(
+    where: str,
     model: nn.Module,
     inputs: torch.Tensor,
-    loss: Loss = "ce_pred",
-    temperature: float = 1.0,
-    targets: Optional[torch.Tensor] = None,
-    params: ParamSelector = None,
-    per_layer: bool = False,
-    functional_params: Optional[str] = None,
-    fallback: Optional[str] = None,
-) -> PerSampleGradNorms:
-    """‖∇_θ ℓ(x_i)‖₂ over the selected trainable parameters θ, for each sample.
-
-    loss: "ce_pred" (CE at the predicted label, temperature T: GRODIN),
-    "ce" (with `targets`), "kl_uniform" (GradNorm's loss), "logsumexp", or a
-    callable logits [B, C] -> loss [B]. params: parameter names, or a predicate
-    (name, parameter) -> bool; default all trainable parameters.
-
-    The model is left as it was: no `.grad` written, requires_grad flags
-    restored and hooks removed, also when an exception is raised. Models whose
-    BatchNorm uses batch statistics or whose Dropout is active are refused: call
-    model.eval(). Every selected parameter must belong to a module with a rule;
-    others raise, naming the parameter. functional_params="broadcast" handles
-    parameters that a module uses directly in its forward and that have a leading
-    dimension of size 1 broadcast over the batch (a ViT's class token, expanded,
-    and position embedding, added): each is replaced for the pass by a per-sample
-    copy [B, ...], whose gradient is then each sample's own. This is exact for
-    such broadcast uses only, so it is an explicit opt-in. fallback="torch.func"
-    handles any other module with parameters (called once, with one tensor) by
-    torch.func per-sample gradients of its own parameters (gradood/persample/
-    fallback.py): exact, at the cost of materialising them for that module.
-    """
+    loss: Loss,
+    temperature: float,
+    targets: Optional[torch.Tensor],
+    params: ParamSelector,
+    functional_params: Optional[str],
+    fallback: Optional[str],
+) -> _Pass:
+    """Validates the arguments, runs the forward and the input-gradient backward with
+    parameters frozen and the layers hooked, and restores the model (also on errors)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{_WHERE}: model must be an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"{_WHERE}: inputs must be a tensor, got {type(inputs).__name__}")
+        raise TypeError(f"{where}: inputs must be a tensor, got {type(inputs).__name__}")
     if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"{_WHERE}: inputs must be a non-empty batch [B, ...], got shape {tuple(inputs.shape)}")
+        raise ValueError(f"{where}: inputs must be a non-empty batch [B, ...], got shape {tuple(inputs.shape)}")
     if not callable(loss) and loss not in LOSSES:
-        raise ValueError(f"{_WHERE}: loss must be one of {LOSSES} or a callable, got {loss!r}")
-    temperature = check_positive(_WHERE, "temperature", temperature)
+        raise ValueError(f"{where}: loss must be one of {LOSSES} or a callable, got {loss!r}")
+    temperature = check_positive(where, "temperature", temperature)
     if loss == "ce" and (targets is None or targets.shape != (inputs.shape[0],)):
-        raise ValueError(f"{_WHERE}: loss='ce' needs targets of shape [{inputs.shape[0]}]")
-    _refuse_sample_mixing(model)
+        raise ValueError(f"{where}: loss='ce' needs targets of shape [{inputs.shape[0]}]")
+    _refuse_sample_mixing(model, where)
     if functional_params not in (None, "broadcast"):
-        raise ValueError(f"{_WHERE}: functional_params must be None or 'broadcast', got {functional_params!r}")
+        raise ValueError(f"{where}: functional_params must be None or 'broadcast', got {functional_params!r}")
     if fallback not in (None, "torch.func"):
-        raise ValueError(f"{_WHERE}: fallback must be None or 'torch.func', got {fallback!r}")
-    layers, functional = _layers(model, _select(model, params), functional_params, fallback)
+        raise ValueError(f"{where}: fallback must be None or 'torch.func', got {fallback!r}")
+    layers, functional = _layers(model, _select(model, params, where), functional_params, fallback, where)
 
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    recorder = _Recorder()
+    recorder = _Recorder(where)
     handles, overridden, substituted = [], [], []
     saved_parameters: Dict[int, Tuple[nn.Module, dict]] = {}  # each module's table, as it was
 
@@ -273,56 +267,215 @@ def persample_grad_norms(
             logits = model(inputs)
             if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
                 shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise ValueError(f"{_WHERE}: the model must return logits [B, C], got {shape}")
+                raise ValueError(f"{where}: the model must return logits [B, C], got {shape}")
             losses = per_sample_loss(logits, loss, temperature, targets)
             if losses.shape != (inputs.shape[0],):
-                raise ValueError(f"{_WHERE}: the loss must be per sample, shape [{inputs.shape[0]}], got {tuple(losses.shape)}")
+                raise ValueError(f"{where}: the loss must be per sample, shape [{inputs.shape[0]}], got {tuple(losses.shape)}")
             keys = list(recorder.records)
             outputs = [recorder.records[key][2] for key in keys] + [copies for _, copies in substituted]
             all_grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
             grads, functional_grads = all_grads[: len(keys)], all_grads[len(keys) :]
-        restore()  # the model as it was before the rules run (the torch.func fallback replays modules)
-        pieces_of: Dict[str, Dict[Optional[str], tuple]] = {}
-        for key, grad in zip(keys, grads):
-            layer_name, piece = key
-            layer_input, version, output = recorder.records[key]
-            if layer_input._version != version:
-                raise RuntimeError(
-                    f"{_WHERE}: the input of {layer_name} was modified in place after the layer ran; "
-                    "its per-sample norm cannot be computed"
-                )
-            grad = torch.zeros_like(output) if grad is None else grad
-            pieces_of.setdefault(layer_name, {})[piece] = (layer_input, grad)
-
-        # Half-precision layers are contracted in float32, one layer at a time.
-        norm_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-        columns, names, methods = [], [], []
-        for layer in layers:
-            names.append(layer.name)
-            pieces = pieces_of.get(layer.name)
-            if pieces is None:  # never called: its parameters get no gradient
-                columns.append(logits.new_zeros(inputs.shape[0], dtype=norm_dtype))
-                methods.append("unused")
-                continue
-            pieces = {piece: tuple(_float32_if_half(t) for t in pair) for piece, pair in pieces.items()}
-            if isinstance(layer.rule, CompositeRule):
-                result = layer.rule.norms(layer.module, pieces)
-            else:
-                result = layer.rule(layer.module, *pieces[None])
-            columns.append(sum(result.squared_norms[name] for name in layer.parameter_names).to(norm_dtype))
-            methods.append(result.method)
-        for (item, copies), grad in zip(substituted, functional_grads):
-            names.append(item.name)
-            grad = torch.zeros_like(copies) if grad is None else _float32_if_half(grad)
-            columns.append(grad.reshape(grad.shape[0], -1).square().sum(1).to(norm_dtype))
-            methods.append("direct")
-        squared = torch.stack(columns, dim=1)
-        return PerSampleGradNorms(
-            norms=squared.sum(1).sqrt(),
-            logits=logits.detach(),
-            per_layer=squared if per_layer else None,
-            layer_names=tuple(names),
-            methods=tuple(methods),
-        )
     finally:
-        restore()
+        restore()  # the model as it was before the rules run (the torch.func fallback replays modules)
+    pieces_of: Dict[str, Dict[Optional[str], tuple]] = {}
+    for key, grad in zip(keys, grads):
+        layer_name, piece = key
+        layer_input, version, output = recorder.records[key]
+        if layer_input._version != version:
+            raise RuntimeError(
+                f"{where}: the input of {layer_name} was modified in place after the layer ran; "
+                "its per-sample gradient cannot be computed"
+            )
+        grad = torch.zeros_like(output) if grad is None else grad
+        pieces_of.setdefault(layer_name, {})[piece] = (layer_input, grad)
+    functional_pairs = [
+        (item, torch.zeros_like(copies) if grad is None else grad) for (item, copies), grad in zip(substituted, functional_grads)
+    ]
+    return _Pass(logits.detach(), layers, pieces_of, functional_pairs)
+
+
+def _half_pieces_as_float32(pieces: Dict[Optional[str], tuple]) -> Dict[Optional[str], tuple]:
+    # Half-precision layers are contracted in float32, one layer at a time.
+    return {piece: tuple(_float32_if_half(t) for t in pair) for piece, pair in pieces.items()}
+
+
+def persample_grad_norms(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    loss: Loss = "ce_pred",
+    temperature: float = 1.0,
+    targets: Optional[torch.Tensor] = None,
+    params: ParamSelector = None,
+    per_layer: bool = False,
+    functional_params: Optional[str] = None,
+    fallback: Optional[str] = None,
+) -> PerSampleGradNorms:
+    """‖∇_θ ℓ(x_i)‖₂ over the selected trainable parameters θ, for each sample.
+
+    loss: "ce_pred" (CE at the predicted label, temperature T: GRODIN),
+    "ce" (with `targets`), "kl_uniform" (GradNorm's loss), "logsumexp", or a
+    callable logits [B, C] -> loss [B]. params: parameter names, or a predicate
+    (name, parameter) -> bool; default all trainable parameters.
+
+    The model is left as it was: no `.grad` written, requires_grad flags
+    restored and hooks removed, also when an exception is raised. Models whose
+    BatchNorm uses batch statistics or whose Dropout is active are refused: call
+    model.eval(). Every selected parameter must belong to a module with a rule;
+    others raise, naming the parameter. functional_params="broadcast" handles
+    parameters that a module uses directly in its forward and that have a leading
+    dimension of size 1 broadcast over the batch (a ViT's class token, expanded,
+    and position embedding, added): each is replaced for the pass by a per-sample
+    copy [B, ...], whose gradient is then each sample's own. This is exact for
+    such broadcast uses only, so it is an explicit opt-in. fallback="torch.func"
+    handles any other module with parameters (called once, with one tensor) by
+    torch.func per-sample gradients of its own parameters (gradood/persample/
+    fallback.py): exact, at the cost of materialising them for that module.
+    """
+    result = _run_pass(_WHERE, model, inputs, loss, temperature, targets, params, functional_params, fallback)
+    logits = result.logits
+    norm_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    columns, names, methods = [], [], []
+    for layer in result.layers:
+        names.append(layer.name)
+        pieces = result.pieces_of.get(layer.name)
+        if pieces is None:  # never called: its parameters get no gradient
+            columns.append(logits.new_zeros(inputs.shape[0], dtype=norm_dtype))
+            methods.append("unused")
+            continue
+        pieces = _half_pieces_as_float32(pieces)
+        if isinstance(layer.rule, CompositeRule):
+            rule_result = layer.rule.norms(layer.module, pieces)
+        else:
+            rule_result = layer.rule(layer.module, *pieces[None])
+        columns.append(sum(rule_result.squared_norms[name] for name in layer.parameter_names).to(norm_dtype))
+        methods.append(rule_result.method)
+    for item, grad in result.functional:
+        names.append(item.name)
+        grad = _float32_if_half(grad)
+        columns.append(grad.reshape(grad.shape[0], -1).square().sum(1).to(norm_dtype))
+        methods.append("direct")
+    squared = torch.stack(columns, dim=1)
+    return PerSampleGradNorms(
+        norms=squared.sum(1).sqrt(),
+        logits=logits,
+        per_layer=squared if per_layer else None,
+        layer_names=tuple(names),
+        methods=tuple(methods),
+    )
+
+
+class _ZeroGradients(DenseLayerGradients):
+    """A layer that was never called: every per-sample gradient is zero."""
+
+    def __init__(self, count: int, numels: Dict[str, int], like: torch.Tensor):
+        super().__init__(count, numels, lambda s, e: {n: like.new_zeros(e - s, k) for n, k in numels.items()})
+
+
+class PerSampleGradients:
+    """The per-sample gradients g_i of the selected parameters for one batch, as a
+    linear operator (see gradood.persample._grads): never the [B, |θ|] matrix,
+    only bounded chunks of one layer at a time. Parameters are keyed by their full
+    names (model.named_parameters()); direction and result blocks are flattened,
+    [K or L, numel]. Computed in float32 for half-precision models."""
+
+    def __init__(self, logits: torch.Tensor, layers: List[Tuple[Dict[str, str], LayerGradients]], shapes: Dict[str, torch.Size]):
+        self.logits = logits
+        self._layers = layers  # (the layer's own name -> full name, its gradients)
+        self.shapes = shapes
+        self.names: Tuple[str, ...] = tuple(shapes)
+
+    @property
+    def count(self) -> int:
+        return self.logits.shape[0]
+
+    def project(self, directions: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, K]: Σ_params g_i,param · directions[param][k] (directions [K, numel],
+        any float dtype; half-precision blocks are upcast in bounded pieces)."""
+        missing = [name for name in self.names if name not in directions]
+        if missing:
+            raise ValueError(f"PerSampleGradients.project: no directions for {missing}")
+        out = None
+        for full_names, grads in self._layers:
+            term = grads.project({own: directions[full].reshape(directions[full].shape[0], -1) for own, full in full_names.items()})
+            out = term if out is None else out.add_(term)
+        return out
+
+    def weighted_sum(self, weights: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Σ_i weights[i, l] g_i per parameter: [L, numel] (weights [B, L])."""
+        if weights.dim() != 2 or weights.shape[0] != self.count:
+            raise ValueError(f"PerSampleGradients.weighted_sum: weights must be [{self.count}, L], got {tuple(weights.shape)}")
+        sums = {}
+        for full_names, grads in self._layers:
+            for own, value in grads.weighted_sum(weights).items():
+                sums[full_names[own]] = value
+        return sums
+
+    def moments(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """Per parameter: (batch mean [numel], Σ_i (g_i − mean)² [numel])."""
+        result = {}
+        for full_names, grads in self._layers:
+            for own, value in grads.moments().items():
+                result[full_names[own]] = value
+        return result
+
+    def materialise(self) -> Dict[str, torch.Tensor]:
+        """The per-sample gradients [B, *shape] themselves (projection onto the
+        identity): for small models and tests only."""
+        result = {}
+        for name, shape in self.shapes.items():
+            numel = int(torch.Size(shape).numel())
+            eye = torch.eye(numel, dtype=self._dtype(), device=self.logits.device)
+            directions = {other: torch.zeros(numel, int(torch.Size(s).numel()), dtype=eye.dtype, device=eye.device)
+                          for other, s in self.shapes.items()}
+            directions[name] = eye
+            result[name] = self.project(directions).reshape(self.count, *shape)
+        return result
+
+    def _dtype(self) -> torch.dtype:
+        return torch.float32 if self.logits.dtype in (torch.float16, torch.bfloat16) else self.logits.dtype
+
+
+def persample_gradients(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    loss: Loss = "ce_pred",
+    temperature: float = 1.0,
+    targets: Optional[torch.Tensor] = None,
+    params: ParamSelector = None,
+    functional_params: Optional[str] = None,
+    fallback: Optional[str] = None,
+) -> PerSampleGradients:
+    """The per-sample gradients ∇_θ ℓ(x_i) of the selected parameters from one
+    forward and one backward pass, as a PerSampleGradients operator: projections
+    onto directions, weighted sums over samples and batch moments, computed layer
+    by layer from each layer's input and output gradient. Arguments, model
+    requirements and guarantees as persample_grad_norms."""
+    where = "gradood.persample_gradients"
+    result = _run_pass(where, model, inputs, loss, temperature, targets, params, functional_params, fallback)
+    layers: List[Tuple[Dict[str, str], LayerGradients]] = []
+    shapes: Dict[str, torch.Size] = {}
+    dtype = torch.float32 if result.logits.dtype in (torch.float16, torch.bfloat16) else result.logits.dtype
+    for layer in result.layers:
+        module_parameters = dict(layer.module.named_parameters())
+        full_names = {own: f"{layer.name}.{own}" if layer.name else own for own in layer.parameter_names}
+        for own, full in full_names.items():
+            shapes[full] = module_parameters[own].shape
+        pieces = result.pieces_of.get(layer.name)
+        if pieces is None:
+            numels = {own: module_parameters[own].numel() for own in full_names}
+            layers.append((full_names, _ZeroGradients(inputs.shape[0], numels, result.logits.to(dtype))))
+            continue
+        pieces = _half_pieces_as_float32(pieces)
+        if isinstance(layer.rule, CompositeRule):
+            grads = layer.rule.grads(layer.module, pieces)
+        elif layer.rule is torch_func_rule:
+            grads = torch_func_grads(layer.module, *pieces[None])
+        else:
+            grads = grad_rule_for(layer.module)(layer.module, *pieces[None])
+        layers.append((full_names, grads.restrict(tuple(full_names))))
+    for item, grad in result.functional:
+        shapes[item.name] = item.parameter.shape
+        flat = _float32_if_half(grad).reshape(grad.shape[0], -1)
+        gradients = DenseLayerGradients(grad.shape[0], {"value": flat.shape[1]}, lambda s, e, flat=flat: {"value": flat[s:e]})
+        layers.append(({"value": item.name}, gradients))
+    return PerSampleGradients(result.logits, layers, shapes)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gradood.persample._grads import DenseLayerGradients
 from gradood.persample._rules import RuleResult
 
 
-def torch_func_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
+def _per_sample_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor):
     own = dict(module.named_parameters(recurse=False))
     constants = {name: tensor.detach() for name, tensor in (*module.named_parameters(), *module.named_buffers())
                  if name not in own}
@@ -26,8 +27,23 @@ def torch_func_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.
         output = torch.func.functional_call(module, {**parameters, **constants}, (sample.unsqueeze(0),))
         return (output * sample_grad.unsqueeze(0)).sum()
 
-    per_sample = torch.func.vmap(torch.func.grad(inner_product), in_dims=(None, 0, 0))(
+    return torch.func.vmap(torch.func.grad(inner_product), in_dims=(None, 0, 0))(
         {name: parameter.detach() for name, parameter in own.items()}, inputs, grad_output
     )
+
+
+def torch_func_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
+    per_sample = _per_sample_grads(module, inputs, grad_output)
     batch = inputs.shape[0]
     return RuleResult({name: grad.reshape(batch, -1).square().sum(1) for name, grad in per_sample.items()}, "torch.func")
+
+
+def torch_func_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> DenseLayerGradients:
+    """The same per-sample gradients, materialised per chunk of samples."""
+    numels = {name: parameter.numel() for name, parameter in module.named_parameters(recurse=False)}
+
+    def materialise(start, end):
+        grads = _per_sample_grads(module, inputs[start:end], grad_output[start:end])
+        return {name: grad.reshape(end - start, -1) for name, grad in grads.items()}
+
+    return DenseLayerGradients(inputs.shape[0], numels, materialise)

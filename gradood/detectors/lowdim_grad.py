@@ -1,0 +1,250 @@
+"""LowDimGrad: low-dimensional gradients (papers/lowdim_gradient.txt; Wu et al.,
+TPAMI 2024). ID-high.
+
+Per sample, the gradient g of log Σ_j exp f_j w.r.t. the selected parameters
+(all trainable ones by default), normalised G = (g − z)/σ with the ID mean z
+and per-parameter std σ, projected G_low = G V onto K directions fitted on ID
+data (gradood.gradient_subspace): "pca" (top-K principal directions, K = 200
+by default, randomized subspace iteration with a fixed seed) or "class" (the
+per-class mean normalised gradients, unit columns, K = C). Scored by KNN on
+L2-normalised G_low against the ID bank (gradood.knn: minus the squared L2
+distance to the k-th neighbour, k = 5), optionally ensembled with ReAct's
+energy on the same forward's features:
+
+    score = knn(G_low)                                  ensemble=False
+    score = knn(G_low) + a · log Σ_j exp((W min(v, c) + b)_j)     ensemble=True
+
+with c the `react_percentile`-th percentile of ID activations. The KNN term
+lies in [−4, 0] and the energy is in logit units, so `a` sets their balance
+(tune it with gradood.tune).
+
+Cost per scored batch: one forward and one backward pass (parameters frozen,
+only the input-gradient chain), then per layer the per-sample gradients of a
+bounded chunk of samples and one product with the stored directions; the
+per-sample gradients of the whole network are never formed. Fitting streams
+over the ID data: one pass for z and σ (and the class means), `iterations`
+passes for PCA, one for the bank. The data must give the same samples on
+every pass (no random augmentation); their order may change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from gradood import scores
+from gradood.detectors._base import Data, Detector, eval_mode
+from gradood.detectors.rg import activation_percentile
+from gradood.gradient_subspace import (
+    GradientSubspace,
+    Progress,
+    class_mean_directions,
+    iterate_batches,
+    moments_pass,
+    pca_directions,
+)
+from gradood.knn import METRICS, knn_score, normalise_rows
+from gradood.persample.engine import ParamSelector, PerSampleGradients, persample_gradients
+
+SUBSPACES = ("pca", "class")
+
+
+class LowDimGrad(Detector):
+    fitted = ("subspace", "bank", "clip")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        subspace: str = "pca",
+        dim: Optional[int] = None,
+        neighbours: int = 5,
+        metric: str = "squared_l2",
+        ensemble: bool = False,
+        a: float = 1.0,
+        react_percentile: float = 90.0,
+        params: ParamSelector = None,
+        functional_params: Optional[str] = None,
+        fallback: Optional[str] = None,
+        classes: str = "labels",
+        oversample: int = 10,
+        iterations: int = 4,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        max_samples: Optional[int] = None,
+        progress: bool = False,
+        head: Optional[str] = None,
+    ):
+        super().__init__(model, head)
+        name = type(self).__name__
+        if subspace not in SUBSPACES:
+            raise ValueError(f"{name}: subspace must be one of {SUBSPACES}, got {subspace!r}")
+        if subspace == "class" and dim is not None:
+            raise ValueError(f"{name}: subspace='class' has one direction per class; leave dim unset")
+        for argument, value, low in (("dim", dim, 1), ("neighbours", neighbours, 1), ("oversample", oversample, 0),
+                                     ("iterations", iterations, 1), ("max_samples", max_samples, 1)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ValueError(f"{name}: {argument} must be an integer ≥ {low}, got {value!r}")
+        if metric not in METRICS:
+            raise ValueError(f"{name}: metric must be one of {METRICS}, got {metric!r}")
+        if classes not in ("labels", "predicted"):
+            raise ValueError(f"{name}: classes must be 'labels' or 'predicted', got {classes!r}")
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name}: dtype (the storage of the directions) must be a float dtype, got {dtype}")
+        if not 0 < react_percentile <= 100:
+            raise ValueError(f"{name}: react_percentile must lie in (0, 100], got {react_percentile!r}")
+        self.subspace_kind, self.dim = subspace, (200 if dim is None and subspace == "pca" else dim)
+        self.neighbours, self.metric, self.ensemble, self.a = neighbours, metric, ensemble, float(a)
+        self.react_percentile = react_percentile
+        self.params, self.functional_params, self.fallback = params, functional_params, fallback
+        self.classes, self.oversample, self.iterations, self.seed = classes, oversample, iterations, seed
+        self.dtype, self.max_samples, self.progress = dtype, max_samples, progress
+        self.subspace: Optional[GradientSubspace] = None
+        self.bank: Optional[torch.Tensor] = None
+        self.clip: Optional[float] = None
+        #: After fit: samples used, subspace dimension, PCA's last subspace change and eigenvalues.
+        self.fit_info: Dict[str, Any] = {}
+
+    # -- per-sample gradients --------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        parameter = next(self.model.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    def _gradients(self, inputs: torch.Tensor, features: Optional[List[torch.Tensor]] = None) -> PerSampleGradients:
+        """Per-sample gradients of log Σ exp f (and, when asked, the head's input features)."""
+        handle = None
+        if features is not None:
+            handle = self.head.register_forward_hook(lambda module, args, output: features.append(args[0].detach()))
+        try:
+            with eval_mode(self.model):
+                return persample_gradients(
+                    self.model, inputs.to(self._device()), "logsumexp", params=self.params,
+                    functional_params=self.functional_params, fallback=self.fallback,
+                )
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def low_dimensional_gradients(self, inputs: torch.Tensor) -> torch.Tensor:
+        """G_low [B, K] of a batch (before the L2 normalisation of the KNN score)."""
+        self._require_fitted()
+        return self.subspace.project(self._gradients(inputs))
+
+    # -- fitting ------------------------------------------------------------------------
+
+    def _passes(self, id_data: Data):
+        device = self._device()
+
+        def batches(label: str) -> Iterable:
+            for inputs, labels in iterate_batches(id_data, self.max_samples):
+                yield inputs.to(device), labels
+
+        return batches
+
+    def fit(self, id_data: Data) -> "LowDimGrad":
+        """Fits z, σ, the subspace, the KNN bank (every fit sample) and ReAct's clip
+        on ID data: a tensor, an (inputs, labels) pair, or a re-iterable of batches
+        (a DataLoader; not a one-shot iterator). Labels are needed for
+        subspace='class' with classes='labels'."""
+        name = type(self).__name__
+        if not isinstance(id_data, (torch.Tensor, tuple, list)) and iter(id_data) is id_data:
+            raise TypeError(f"{name}.fit: id_data is a one-shot iterator, but fitting makes several passes; "
+                            "pass a DataLoader, a list of batches or a tensor")
+        passes = self._passes(id_data)
+        first = next(iter(passes("probe")), None)
+        if first is None:
+            raise ValueError(f"{name}.fit: the data hold no batch")
+        logits, _ = self.forward_features(first[0])  # finds the head; C for the class subspace
+        num_classes = logits.shape[1] if self.subspace_kind == "class" else None
+
+        features: List[torch.Tensor] = []
+        report = Progress(self.progress, f"{name}.fit: gradient moments")
+        moments, class_sums, class_counts = moments_pass(
+            lambda inputs: self._gradients(inputs, features if self.ensemble else None),
+            passes("moments"), num_classes, self.classes, progress=report,
+        )
+        report.close()
+        if self.subspace_kind == "pca":
+            total = sum(m.numel() for m in moments.mean.values())
+            if self.dim > total:
+                raise ValueError(f"{name}.fit: dim={self.dim} exceeds the {total} selected parameters")
+            if moments.count <= self.dim:
+                raise ValueError(f"{name}.fit: PCA with dim={self.dim} needs more than {self.dim} ID samples, "
+                                 f"got {moments.count}")
+            fit = pca_directions(self._gradients, passes, moments, self.dim, self.oversample, self.iterations,
+                                 self.seed, self._device(), self.progress)
+        else:
+            try:
+                fit = class_mean_directions(moments, class_sums, class_counts)
+            except ValueError as error:
+                raise ValueError(f"{name}.fit: {error}") from None
+        shapes = {}
+        for parameter_name, parameter in self.model.named_parameters():
+            if parameter_name in moments.mean:
+                shapes[parameter_name] = tuple(parameter.shape)
+        for parameter_name in moments.mean:  # broadcast (functional) parameters keep their own shape
+            shapes.setdefault(parameter_name, (moments.mean[parameter_name].numel(),))
+        self.subspace = GradientSubspace.from_directions(moments, fit, shapes, self.dtype)
+
+        rows = []
+        report = Progress(self.progress, f"{name}.fit: ID bank")
+        for inputs, _ in passes("bank"):
+            rows.append(normalise_rows(self.subspace.project(self._gradients(inputs))).float())
+            report.update(inputs.shape[0])
+        report.close()
+        self.bank = torch.cat(rows)
+        if self.ensemble:
+            self.clip = activation_percentile(torch.cat([f.reshape(f.shape[0], -1) for f in features]), self.react_percentile)
+        self.fit_info = {
+            "samples": moments.count,
+            "dim": self.subspace.dim,
+            "subspace_change": fit.change,
+            "eigenvalues": fit.eigenvalues,
+        }
+        return self
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def score(self, inputs: torch.Tensor) -> torch.Tensor:
+        self._require_fitted()
+        if self.ensemble and self.clip is None:
+            raise RuntimeError(f"{type(self).__name__}: fitted without ensemble; refit to use ensemble=True")
+        features: List[torch.Tensor] = []
+        grads = self._gradients(inputs, features if self.ensemble else None)
+        low = self.subspace.project(grads)
+        result = knn_score(low, self.bank.to(low.device), self.neighbours, self.metric)
+        if self.ensemble:
+            weight, bias = self.head_weight_bias()
+            v = features[0].reshape(features[0].shape[0], -1)
+            energy = scores.react(v, weight.to(v.dtype), None if bias is None else bias.to(v.dtype), self.clip)
+            result = result + self.a * energy.to(result.dtype)
+        return result
+
+    def score_features(self, logits, features):
+        raise NotImplementedError(f"{type(self).__name__} needs the per-sample gradients: use score(inputs)")
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _require_fitted(self) -> None:
+        if self.subspace is None or self.bank is None:
+            raise RuntimeError(f"{type(self).__name__}: call fit(id_data) first")
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = super().state_dict()
+        state["subspace"] = None if self.subspace is None else self.subspace.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> "LowDimGrad":
+        super().load_state_dict(state)
+        if state["subspace"] is not None:
+            self.subspace = GradientSubspace.from_state_dict(state["subspace"])
+        return self
+
+    def to(self, device) -> "LowDimGrad":
+        if self.subspace is not None:
+            self.subspace = self.subspace.to(device)
+        if self.bank is not None:
+            self.bank = self.bank.to(device)
+        return self

@@ -1,0 +1,344 @@
+"""Gradient subspaces fitted on ID data (papers/lowdim_gradient.txt; Wu et al.,
+TPAMI 2024), streamed over the data with bounded memory.
+
+For the per-sample gradients g_i ∈ R^|θ| of a loss (log Σ_j exp f_j for the
+method), the normalised gradient is G_i = (g_i − z) / σ with z the mean and σ
+the per-parameter standard deviation over the N ID samples (population std,
+ddof = 0, as the official code; a parameter whose gradient does not vary over
+the ID data, σ ≤ 64·eps·|z|, gets 1/σ := 0: every ID direction is zero there,
+so it could not contribute to a projection anyway). Its low-dimensional
+representation is G_low = G V for K directions V [|θ|, K]:
+
+- "pca": the top-K principal directions of the N×|θ| matrix X of normalised
+  gradients, by randomized subspace iteration on XᵀX with K + oversample
+  Gaussian start vectors (a fixed seed). Each iteration is one pass over the
+  data computing W = Σ_batches X_bᵀ (X_b Z) inside the batch (so the data order
+  does not matter, and neither X nor any N×|θ| matrix is formed); Z is then
+  re-orthonormalised. A Rayleigh–Ritz step on the last basis gives V and the
+  covariance eigenvalues.
+- "class": the per-class means of G (classes from the labels, or the model's
+  predictions), each column scaled to unit L2 norm (K = C).
+
+What is stored is M = V / σ (the "scaled directions", [K, numel] per parameter,
+in float32 or a half type), the mean z, 1/σ and the offset c = Σ M z, so that
+G_low = g M − c: one projection of the raw per-sample gradients. Memory: |θ|·K
+elements for M, and during a PCA fit 2·|θ|·(K + oversample) float32 (Z and W);
+restrict `params` (e.g. the last stage and the head) to bound it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
+
+import torch
+
+from gradood.persample.engine import PerSampleGradients
+
+#: A function computing the per-sample gradients of one input batch.
+GradientsOf = Callable[[torch.Tensor], PerSampleGradients]
+
+Blocks = Dict[str, torch.Tensor]
+
+
+class Progress:
+    """A one-line progress report on stderr (samples done, samples/s), or nothing."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.enabled, self.label, self.samples, self.start = enabled, label, 0, time.perf_counter()
+
+    def update(self, samples: int) -> None:
+        self.samples += samples
+        if self.enabled:
+            rate = self.samples / max(time.perf_counter() - self.start, 1e-9)
+            print(f"\r{self.label}: {self.samples} samples, {rate:.0f}/s", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr, flush=True)
+
+
+def iterate_batches(data: Iterable, limit: Optional[int]) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(inputs, labels or None) from a tensor, a (inputs, labels) pair of tensors, or
+    an iterable of batches (tensors or (inputs, labels, ...) tuples, e.g. a
+    DataLoader); at most `limit` samples (the last batch cut)."""
+    if isinstance(data, torch.Tensor):
+        batches: Iterable = [data]
+    elif isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
+            and data[0].shape[:1] == data[1].shape[:1] and data[1].dim() == 1:
+        batches = [data]
+    else:
+        batches = data
+    seen = 0
+    for batch in batches:
+        inputs, labels = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
+        if limit is not None:
+            inputs = inputs[: limit - seen]
+            labels = None if labels is None else labels[: limit - seen]
+        if inputs.shape[0] == 0:
+            break
+        seen += inputs.shape[0]
+        yield inputs, labels
+        if limit is not None and seen >= limit:
+            break
+
+
+class Moments(NamedTuple):
+    count: int
+    mean: Blocks  # [numel] float64 per parameter
+    inv_std: Blocks  # [numel] float32, 0 where the gradient does not vary
+
+
+def _merge(state: Optional[dict], batch: Dict[str, Tuple[torch.Tensor, torch.Tensor]], count: int) -> dict:
+    """Chan et al.'s pairwise merge of (count, mean, Σ squared deviations), float64."""
+    if state is None:
+        return {"count": count, **{name: (m.double(), s.double()) for name, (m, s) in batch.items()}}
+    total = state["count"] + count
+    merged = {"count": total}
+    for name, (mean_b, squares_b) in batch.items():
+        mean, squares = state[name]
+        delta = mean_b.double() - mean
+        merged[name] = (mean + delta * (count / total), squares + squares_b.double() + delta.square() * (state["count"] * count / total))
+    return merged
+
+
+def inverse_std(mean: torch.Tensor, squares: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
+    std = (squares / count).sqrt()
+    varies = std > 64 * torch.finfo(dtype).eps * mean.abs()
+    varies &= std > 0
+    return torch.where(varies, 1.0 / torch.where(varies, std, torch.ones_like(std)), torch.zeros_like(std)).float()
+
+
+class _Accumulator:
+    def __init__(self):
+        self.sums: Optional[Blocks] = None
+
+    def add(self, blocks: Blocks) -> None:
+        if self.sums is None:
+            self.sums = {name: value.double() for name, value in blocks.items()}
+        else:
+            for name, value in blocks.items():
+                self.sums[name] += value.double()
+
+
+def moments_pass(
+    gradients_of: GradientsOf,
+    batches: Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]],
+    num_classes: Optional[int] = None,
+    class_source: str = "labels",
+    on_batch: Optional[Callable[[PerSampleGradients, torch.Tensor], None]] = None,
+    progress: Optional[Progress] = None,
+) -> Tuple[Moments, Optional[Blocks], Optional[torch.Tensor]]:
+    """One pass: the per-parameter mean and 1/σ of the per-sample gradients and,
+    with num_classes, the per-class sums of the gradients and the class counts.
+    on_batch(grads, labels) sees every batch (e.g. to collect head features)."""
+    state, class_sums, class_counts = None, _Accumulator(), None
+    dtype = None
+    for inputs, labels in batches:
+        grads = gradients_of(inputs)
+        dtype = grads.logits.dtype
+        state = _merge(state, grads.moments(), grads.count)
+        if num_classes is not None:
+            if class_source == "labels":
+                if labels is None:
+                    raise ValueError("the data give no labels: pass batches of (inputs, labels), or classes='predicted'")
+                classes = labels.to(grads.logits.device).long()
+            else:
+                classes = grads.logits.argmax(1)
+            if classes.min() < 0 or classes.max() >= num_classes:
+                raise ValueError(f"labels must lie in [0, {num_classes}), got {int(classes.min())}..{int(classes.max())}")
+            onehot = torch.nn.functional.one_hot(classes, num_classes).to(grads.logits.dtype if dtype not in (torch.float16, torch.bfloat16) else torch.float32)
+            class_sums.add(grads.weighted_sum(onehot))
+            counts = onehot.sum(0).double()
+            class_counts = counts if class_counts is None else class_counts + counts
+        if on_batch is not None:
+            on_batch(grads, labels)
+        if progress is not None:
+            progress.update(grads.count)
+    if state is None:
+        raise ValueError("the data hold no batch")
+    count = state.pop("count")
+    mean = {name: m for name, (m, _) in state.items()}
+    inv = {name: inverse_std(m, s, count, torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+           for name, (m, s) in state.items()}
+    return Moments(count, mean, inv), class_sums.sums, class_counts
+
+
+# -- linear algebra on dictionaries of blocks [L, numel] ------------------------------
+
+
+def gram(blocks: Blocks) -> torch.Tensor:
+    """Σ_params B Bᵀ in float64: [L, L]."""
+    return sum(block.double() @ block.double().T for block in blocks.values())
+
+
+def orthonormalise(blocks: Blocks) -> Blocks:
+    """Rows orthonormal over the concatenated parameters, by the eigenvectors of
+    the float64 Gram matrix, twice (as CholeskyQR2; also when nearly dependent)."""
+    for _ in range(2):
+        values, vectors = torch.linalg.eigh(gram(blocks))
+        floor = values.max().clamp_min(1e-300) * 1e-14
+        transform = (vectors / values.clamp_min(floor).sqrt()).T  # [L, L]
+        blocks = {name: (transform.to(block.device) @ block.double()).to(block.dtype) for name, block in blocks.items()}
+    return blocks
+
+
+def combine(blocks: Blocks, coefficients: torch.Tensor) -> Blocks:
+    """coefficients [K, L] @ blocks: new rows as combinations of the old ones."""
+    return {name: (coefficients.to(block.device, torch.float64) @ block.double()).to(block.dtype) for name, block in blocks.items()}
+
+
+def random_blocks(shapes: Dict[str, int], rows: int, seed: int, device: torch.device) -> Blocks:
+    """Gaussian [rows, numel] per parameter from one CPU generator (device-independent)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(rows, numel, generator=generator, dtype=torch.float64).float().to(device) for name, numel in shapes.items()}
+
+
+class NormalisedGradients:
+    """X_b = (G_b − z) D (D = diag(1/σ)) as products with blocks, from the raw per-sample gradients."""
+
+    def __init__(self, moments: Moments):
+        self.mean = {name: m.float() for name, m in moments.mean.items()}
+        self.inv_std = moments.inv_std
+
+    def scaled(self, blocks: Blocks) -> Tuple[Blocks, torch.Tensor]:
+        """(D Z per parameter, offset zᵀ D Z [L]) for X_b Z = G_b (D Z) − offset."""
+        scaled = {name: block * self.inv_std[name].to(block.device) for name, block in blocks.items()}
+        offset = sum(s.double() @ self.mean[name].to(s.device).double() for name, s in scaled.items())
+        return scaled, offset
+
+    def project(self, grads: PerSampleGradients, scaled: Blocks, offset: torch.Tensor) -> torch.Tensor:
+        out = grads.project(scaled)
+        return out - offset.to(out.device, out.dtype)
+
+    def transpose_times(self, grads: PerSampleGradients, weights: torch.Tensor) -> Blocks:
+        """X_bᵀ weights as blocks [L, numel]: D (G_bᵀ W − z 1ᵀW)."""
+        sums = grads.weighted_sum(weights)
+        column_sums = weights.sum(0)
+        return {
+            name: (value - column_sums[:, None].to(value.dtype) * self.mean[name].to(value.device, value.dtype))
+            * self.inv_std[name].to(value.device)
+            for name, value in sums.items()
+        }
+
+
+class SubspaceFit(NamedTuple):
+    directions: Blocks  # V, [K, numel] per parameter, float32
+    eigenvalues: Optional[torch.Tensor]  # covariance eigenvalues of the K directions (PCA), float64
+    change: Optional[float]  # PCA: sin of the largest principal angle between the last two iterates' top-K
+
+
+def pca_directions(
+    gradients_of: GradientsOf,
+    data_passes: Callable[[str], Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]]],
+    moments: Moments,
+    k: int,
+    oversample: int,
+    iterations: int,
+    seed: int,
+    device: torch.device,
+    progress: bool = False,
+) -> SubspaceFit:
+    """Top-K principal directions of the normalised per-sample gradients by
+    randomized subspace iteration on XᵀX (see the module docstring)."""
+    numels = {name: m.numel() for name, m in moments.mean.items()}
+    rows = min(k + oversample, sum(numels.values()))
+    normalised = NormalisedGradients(moments)
+    basis = orthonormalise(random_blocks(numels, rows, seed, device))
+    previous_top: Optional[Blocks] = None
+    change = None
+    eigenvalues = vectors = None
+    for iteration in range(iterations):
+        scaled, offset = normalised.scaled(basis)
+        product: Optional[Blocks] = None
+        report = Progress(progress, f"gradient PCA, iteration {iteration + 1}/{iterations}")
+        for inputs, _ in data_passes(f"iteration {iteration + 1}"):
+            grads = gradients_of(inputs)
+            projected = normalised.project(grads, scaled, offset)  # X_b Z  [n, L]
+            term = normalised.transpose_times(grads, projected)  # X_bᵀ X_b Z  [L, numel]
+            if product is None:
+                product = term
+            else:
+                for name, value in term.items():
+                    product[name] += value
+            report.update(grads.count)
+        report.close()
+        # Rayleigh–Ritz on the current basis: H = Zᵀ XᵀX Z.
+        cross = sum(basis[name].double() @ product[name].double().T for name in basis)
+        eigenvalues, vectors = torch.linalg.eigh((cross + cross.T) / 2)
+        order = torch.argsort(eigenvalues, descending=True)[:k]
+        top = combine(basis, vectors[:, order].T)
+        if previous_top is not None:
+            overlap = sum(previous_top[name].double() @ top[name].double().T for name in top)
+            cosines = torch.linalg.svdvals(overlap).clamp(max=1.0)
+            change = float((1 - cosines.min() ** 2).clamp_min(0).sqrt())
+        previous_top = top
+        if iteration + 1 < iterations:
+            basis = orthonormalise(product)
+    return SubspaceFit(previous_top, eigenvalues[order].cpu() / moments.count, change)
+
+
+def class_mean_directions(moments: Moments, class_sums: Blocks, class_counts: torch.Tensor) -> SubspaceFit:
+    """Per class c: mean_c(G) = (mean_c(g) − z) / σ, scaled to unit L2 norm over all parameters."""
+    empty = (class_counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"no ID sample of class(es) {empty[:20]}{'...' if len(empty) > 20 else ''}: the per-class "
+                         "subspace needs every class; fit on more data or restrict to the classes present")
+    counts = class_counts.double()
+    means = {
+        name: (sums / counts[:, None].to(sums.device) - moments.mean[name].to(sums.device)[None, :]) * moments.inv_std[name].to(sums.device).double()
+        for name, sums in class_sums.items()
+    }
+    norms = sum(block.square().sum(1) for block in means.values()).sqrt()
+    if bool((norms == 0).any()):
+        raise ValueError("a class's mean normalised gradient is zero: the per-class subspace is undefined")
+    return SubspaceFit({name: (block / norms[:, None]).float() for name, block in means.items()}, None, None)
+
+
+class GradientSubspace:
+    """A fitted subspace: G_low = ((g − z)/σ) V = g M − c, with M = V/σ stored
+    per parameter as [K, numel] in `dtype`, and c = Σ M z (from the stored M)."""
+
+    def __init__(self, mean: Blocks, inv_std: Blocks, scaled_directions: Blocks, shapes: Dict[str, Tuple[int, ...]],
+                 eigenvalues: Optional[torch.Tensor] = None):
+        self.mean, self.inv_std, self.scaled_directions = mean, inv_std, scaled_directions
+        self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
+        self.eigenvalues = eigenvalues
+        self.offset = sum(block.double() @ mean[name].double().to(block.device) for name, block in scaled_directions.items())
+
+    @classmethod
+    def from_directions(cls, moments: Moments, fit: SubspaceFit, shapes, dtype: torch.dtype) -> "GradientSubspace":
+        scaled = {name: (block * moments.inv_std[name].to(block.device)).to(dtype) for name, block in fit.directions.items()}
+        mean = {name: m.float() for name, m in moments.mean.items()}
+        return cls(mean, moments.inv_std, scaled, shapes, fit.eigenvalues)
+
+    @property
+    def dim(self) -> int:
+        return next(iter(self.scaled_directions.values())).shape[0]
+
+    def project(self, grads: PerSampleGradients) -> torch.Tensor:
+        """G_low [B, K] of a batch's per-sample gradients."""
+        out = grads.project(self.scaled_directions)
+        return out - self.offset.to(out.device, out.dtype)
+
+    def directions(self) -> Blocks:
+        """V [K, numel] per parameter (M·σ; zero where 1/σ = 0)."""
+        result = {}
+        for name, block in self.scaled_directions.items():
+            inv = self.inv_std[name].to(block.device)
+            result[name] = torch.where(inv > 0, block.float() / torch.where(inv > 0, inv, torch.ones_like(inv)), torch.zeros_like(inv))
+        return result
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "inv_std": self.inv_std, "scaled_directions": self.scaled_directions,
+                "shapes": self.shapes, "eigenvalues": self.eigenvalues}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "GradientSubspace":
+        return cls(state["mean"], state["inv_std"], state["scaled_directions"], state["shapes"], state.get("eigenvalues"))
+
+    def to(self, device) -> "GradientSubspace":
+        move = lambda blocks: {name: value.to(device) for name, value in blocks.items()}  # noqa: E731
+        return GradientSubspace(move(self.mean), move(self.inv_std), move(self.scaled_directions), self.shapes, self.eigenvalues)
+
