@@ -191,7 +191,7 @@ class LowDimGrad(Detector):
         rows = []
         report = Progress(self.progress, f"{name}.fit: ID bank")
         for inputs, _ in passes("bank"):
-            rows.append(normalise_rows(self.subspace.project(self._gradients(inputs))).float())
+            rows.append(normalise_rows(self.subspace.project(self._gradients(inputs))))
             report.update(inputs.shape[0])
         report.close()
         self.bank = torch.cat(rows)

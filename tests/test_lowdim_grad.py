@@ -1,0 +1,284 @@
+"""LowDimGrad against a literal implementation on a small CNN in float64:
+per-sample gradients by a backward loop, explicit normalisation, explicit SVD of
+the N×|θ| matrix, brute-force numpy KNN."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradood import knn
+from gradood.detectors import LowDimGrad, ReAct
+from test_persample_gradients import _flat, _loop_grads
+
+
+class _CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def _model_and_data(samples: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = _CNN().double().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 1.5)
+    generator = torch.Generator().manual_seed(seed + 1)
+    inputs = torch.randn(samples, 1, 6, 6, generator=generator, dtype=torch.float64)
+    labels = torch.arange(samples) % 3
+    return model, inputs, labels
+
+
+def _batches(inputs, labels, size=7):
+    return [(inputs[i : i + size], labels[i : i + size]) for i in range(0, inputs.shape[0], size)]
+
+
+class _Literal:
+    """The method written out: dense per-sample gradients, explicit z, σ, SVD."""
+
+    def __init__(self, model, inputs, names=None):
+        grads = _loop_grads(model, inputs, names=names)
+        self.names = names or [n for n, _ in model.named_parameters()]
+        self.dense = _flat(grads, self.names)
+        self.mean = self.dense.mean(0)
+        std = self.dense.std(0, unbiased=False)
+        self.varies = std > 1e-12 * self.mean.abs().clamp_min(1e-300)
+        self.inv_std = torch.where(self.varies, 1 / torch.where(self.varies, std, torch.ones_like(std)), torch.zeros_like(std))
+        self.normalised = (self.dense - self.mean) * self.inv_std
+
+    def normalise(self, model, inputs):
+        return (_flat(_loop_grads(model, inputs, names=self.names), self.names) - self.mean) * self.inv_std
+
+    def pca(self, k):
+        _, values, vh = torch.linalg.svd(self.normalised, full_matrices=False)
+        return vh[:k].T, values[:k] ** 2 / self.dense.shape[0]
+
+    def class_means(self, labels, classes):
+        columns = torch.stack([self.normalised[labels == c].mean(0) for c in range(classes)], 1)
+        return columns / columns.norm(dim=0)
+
+
+def _directions(detector, names):
+    blocks = detector.subspace.directions()
+    return torch.cat([blocks[n].double().reshape(detector.subspace.dim, -1) for n in names], 1).T
+
+
+def _assert_equal_up_to_sign(actual, expected, atol):
+    signs = torch.sign((actual * expected).sum(0))
+    torch.testing.assert_close(actual * signs, expected, rtol=0, atol=atol)
+
+
+def _brute_force_knn(queries, bank, k):
+    normalise = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)  # noqa: E731
+    q, b = normalise(queries), normalise(bank)
+    distances = ((q[:, None, :] - b[None, :, :]) ** 2).sum(2)
+    return -np.sort(distances, axis=1)[:, k - 1]
+
+
+@pytest.fixture(scope="module")
+def exact_case():
+    """N = 12 samples, K + oversample = 12 ≥ rank(X) = 11: the iteration is exact."""
+    model, inputs, labels = _model_and_data(12)
+    detector = LowDimGrad(model, dim=3, oversample=9, iterations=2, neighbours=2).fit(_batches(inputs, labels))
+    return model, inputs, labels, detector, _Literal(model, inputs)
+
+
+def test_moments_match_the_literal_normalisation(exact_case):
+    model, _, _, detector, literal = exact_case
+    mean = torch.cat([detector.subspace.mean[n].double() for n in literal.names])
+    inv_std = torch.cat([detector.subspace.inv_std[n].double() for n in literal.names])
+    torch.testing.assert_close(mean, literal.mean.float().double(), rtol=0, atol=1e-7)
+    assert torch.equal(inv_std > 0, literal.varies)
+    torch.testing.assert_close(inv_std, literal.inv_std, rtol=1e-6, atol=0)
+
+
+def test_pca_subspace_and_projection_match_the_svd(exact_case):
+    model, inputs, _, detector, literal = exact_case
+    expected_v, expected_values = literal.pca(3)
+    cosines = torch.linalg.svdvals(expected_v.T @ _directions(detector, literal.names))
+    torch.testing.assert_close(cosines, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(detector.fit_info["eigenvalues"], expected_values, rtol=1e-6, atol=0)
+    _assert_equal_up_to_sign(detector.low_dimensional_gradients(inputs), literal.normalised @ expected_v, atol=1e-5)
+
+
+def test_knn_scores_match_brute_force_numpy(exact_case):
+    model, inputs, _, detector, literal = exact_case
+    expected_v, _ = literal.pca(3)
+    queries = torch.randn(5, 1, 6, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    bank = (literal.normalised @ expected_v).numpy()
+    expected = _brute_force_knn((literal.normalise(model, queries) @ expected_v).numpy(), bank, 2)
+    np.testing.assert_allclose(detector.score(queries).numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_pca_converges_with_iterations():
+    model, inputs, labels = _model_and_data(60)
+    literal = _Literal(model, inputs)
+    expected_v, _ = literal.pca(4)
+    sines = []
+    for iterations in (2, 12):
+        detector = LowDimGrad(model, dim=4, oversample=6, iterations=iterations).fit(_batches(inputs, labels, 16))
+        cosines = torch.linalg.svdvals(expected_v.T @ _directions(detector, literal.names))
+        sines.append(float((1 - cosines.min() ** 2).clamp_min(0).sqrt()))
+    assert sines[1] < sines[0] and sines[1] < 1e-2, sines
+    assert detector.fit_info["subspace_change"] < 1e-2
+
+
+def test_class_subspace_matches_the_literal_class_means():
+    model, inputs, labels = _model_and_data(15)
+    literal = _Literal(model, inputs)
+    detector = LowDimGrad(model, subspace="class", neighbours=3).fit(_batches(inputs, labels))
+    expected = literal.class_means(labels, 3)
+    torch.testing.assert_close(_directions(detector, literal.names), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(detector.low_dimensional_gradients(inputs), literal.normalised @ expected, rtol=0, atol=1e-5)
+    queries = inputs[:4] + 0.3
+    bank = (literal.normalised @ expected).numpy()
+    expected_scores = _brute_force_knn((literal.normalise(model, queries) @ expected).numpy(), bank, 3)
+    np.testing.assert_allclose(detector.score(queries).numpy(), expected_scores, rtol=0, atol=1e-5)
+
+
+def test_class_subspace_from_predictions_and_missing_classes():
+    model, inputs, labels = _model_and_data(15)
+    predicted = model(inputs).argmax(1)
+    if len(predicted.unique()) == 3:
+        detector = LowDimGrad(model, subspace="class", classes="predicted").fit(inputs)
+        literal = _Literal(model, inputs)
+        torch.testing.assert_close(_directions(detector, literal.names), literal.class_means(predicted, 3), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="no ID sample of class"):
+        LowDimGrad(model, subspace="class").fit(_batches(inputs, torch.zeros_like(labels)))
+    with pytest.raises(ValueError, match="give no labels"):
+        LowDimGrad(model, subspace="class").fit([inputs[:7], inputs[7:]])
+
+
+def test_ensemble_adds_a_times_react_energy():
+    model, inputs, labels = _model_and_data(20)
+    data = _batches(inputs, labels)
+    plain = LowDimGrad(model, dim=3).fit(data)
+    ensemble = LowDimGrad(model, dim=3, ensemble=True, a=0.7, react_percentile=80).fit(data)
+    react = ReAct(model, percentile=80).fit(data)
+    assert ensemble.clip == pytest.approx(react.clip)
+    queries = inputs[:6] * 1.5
+    torch.testing.assert_close(ensemble.score(queries), plain.score(queries) + 0.7 * react.score(queries), rtol=0, atol=1e-9)
+
+
+def test_cosine_metric_ranks_like_squared_l2():
+    model, inputs, labels = _model_and_data(20)
+    data = _batches(inputs, labels)
+    l2 = LowDimGrad(model, dim=3, neighbours=4).fit(data)
+    cosine = LowDimGrad(model, dim=3, neighbours=4, metric="cosine").fit(data)
+    queries = torch.randn(8, 1, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(cosine.score(queries), 1 + l2.score(queries) / 2, rtol=0, atol=1e-9)
+
+
+def test_fit_is_reproducible_and_independent_of_the_data_order():
+    model, inputs, labels = _model_and_data(12)
+    first = LowDimGrad(model, dim=3, oversample=9, iterations=2).fit(_batches(inputs, labels))
+    again = LowDimGrad(model, dim=3, oversample=9, iterations=2).fit(_batches(inputs, labels))
+    assert torch.equal(first.bank, again.bank)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(3))
+    shuffled = LowDimGrad(model, dim=3, oversample=9, iterations=2).fit(_batches(inputs[order], labels[order], 5))
+    names = [n for n, _ in model.named_parameters()]
+    cosines = torch.linalg.svdvals(_directions(first, names).T @ _directions(shuffled, names))
+    torch.testing.assert_close(cosines, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-6)
+    queries = inputs[:3] - 0.2
+    torch.testing.assert_close(first.score(queries), shuffled.score(queries), rtol=0, atol=1e-6)
+
+
+def test_state_dict_round_trip_through_torch_save():
+    model, inputs, labels = _model_and_data(20)
+    detector = LowDimGrad(model, dim=3, ensemble=True).fit(_batches(inputs, labels))
+    detector.calibrate(detector.score(inputs))
+    buffer = io.BytesIO()
+    torch.save(detector.state_dict(), buffer)
+    buffer.seek(0)
+    restored = LowDimGrad(model, dim=3, ensemble=True).load_state_dict(torch.load(buffer, weights_only=False))
+    queries = inputs[:5] + 0.1
+    assert torch.equal(restored.score(queries), detector.score(queries))
+    assert restored.threshold == detector.threshold
+    assert torch.equal(restored.to("cpu").score(queries), detector.score(queries))
+
+
+def test_half_precision_storage_is_close_to_float32():
+    model, inputs, labels = _model_and_data(20)
+    model, inputs = model.float(), inputs.float()
+    data = _batches(inputs, labels)
+    full = LowDimGrad(model, dim=4).fit(data)
+    half = LowDimGrad(model, dim=4, dtype=torch.bfloat16).fit(data)
+    assert all(block.dtype == torch.bfloat16 for block in half.subspace.scaled_directions.values())
+    low_full, low_half = full.low_dimensional_gradients(inputs), half.low_dimensional_gradients(inputs)
+    torch.testing.assert_close(low_half, low_full, rtol=0, atol=2e-2 * float(low_full.abs().max()))
+
+
+def test_restricted_parameters_and_max_samples():
+    model, inputs, labels = _model_and_data(20)
+    detector = LowDimGrad(model, dim=4, params=["fc.weight", "fc.bias"], max_samples=13).fit(_batches(inputs, labels))
+    assert set(detector.subspace.scaled_directions) == {"fc.weight", "fc.bias"}
+    assert detector.bank.shape == (13, 4) and detector.fit_info["samples"] == 13
+    literal = _Literal(model, inputs[:13], names=["fc.weight", "fc.bias"])
+    cosines = torch.linalg.svdvals(literal.pca(4)[0].T @ _directions(detector, literal.names))
+    assert float(cosines.min()) > 1 - 1e-4
+
+
+def test_progress_is_reported(capsys):
+    model, inputs, labels = _model_and_data(12)
+    LowDimGrad(model, dim=2, iterations=1, progress=True).fit(_batches(inputs, labels))
+    err = capsys.readouterr().err
+    assert "gradient moments: 12 samples" in err and "gradient PCA, iteration 1/1" in err and "ID bank" in err
+
+
+def test_the_model_is_left_untouched():
+    model, inputs, labels = _model_and_data(12)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    detector = LowDimGrad(model, dim=2, ensemble=True).fit(_batches(inputs, labels))
+    detector.score(inputs[:3])
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_errors():
+    model, inputs, labels = _model_and_data(12)
+    with pytest.raises(ValueError, match="subspace must be one of"):
+        LowDimGrad(model, subspace="svd")
+    with pytest.raises(ValueError, match="leave dim unset"):
+        LowDimGrad(model, subspace="class", dim=3)
+    with pytest.raises(ValueError, match="neighbours must be an integer"):
+        LowDimGrad(model, neighbours=0)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        LowDimGrad(model, metric="l1")
+    with pytest.raises(ValueError, match="dtype"):
+        LowDimGrad(model, dtype=torch.int8)
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        LowDimGrad(model, dim=2).fit(iter(_batches(inputs, labels)))
+    with pytest.raises(ValueError, match="needs more than 12 ID samples"):
+        LowDimGrad(model, dim=12).fit(inputs)
+    with pytest.raises(ValueError, match="exceeds the 3 selected parameters"):
+        LowDimGrad(model, dim=4, params=["fc.bias"]).fit(inputs)
+    with pytest.raises(ValueError, match="hold no batch"):
+        LowDimGrad(model, dim=2).fit([])
+    with pytest.raises(RuntimeError, match="call fit"):
+        LowDimGrad(model).score(inputs)
+    with pytest.raises(NotImplementedError, match="use score"):
+        LowDimGrad(model).score_features(torch.zeros(2, 3), torch.zeros(2, 6))
+    fitted = LowDimGrad(model, dim=2, neighbours=20).fit(inputs)
+    with pytest.raises(ValueError, match="k must be an integer in"):
+        fitted.score(inputs[:2])
+    plain = LowDimGrad(model, dim=2).fit(inputs)
+    plain.ensemble = True
+    with pytest.raises(RuntimeError, match="fitted without ensemble"):
+        plain.score(inputs[:2])
