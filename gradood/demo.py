@@ -142,6 +142,8 @@ def build_detectors(model: nn.Module, fit_data: torch.Tensor) -> Dict[str, D.Det
         "GRODIN SG": D.GRODIN(model, part="SG"),
         "GRODIN G": D.GRODIN(model, part="G"),
         "FullGradNorm": D.FullGradNorm(model),
+        "LowDimGrad (PCA K=200, KNN k=5)": D.LowDimGrad(model),
+        "LowDimGrad + ReAct (a=1)": D.LowDimGrad(model, ensemble=True),
     }
     for detector in detectors.values():
         detector.fit(list(fit_data.split(256)))

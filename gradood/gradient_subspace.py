@@ -227,6 +227,7 @@ class SubspaceFit(NamedTuple):
     directions: Blocks  # V, [K, numel] per parameter, float32
     eigenvalues: Optional[torch.Tensor]  # covariance eigenvalues of the K directions (PCA), float64
     change: Optional[float]  # PCA: sin of the largest principal angle between the last two iterates' top-K
+    eigenvalue_change: Optional[float]  # PCA: largest relative change of the top-K eigenvalues, last iteration
 
 
 def pca_directions(
@@ -247,7 +248,8 @@ def pca_directions(
     normalised = NormalisedGradients(moments)
     basis = orthonormalise(random_blocks(numels, rows, seed, device))
     previous_top: Optional[Blocks] = None
-    change = None
+    previous_values: Optional[torch.Tensor] = None
+    change = value_change = None
     eigenvalues = vectors = None
     for iteration in range(iterations):
         scaled, offset = normalised.scaled(basis)
@@ -273,10 +275,11 @@ def pca_directions(
             overlap = sum(previous_top[name].double() @ top[name].double().T for name in top)
             cosines = torch.linalg.svdvals(overlap).clamp(max=1.0)
             change = float((1 - cosines.min() ** 2).clamp_min(0).sqrt())
-        previous_top = top
+            value_change = float(((eigenvalues[order] - previous_values).abs() / eigenvalues[order].abs().clamp_min(1e-300)).max())
+        previous_top, previous_values = top, eigenvalues[order]
         if iteration + 1 < iterations:
             basis = orthonormalise(product)
-    return SubspaceFit(previous_top, eigenvalues[order].cpu() / moments.count, change)
+    return SubspaceFit(previous_top, eigenvalues[order].cpu() / moments.count, change, value_change)
 
 
 def class_mean_directions(moments: Moments, class_sums: Blocks, class_counts: torch.Tensor) -> SubspaceFit:
@@ -293,7 +296,7 @@ def class_mean_directions(moments: Moments, class_sums: Blocks, class_counts: to
     norms = sum(block.square().sum(1) for block in means.values()).sqrt()
     if bool((norms == 0).any()):
         raise ValueError("a class's mean normalised gradient is zero: the per-class subspace is undefined")
-    return SubspaceFit({name: (block / norms[:, None]).float() for name, block in means.items()}, None, None)
+    return SubspaceFit({name: (block / norms[:, None]).float() for name, block in means.items()}, None, None, None)
 
 
 class GradientSubspace:

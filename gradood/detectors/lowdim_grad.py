@@ -69,7 +69,7 @@ class LowDimGrad(Detector):
         fallback: Optional[str] = None,
         classes: str = "labels",
         oversample: int = 10,
-        iterations: int = 4,
+        iterations: int = 6,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         max_samples: Optional[int] = None,
@@ -103,7 +103,10 @@ class LowDimGrad(Detector):
         self.subspace: Optional[GradientSubspace] = None
         self.bank: Optional[torch.Tensor] = None
         self.clip: Optional[float] = None
-        #: After fit: samples used, subspace dimension, PCA's last subspace change and eigenvalues.
+        #: After fit: samples used, subspace dimension and, for PCA, the covariance eigenvalues of
+        #: the K directions and how much the last iteration changed them: subspace_change (sine of
+        #: the largest principal angle; dominated by the last directions when the spectrum is flat
+        #: there) and eigenvalue_change (largest relative change). Raise `iterations` if too large.
         self.fit_info: Dict[str, Any] = {}
 
     # -- per-sample gradients --------------------------------------------------------
@@ -201,6 +204,7 @@ class LowDimGrad(Detector):
             "samples": moments.count,
             "dim": self.subspace.dim,
             "subspace_change": fit.change,
+            "eigenvalue_change": fit.eigenvalue_change,
             "eigenvalues": fit.eigenvalues,
         }
         return self
