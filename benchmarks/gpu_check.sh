@@ -6,11 +6,11 @@
 #
 #   run: bash benchmarks/gpu_check.sh [STAGE...]   (OUT is set by the device tool)
 #
-# STAGE: tests, sanitizer, bench (default: all three). Every call builds first
+# STAGE: tests, sanitizer, bench, lowdim (default: all four). Every call builds first
 # (incrementally on a warm machine), so a 10-minute device call can take one
-# stage at a time: `bash benchmarks/gpu_check.sh tests`, then `... sanitizer bench`.
+# stage at a time: `bash benchmarks/gpu_check.sh tests`, then `... sanitizer bench`, then `... lowdim`.
 set -uo pipefail
-stages="${*:-tests sanitizer bench}"
+stages="${*:-tests sanitizer bench lowdim}"
 wants() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT="${OUT:-$(mktemp -d)}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" GRADOOD_WITH_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
@@ -50,5 +50,12 @@ if wants bench; then
   (cd benchmarks && python3 -m pytest test_persample.py -q -p no:cacheprovider -k cuda \
     --benchmark-json="$OUT/persample.json" >"$OUT/persample.log" 2>&1) || status=1
   tail -15 "$OUT/persample.log"
+fi
+
+if wants lowdim; then
+  step "LowDimGrad projection benchmark (ResNet-18 CIFAR, K=200)"
+  (cd benchmarks && python3 -m pytest test_lowdim.py -q -p no:cacheprovider -k cuda \
+    --benchmark-json="$OUT/lowdim.json" >"$OUT/lowdim.log" 2>&1) || status=1
+  tail -15 "$OUT/lowdim.log"
 fi
 exit $status

@@ -10,7 +10,8 @@
                    in extra_info["extrapolated_median_s"]
     training_step  one plain forward + backward with parameter gradients (the reference cost)
 
-extra_info["samples_per_s"] holds the throughput.
+extra_info["samples_per_s"] holds the throughput; on CUDA, extra_info["peak_extra_cuda_bytes"]
+the peak memory the run allocates beyond the model, inputs and directions.
 
     cd benchmarks && python -m pytest test_lowdim.py --benchmark-json=lowdim.json
 
@@ -116,7 +117,12 @@ def test_projection(benchmark, case, implementation):
             sync()
 
     run()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
     benchmark.pedantic(run, rounds=5, iterations=1)
+    if device == "cuda":  # beyond the model, inputs and directions
+        benchmark.extra_info["peak_extra_cuda_bytes"] = torch.cuda.max_memory_allocated() - baseline
     median = benchmark.stats.stats.median
     if implementation == "jvp" and directions < K:
         median *= K / directions
