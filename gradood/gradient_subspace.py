@@ -159,6 +159,9 @@ def moments_pass(
     if state is None:
         raise ValueError("the data hold no batch")
     count = state.pop("count")
+    bad = [name for name, (m, sq) in state.items() if not (bool(torch.isfinite(m).all()) and bool(torch.isfinite(sq).all()))]
+    if bad:
+        raise ValueError(f"the per-sample gradients of the ID data are not finite (NaN/Inf inputs or overflow) in {bad[:5]}")
     mean = {name: m for name, (m, _) in state.items()}
     inv = {name: inverse_std(m, s, count, torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
            for name, (m, s) in state.items()}

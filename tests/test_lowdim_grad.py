@@ -282,3 +282,44 @@ def test_errors():
     plain.ensemble = True
     with pytest.raises(RuntimeError, match="fitted without ensemble"):
         plain.score(inputs[:2])
+
+
+def test_a_shuffling_dataloader_fits_the_same_subspace():
+    model, inputs, labels = _model_and_data(12)
+    dataset = torch.utils.data.TensorDataset(inputs, labels)
+    ordered = LowDimGrad(model, dim=3, oversample=9, iterations=2).fit(torch.utils.data.DataLoader(dataset, batch_size=5))
+    shuffled = LowDimGrad(model, dim=3, oversample=9, iterations=2).fit(
+        torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(1))
+    )
+    names = [n for n, _ in model.named_parameters()]
+    cosines = torch.linalg.svdvals(_directions(ordered, names).T @ _directions(shuffled, names))
+    torch.testing.assert_close(cosines, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_non_finite_rows_affect_only_themselves_and_fit_refuses_them():
+    model, inputs, labels = _model_and_data(12)
+    detector = LowDimGrad(model, dim=2).fit(inputs)
+    queries = inputs[:4].clone()
+    clean = detector.score(queries)
+    queries[1, 0, 0, 0] = float("nan")
+    scores = detector.score(queries)
+    assert torch.isnan(scores[1])
+    torch.testing.assert_close(scores[[0, 2, 3]], clean[[0, 2, 3]], rtol=0, atol=1e-12)
+    poisoned = inputs.clone()
+    poisoned[3, 0, 2, 2] = float("inf")
+    with pytest.raises(ValueError, match="not finite"):
+        LowDimGrad(model, dim=2).fit(poisoned)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_float32_matches_the_float64_literal():
+    model, inputs, labels = _model_and_data(12)
+    literal = _Literal(model, inputs)
+    cuda_model = copy.deepcopy(model).float().cuda()
+    detector = LowDimGrad(cuda_model, dim=3, oversample=9, iterations=2).fit(_batches(inputs.float(), labels))
+    assert detector.bank.is_cuda
+    expected_v, _ = literal.pca(3)
+    cosines = torch.linalg.svdvals(expected_v.T @ _directions(detector, literal.names).cpu())
+    torch.testing.assert_close(cosines, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-3)
+    low = detector.low_dimensional_gradients(inputs.float().cuda()).double().cpu()
+    _assert_equal_up_to_sign(low, literal.normalised @ expected_v, atol=1e-3 * float(low.abs().max()))
