@@ -5,18 +5,23 @@ from __future__ import annotations
 from torch import nn
 
 
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """BatchNorm2d, or GroupNorm with 32 groups (for peers that refuse BatchNorm, such as Opacus)."""
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(min(32, channels), channels)
+
+
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, channels: int, stride: int):
+    def __init__(self, in_channels: int, channels: int, stride: int, norm: str = "batch"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
+        self.bn1 = norm_layer(norm, channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
+        self.bn2 = norm_layer(norm, channels)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = None
         if stride != 1 or in_channels != channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.BatchNorm2d(channels)
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), norm_layer(norm, channels)
             )
 
     def forward(self, x):
@@ -27,14 +32,15 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Cifar(nn.Module):
-    """ResNet-18 for 32×32 inputs (3×3 stem, no max-pool), as in the OOD benchmarks on CIFAR-10."""
+    """ResNet-18 for 32×32 inputs (3×3 stem, no max-pool), as in the OOD benchmarks on CIFAR-10.
+    norm="group" swaps every BatchNorm for GroupNorm(32)."""
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, norm: str = "batch"):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), norm_layer(norm, 64), nn.ReLU(inplace=True))
         layers, in_channels = [], 64
         for channels, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-            layers += [BasicBlock(in_channels, channels, stride), BasicBlock(channels, channels, 1)]
+            layers += [BasicBlock(in_channels, channels, stride, norm), BasicBlock(channels, channels, 1, norm)]
             in_channels = channels
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

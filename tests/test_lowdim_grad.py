@@ -171,6 +171,10 @@ def test_ensemble_adds_a_times_react_energy():
     assert ensemble.clip == pytest.approx(react.clip)
     queries = inputs[:6] * 1.5
     torch.testing.assert_close(ensemble.score(queries), plain.score(queries) + 0.7 * react.score(queries), rtol=0, atol=1e-9)
+    parts = ensemble.score_parts(queries)
+    torch.testing.assert_close(parts["knn"], plain.score(queries), rtol=0, atol=1e-12)
+    torch.testing.assert_close(parts["react_energy"], react.score(queries), rtol=0, atol=1e-12)
+    assert set(plain.score_parts(queries)) == {"knn"}
 
 
 def test_cosine_metric_ranks_like_squared_l2():

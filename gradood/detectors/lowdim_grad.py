@@ -15,8 +15,9 @@ energy on the same forward's features:
     score = knn(G_low) + a · log Σ_j exp((W min(v, c) + b)_j)     ensemble=True
 
 with c the `react_percentile`-th percentile of ID activations. The KNN term
-lies in [−4, 0] and the energy is in logit units, so `a` sets their balance
-(tune it with gradood.tune).
+lies in [−4, 0] and the energy is in logit units, so `a` sets their balance:
+score_parts() returns both terms from one pass, so a sweep over `a` needs no
+refit.
 
 Cost per scored batch: one forward and one backward pass (parameters frozen,
 only the input-gradient chain), then per layer the per-sample gradients of a
@@ -211,20 +212,27 @@ class LowDimGrad(Detector):
 
     # -- scoring ------------------------------------------------------------------------
 
-    def score(self, inputs: torch.Tensor) -> torch.Tensor:
+    def score_parts(self, inputs: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Both terms from one pass: {"knn": [B]} and, when fitted with ensemble=True,
+        {"react_energy": [B]}; score = knn + a · react_energy. A sweep over `a` needs
+        these once, not a refit per value."""
         self._require_fitted()
-        if self.ensemble and self.clip is None:
-            raise RuntimeError(f"{type(self).__name__}: fitted without ensemble; refit to use ensemble=True")
         features: List[torch.Tensor] = []
-        grads = self._gradients(inputs, features if self.ensemble else None)
+        grads = self._gradients(inputs, features if self.clip is not None else None)
         low = self.subspace.project(grads)
-        result = knn_score(low, self.bank.to(low.device), self.neighbours, self.metric)
-        if self.ensemble:
+        parts = {"knn": knn_score(low, self.bank.to(low.device), self.neighbours, self.metric)}
+        if self.clip is not None:
             weight, bias = self.head_weight_bias()
             v = features[0].reshape(features[0].shape[0], -1)
             energy = scores.react(v, weight.to(v.dtype), None if bias is None else bias.to(v.dtype), self.clip)
-            result = result + self.a * energy.to(result.dtype)
-        return result
+            parts["react_energy"] = energy.to(parts["knn"].dtype)
+        return parts
+
+    def score(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.ensemble and self.clip is None and self.subspace is not None:
+            raise RuntimeError(f"{type(self).__name__}: fitted without ensemble; refit to use ensemble=True")
+        parts = self.score_parts(inputs)
+        return parts["knn"] + self.a * parts["react_energy"] if self.ensemble else parts["knn"]
 
     def score_features(self, logits, features):
         raise NotImplementedError(f"{type(self).__name__} needs the per-sample gradients: use score(inputs)")

@@ -2,6 +2,7 @@
 forward, one backward), with one norm rule and one gradient rule per layer type:
 linear.py, conv.py, norm.py, embedding.py, attention.py."""
 
+from gradood.persample._grads import DenseLayerGradients, LayerGradients, register_grad_rule
 from gradood.persample._rules import CompositeRule, RuleResult, register_composite_rule, register_rule
 from gradood.persample.engine import PerSampleGradNorms, PerSampleGradients, persample_grad_norms, persample_gradients
 from gradood.persample.losses import LOSSES
@@ -15,5 +16,8 @@ __all__ = [
     "register_composite_rule",
     "CompositeRule",
     "RuleResult",
+    "register_grad_rule",
+    "LayerGradients",
+    "DenseLayerGradients",
     "LOSSES",
 ]
