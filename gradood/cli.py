@@ -31,6 +31,17 @@ def _load_model(spec: str) -> torch.nn.Module:
     return torchvision.models.get_model(spec, weights=None)
 
 
+def _trailing_parameters(model: torch.nn.Module, budget: int) -> List[str]:
+    """The last trainable parameters (in definition order) holding at most `budget` elements in all
+    (at least one): LowDimGrad's directions take |θ|·K elements, so the bench bounds |θ|."""
+    names, total = [], 0
+    for name, parameter in reversed(list(model.named_parameters())):
+        if parameter.requires_grad and (not names or total + parameter.numel() <= budget):
+            names.append(name)
+            total += parameter.numel()
+    return names
+
+
 def _bench(arguments: argparse.Namespace) -> None:
     from gradood import detectors as D
 
@@ -41,12 +52,14 @@ def _bench(arguments: argparse.Namespace) -> None:
         "MSP": D.MSP(model), "Energy": D.Energy(model), "GradNorm": D.GradNorm(model), "ExGrad": D.ExGrad(model),
         "RG": D.RG(model), "ReAct": D.ReAct(model), "RGAdditive": D.RGAdditive(model), "KLMatching": D.KLMatching(model),
         "ODIN": D.ODIN(model), "GRODIN": D.GRODIN(model), "FullGradNorm": D.FullGradNorm(model),
+        "LowDimGrad": D.LowDimGrad(model, params=_trailing_parameters(model, 1 << 21), iterations=1),
     }
+    fit_data = {"LowDimGrad": [torch.randn_like(inputs) for _ in range(-(-256 // arguments.batch))]}
     print(f"model {arguments.model}, batch {arguments.batch}, input {shape}, device {arguments.device}")
     print(f"{'detector':<14} {'ms/batch':>10} {'samples/s':>12}")
     for name, detector in candidates.items():
         try:
-            detector.fit(inputs)
+            detector.fit(fit_data.get(name, inputs))
             detector.score(inputs)  # warm-up
             if arguments.device == "cuda":
                 torch.cuda.synchronize()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -98,7 +99,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
     result = demo.run(out=str(tmp_path / "report"), epochs=3, plots=False, bootstrap=0, progress=False)
     assert set(result.ood_names) == {"near-ood-digits", "faces", "textures", "photographs"}
-    assert len(result.scores) == 14
+    assert len(result.scores) == 16 and "LowDimGrad (PCA K=200, KNN k=5)" in result.scores
     report = (tmp_path / "report" / "report.md").read_text()
     assert report.startswith("# gradood demo") and "ID test accuracy" in report
 
@@ -124,6 +125,7 @@ def test_cli_bench_and_help():
     )
     assert result.returncode == 0, result.stderr
     assert "GradNorm" in result.stdout and "GRODIN" in result.stdout
+    assert re.search(r"^LowDimGrad +[0-9.]+ ", result.stdout, re.MULTILINE), result.stdout
     usage = subprocess.run([sys.executable, "-m", "gradood"], capture_output=True, text=True, timeout=120)
     assert "demo" in usage.stdout and "bench" in usage.stdout
 
