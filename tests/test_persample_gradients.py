@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gradood.persample import persample_gradients
-from gradood.persample import _grads
+from gradood.persample import _grads, linear
 from gradood.persample.losses import per_sample_loss
 from test_persample import MODELS, _float64, _vit
 
@@ -104,8 +104,29 @@ def test_unused_layer_gives_zero_gradients():
 def test_chunked_materialisation_matches(monkeypatch):
     """Chunks of one sample (the bound hit everywhere) give the same reductions."""
     monkeypatch.setattr(_grads, "_CHUNK_ELEMENTS", 1)
-    model, inputs = _float64("residual_cnn")
-    _check_operator(persample_gradients(model, inputs, "logsumexp"), _loop_grads(model, inputs))
+    monkeypatch.setattr(linear, "_CHUNK_ELEMENTS", 1)  # the rank-one path's row blocks
+    for name in ("residual_cnn", "sequence"):
+        model, inputs = _float64(name)
+        _check_operator(persample_gradients(model, inputs, "logsumexp"), _loop_grads(model, inputs))
+
+
+def test_rank_one_linear_path_and_its_fallback():
+    """A 2-D-input Linear projects without forming g aᵀ when K < d, and falls back
+    to materialised chunks when K ≥ d; both against the loop."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 4)).double().eval()
+    inputs = torch.randn(6, 9, dtype=torch.float64)
+    result, expected = persample_gradients(model, inputs, "logsumexp"), _loop_grads(model, inputs)
+    assert isinstance(result._layers[0][1], linear.RankOneGradients)
+    names = list(expected)
+    dense = _flat(expected, names)
+    for count in (3, 8, 12):  # K < d for both layers, between, K ≥ d for both
+        directions = {n: torch.randn(count, expected[n][0].numel(), dtype=torch.float64) for n in names}
+        torch.testing.assert_close(result.project(directions), dense @ _flat_directions(directions, names).T, rtol=1e-10, atol=1e-12)
+        weights = torch.randn(6, count, dtype=torch.float64)
+        sums = result.weighted_sum(weights)
+        for n in names:
+            torch.testing.assert_close(sums[n], weights.T @ expected[n].reshape(6, -1), rtol=1e-10, atol=1e-12)
 
 
 def test_half_precision_directions_are_upcast_in_blocks(monkeypatch):
