@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from gradood import knn
 from gradood.detectors import LowDimGrad, ReAct
 from test_persample_gradients import _flat, _loop_grads
 
