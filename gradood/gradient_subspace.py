@@ -20,7 +20,7 @@ representation is G_low = G V for K directions V [|θ|, K]:
   predictions), each column scaled to unit L2 norm (K = C).
 
 What is stored is M = V / σ (the "scaled directions", [K, numel] per parameter,
-in float32 or a half type), the mean z, 1/σ and the offset c = Σ M z, so that
+in the model's precision — float32 for half models — or a half type), the mean z, 1/σ and the offset c = Σ M z, so that
 G_low = g M − c: one projection of the raw per-sample gradients. Memory: |θ|·K
 elements for M, and during a PCA fit 2·|θ|·(K + oversample) float32 (Z and W);
 restrict `params` (e.g. the last stage and the head) to bound it.
@@ -87,7 +87,7 @@ def iterate_batches(data: Iterable, limit: Optional[int]) -> Iterator[Tuple[torc
 class Moments(NamedTuple):
     count: int
     mean: Blocks  # [numel] float64 per parameter
-    inv_std: Blocks  # [numel] float32, 0 where the gradient does not vary
+    inv_std: Blocks  # [numel] float32 (float64 for float64 models), 0 where the gradient does not vary
 
 
 def _merge(state: Optional[dict], batch: Dict[str, Tuple[torch.Tensor, torch.Tensor]], count: int) -> dict:
@@ -107,7 +107,8 @@ def inverse_std(mean: torch.Tensor, squares: torch.Tensor, count: int, dtype: to
     std = (squares / count).sqrt()
     varies = std > 64 * torch.finfo(dtype).eps * mean.abs()
     varies &= std > 0
-    return torch.where(varies, 1.0 / torch.where(varies, std, torch.ones_like(std)), torch.zeros_like(std)).float()
+    inverse = torch.where(varies, 1.0 / torch.where(varies, std, torch.ones_like(std)), torch.zeros_like(std))
+    return inverse if dtype == torch.float64 else inverse.float()
 
 
 class _Accumulator:
@@ -178,12 +179,14 @@ def gram(blocks: Blocks) -> torch.Tensor:
 
 def orthonormalise(blocks: Blocks) -> Blocks:
     """Rows orthonormal over the concatenated parameters, by the eigenvectors of
-    the float64 Gram matrix, twice (as CholeskyQR2; also when nearly dependent)."""
+    the float64 Gram matrix, twice (as CholeskyQR2; also when nearly dependent).
+    In place: one parameter's block at a time is replaced."""
     for _ in range(2):
         values, vectors = torch.linalg.eigh(gram(blocks))
         floor = values.max().clamp_min(1e-300) * 1e-14
         transform = (vectors / values.clamp_min(floor).sqrt()).T  # [L, L]
-        blocks = {name: (transform.to(block.device) @ block.double()).to(block.dtype) for name, block in blocks.items()}
+        for name, block in blocks.items():
+            blocks[name] = (transform.to(block.device) @ block.double()).to(block.dtype)
     return blocks
 
 
@@ -192,42 +195,39 @@ def combine(blocks: Blocks, coefficients: torch.Tensor) -> Blocks:
     return {name: (coefficients.to(block.device, torch.float64) @ block.double()).to(block.dtype) for name, block in blocks.items()}
 
 
-def random_blocks(shapes: Dict[str, int], rows: int, seed: int, device: torch.device) -> Blocks:
+def random_blocks(shapes: Dict[str, int], rows: int, seed: int, device: torch.device, dtype: torch.dtype) -> Blocks:
     """Gaussian [rows, numel] per parameter from one CPU generator (device-independent)."""
     generator = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(rows, numel, generator=generator, dtype=torch.float64).float().to(device) for name, numel in shapes.items()}
+    return {name: torch.randn(rows, numel, generator=generator, dtype=torch.float64).to(device, dtype) for name, numel in shapes.items()}
 
 
 class NormalisedGradients:
     """X_b = (G_b − z) D (D = diag(1/σ)) as products with blocks, from the raw per-sample gradients."""
 
     def __init__(self, moments: Moments):
-        self.mean = {name: m.float() for name, m in moments.mean.items()}
+        self.mean = moments.mean  # float64
         self.inv_std = moments.inv_std
 
-    def scaled(self, blocks: Blocks) -> Tuple[Blocks, torch.Tensor]:
-        """(D Z per parameter, offset zᵀ D Z [L]) for X_b Z = G_b (D Z) − offset."""
-        scaled = {name: block * self.inv_std[name].to(block.device) for name, block in blocks.items()}
-        offset = sum(s.double() @ self.mean[name].to(s.device).double() for name, s in scaled.items())
-        return scaled, offset
+    def offset(self, blocks: Blocks) -> torch.Tensor:
+        """zᵀ D Z [L], float64."""
+        return sum(block.double() @ (self.mean[name] * self.inv_std[name]).to(block.device).double()
+                   for name, block in blocks.items())
 
-    def project(self, grads: PerSampleGradients, scaled: Blocks, offset: torch.Tensor) -> torch.Tensor:
-        out = grads.project(scaled)
+    def project(self, grads: PerSampleGradients, blocks: Blocks, offset: torch.Tensor) -> torch.Tensor:
+        """X_b Z = G_b (D Z) − zᵀ D Z, D applied one layer at a time."""
+        out = grads.project(blocks, scale=self.inv_std)
         return out - offset.to(out.device, out.dtype)
 
-    def transpose_times(self, grads: PerSampleGradients, weights: torch.Tensor) -> Blocks:
-        """X_bᵀ weights as blocks [L, numel]: D (G_bᵀ W − z 1ᵀW)."""
-        sums = grads.weighted_sum(weights)
-        column_sums = weights.sum(0)
-        return {
-            name: (value - column_sums[:, None].to(value.dtype) * self.mean[name].to(value.device, value.dtype))
-            * self.inv_std[name].to(value.device)
-            for name, value in sums.items()
-        }
+    def finish_transpose_times(self, sums: Blocks, column_sums: torch.Tensor) -> Blocks:
+        """X ᵀ W from the raw Σ_b G_bᵀ W_b and Σ_b 1ᵀ W_b: D (Σ Gᵀ W − z 1ᵀ W), in place."""
+        for name, value in sums.items():
+            value -= column_sums[:, None].to(value.device, value.dtype) * self.mean[name].to(value.device, value.dtype)
+            value *= self.inv_std[name].to(value.device, value.dtype)
+        return sums
 
 
 class SubspaceFit(NamedTuple):
-    directions: Blocks  # V, [K, numel] per parameter, float32
+    directions: Blocks  # V, [K, numel] per parameter, float32 (float64 for float64 models)
     eigenvalues: Optional[torch.Tensor]  # covariance eigenvalues of the K directions (PCA), float64
     change: Optional[float]  # PCA: sin of the largest principal angle between the last two iterates' top-K
     eigenvalue_change: Optional[float]  # PCA: largest relative change of the top-K eigenvalues, last iteration
@@ -249,40 +249,46 @@ def pca_directions(
     numels = {name: m.numel() for name, m in moments.mean.items()}
     rows = min(k + oversample, sum(numels.values()))
     normalised = NormalisedGradients(moments)
-    basis = orthonormalise(random_blocks(numels, rows, seed, device))
-    previous_top: Optional[Blocks] = None
-    previous_values: Optional[torch.Tensor] = None
+    dtype = next(iter(moments.inv_std.values())).dtype  # float64 for float64 models, else float32
+    basis = orthonormalise(random_blocks(numels, rows, seed, device, dtype))
+    # Only the basis Z and the product XᵀX Z (|θ| × L each) are kept; the subspace change
+    # between iterations is measured through L × L matrices.
+    previous: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (previous top-K Ritz vectors, Z_prevᵀ Z)
     change = value_change = None
-    eigenvalues = vectors = None
+    previous_values: Optional[torch.Tensor] = None
     for iteration in range(iterations):
-        scaled, offset = normalised.scaled(basis)
-        product: Optional[Blocks] = None
+        offset = normalised.offset(basis)
+        product = {name: torch.zeros_like(block) for name, block in basis.items()}
+        column_sums = torch.zeros(rows, dtype=torch.float64)
         report = Progress(progress, f"gradient PCA, iteration {iteration + 1}/{iterations}")
         for inputs, _ in data_passes(f"iteration {iteration + 1}"):
             grads = gradients_of(inputs)
-            projected = normalised.project(grads, scaled, offset)  # X_b Z  [n, L]
-            term = normalised.transpose_times(grads, projected)  # X_bᵀ X_b Z  [L, numel]
-            if product is None:
-                product = term
-            else:
-                for name, value in term.items():
-                    product[name] += value
+            projected = normalised.project(grads, basis, offset)  # X_b Z  [n, L]
+            grads.weighted_sum(projected, into=product)  # Σ_b G_bᵀ (X_b Z), layer by layer
+            column_sums += projected.sum(0).double().cpu()
             report.update(grads.count)
         report.close()
+        normalised.finish_transpose_times(product, column_sums)  # XᵀX Z
         # Rayleigh–Ritz on the current basis: H = Zᵀ XᵀX Z.
         cross = sum(basis[name].double() @ product[name].double().T for name in basis)
         eigenvalues, vectors = torch.linalg.eigh((cross + cross.T) / 2)
         order = torch.argsort(eigenvalues, descending=True)[:k]
-        top = combine(basis, vectors[:, order].T)
-        if previous_top is not None:
-            overlap = sum(previous_top[name].double() @ top[name].double().T for name in top)
+        ritz = vectors[:, order]  # [L, K]: top-K directions = ritzᵀ Z
+        if previous is not None:
+            overlap = previous[0].T @ previous[1] @ ritz  # (U_prevᵀ Z_prev)(Zᵀ U)
             cosines = torch.linalg.svdvals(overlap).clamp(max=1.0)
             change = float((1 - cosines.min() ** 2).clamp_min(0).sqrt())
             value_change = float(((eigenvalues[order] - previous_values).abs() / eigenvalues[order].abs().clamp_min(1e-300)).max())
-        previous_top, previous_values = top, eigenvalues[order]
-        if iteration + 1 < iterations:
-            basis = orthonormalise(product)
-    return SubspaceFit(previous_top, eigenvalues[order].cpu() / moments.count, change, value_change)
+        previous_values = eigenvalues[order]
+        if iteration + 1 == iterations:
+            del product
+            directions = combine(basis, ritz.T)
+            break
+        new_basis = orthonormalise(product)
+        crossing = sum(basis[name].double() @ new_basis[name].double().T for name in basis)  # Z_prevᵀ Z_new
+        previous = (ritz, crossing)
+        basis = new_basis
+    return SubspaceFit(directions, eigenvalues[order].cpu() / moments.count, change, value_change)
 
 
 def class_mean_directions(moments: Moments, class_sums: Blocks, class_counts: torch.Tensor) -> SubspaceFit:
@@ -299,7 +305,8 @@ def class_mean_directions(moments: Moments, class_sums: Blocks, class_counts: to
     norms = sum(block.square().sum(1) for block in means.values()).sqrt()
     if bool((norms == 0).any()):
         raise ValueError("a class's mean normalised gradient is zero: the per-class subspace is undefined")
-    return SubspaceFit({name: (block / norms[:, None]).float() for name, block in means.items()}, None, None, None)
+    dtype = next(iter(moments.inv_std.values())).dtype
+    return SubspaceFit({name: (block / norms[:, None]).to(dtype) for name, block in means.items()}, None, None, None)
 
 
 class GradientSubspace:
@@ -315,9 +322,12 @@ class GradientSubspace:
 
     @classmethod
     def from_directions(cls, moments: Moments, fit: SubspaceFit, shapes, dtype: torch.dtype) -> "GradientSubspace":
-        scaled = {name: (block * moments.inv_std[name].to(block.device)).to(dtype) for name, block in fit.directions.items()}
-        mean = {name: m.float() for name, m in moments.mean.items()}
-        return cls(mean, moments.inv_std, scaled, shapes, fit.eigenvalues)
+        """Consumes fit.directions (each V block is replaced by M = V/σ in `dtype`)."""
+        scaled = {}
+        for name in list(fit.directions):
+            block = fit.directions.pop(name)
+            scaled[name] = (block * moments.inv_std[name].to(block.device)).to(dtype)
+        return cls(moments.mean, moments.inv_std, scaled, shapes, fit.eigenvalues)
 
     @property
     def dim(self) -> int:
@@ -333,7 +343,8 @@ class GradientSubspace:
         result = {}
         for name, block in self.scaled_directions.items():
             inv = self.inv_std[name].to(block.device)
-            result[name] = torch.where(inv > 0, block.float() / torch.where(inv > 0, inv, torch.ones_like(inv)), torch.zeros_like(inv))
+            value = block.to(inv.dtype)
+            result[name] = torch.where(inv > 0, value / torch.where(inv > 0, inv, torch.ones_like(inv)), torch.zeros_like(value))
         return result
 
     def state_dict(self) -> dict:

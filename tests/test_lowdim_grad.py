@@ -99,18 +99,18 @@ def test_moments_match_the_literal_normalisation(exact_case):
     model, _, _, detector, literal = exact_case
     mean = torch.cat([detector.subspace.mean[n].double() for n in literal.names])
     inv_std = torch.cat([detector.subspace.inv_std[n].double() for n in literal.names])
-    torch.testing.assert_close(mean, literal.mean.float().double(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(mean, literal.mean, rtol=0, atol=1e-14)
     assert torch.equal(inv_std > 0, literal.varies)
-    torch.testing.assert_close(inv_std, literal.inv_std, rtol=1e-6, atol=0)
+    torch.testing.assert_close(inv_std, literal.inv_std, rtol=1e-10, atol=0)
 
 
 def test_pca_subspace_and_projection_match_the_svd(exact_case):
     model, inputs, _, detector, literal = exact_case
     expected_v, expected_values = literal.pca(3)
     cosines = torch.linalg.svdvals(expected_v.T @ _directions(detector, literal.names))
-    torch.testing.assert_close(cosines, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-6)
-    torch.testing.assert_close(detector.fit_info["eigenvalues"], expected_values, rtol=1e-6, atol=0)
-    _assert_equal_up_to_sign(detector.low_dimensional_gradients(inputs), literal.normalised @ expected_v, atol=1e-5)
+    torch.testing.assert_close(cosines, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(detector.fit_info["eigenvalues"], expected_values, rtol=1e-10, atol=0)
+    _assert_equal_up_to_sign(detector.low_dimensional_gradients(inputs), literal.normalised @ expected_v, atol=1e-9)
 
 
 def test_knn_scores_match_brute_force_numpy(exact_case):
@@ -119,7 +119,7 @@ def test_knn_scores_match_brute_force_numpy(exact_case):
     queries = torch.randn(5, 1, 6, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     bank = (literal.normalised @ expected_v).numpy()
     expected = _brute_force_knn((literal.normalise(model, queries) @ expected_v).numpy(), bank, 2)
-    np.testing.assert_allclose(detector.score(queries).numpy(), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(detector.score(queries).numpy(), expected, rtol=0, atol=1e-10)
 
 
 def test_pca_converges_with_iterations():
@@ -140,12 +140,12 @@ def test_class_subspace_matches_the_literal_class_means():
     literal = _Literal(model, inputs)
     detector = LowDimGrad(model, subspace="class", neighbours=3).fit(_batches(inputs, labels))
     expected = literal.class_means(labels, 3)
-    torch.testing.assert_close(_directions(detector, literal.names), expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(detector.low_dimensional_gradients(inputs), literal.normalised @ expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_directions(detector, literal.names), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(detector.low_dimensional_gradients(inputs), literal.normalised @ expected, rtol=0, atol=1e-10)
     queries = inputs[:4] + 0.3
     bank = (literal.normalised @ expected).numpy()
     expected_scores = _brute_force_knn((literal.normalise(model, queries) @ expected).numpy(), bank, 3)
-    np.testing.assert_allclose(detector.score(queries).numpy(), expected_scores, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(detector.score(queries).numpy(), expected_scores, rtol=0, atol=1e-10)
 
 
 def test_class_subspace_from_predictions_and_missing_classes():

@@ -72,7 +72,7 @@ class LowDimGrad(Detector):
         oversample: int = 10,
         iterations: int = 6,
         seed: int = 0,
-        dtype: torch.dtype = torch.float32,
+        dtype: Optional[torch.dtype] = None,
         max_samples: Optional[int] = None,
         progress: bool = False,
         head: Optional[str] = None,
@@ -91,7 +91,7 @@ class LowDimGrad(Detector):
             raise ValueError(f"{name}: metric must be one of {METRICS}, got {metric!r}")
         if classes not in ("labels", "predicted"):
             raise ValueError(f"{name}: classes must be 'labels' or 'predicted', got {classes!r}")
-        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        if dtype not in (None, torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise ValueError(f"{name}: dtype (the storage of the directions) must be a float dtype, got {dtype}")
         if not 0 < react_percentile <= 100:
             raise ValueError(f"{name}: react_percentile must lie in (0, 100], got {react_percentile!r}")
@@ -190,7 +190,8 @@ class LowDimGrad(Detector):
                 shapes[parameter_name] = tuple(parameter.shape)
         for parameter_name in moments.mean:  # broadcast (functional) parameters keep their own shape
             shapes.setdefault(parameter_name, (moments.mean[parameter_name].numel(),))
-        self.subspace = GradientSubspace.from_directions(moments, fit, shapes, self.dtype)
+        storage = self.dtype or next(iter(moments.inv_std.values())).dtype  # default: the computation's
+        self.subspace = GradientSubspace.from_directions(moments, fit, shapes, storage)
 
         rows = []
         report = Progress(self.progress, f"{name}.fit: ID bank")

@@ -388,26 +388,37 @@ class PerSampleGradients:
     def count(self) -> int:
         return self.logits.shape[0]
 
-    def project(self, directions: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def project(self, directions: Dict[str, torch.Tensor], scale: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """[B, K]: Σ_params g_i,param · directions[param][k] (directions [K, numel],
-        any float dtype; half-precision blocks are upcast in bounded pieces)."""
+        any float dtype; half-precision blocks are upcast in bounded pieces). With
+        `scale` ([numel] per parameter), the directions are scaled by it first, one
+        layer at a time, so no scaled copy of all of them exists."""
         missing = [name for name in self.names if name not in directions]
         if missing:
             raise ValueError(f"PerSampleGradients.project: no directions for {missing}")
         out = None
         for full_names, grads in self._layers:
-            term = grads.project({own: directions[full].reshape(directions[full].shape[0], -1) for own, full in full_names.items()})
+            blocks = {}
+            for own, full in full_names.items():
+                block = directions[full].reshape(directions[full].shape[0], -1)
+                blocks[own] = block if scale is None else block * scale[full].to(block.device, block.dtype)
+            term = grads.project(blocks)
             out = term if out is None else out.add_(term)
         return out
 
-    def weighted_sum(self, weights: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Σ_i weights[i, l] g_i per parameter: [L, numel] (weights [B, L])."""
+    def weighted_sum(self, weights: torch.Tensor, into: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """Σ_i weights[i, l] g_i per parameter: [L, numel] (weights [B, L]). With
+        `into`, each layer's sums are added to into[param] in place as they are
+        computed (so only one layer's result exists beside the accumulators)."""
         if weights.dim() != 2 or weights.shape[0] != self.count:
             raise ValueError(f"PerSampleGradients.weighted_sum: weights must be [{self.count}, L], got {tuple(weights.shape)}")
-        sums = {}
+        sums = {} if into is None else into
         for full_names, grads in self._layers:
             for own, value in grads.weighted_sum(weights).items():
-                sums[full_names[own]] = value
+                if into is None:
+                    sums[full_names[own]] = value
+                else:
+                    into[full_names[own]].add_(value.to(into[full_names[own]].dtype))
         return sums
 
     def moments(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
