@@ -5,8 +5,10 @@ For the per-sample gradients g_i ∈ R^|θ| of a loss (log Σ_j exp f_j for the
 method), the normalised gradient is G_i = (g_i − z) / σ with z the mean and σ
 the per-parameter standard deviation over the N ID samples (population std,
 ddof = 0, as the official code; a parameter whose gradient does not vary over
-the ID data, σ ≤ 64·eps·|z|, gets 1/σ := 0: every ID direction is zero there,
-so it could not contribute to a projection anyway). Its low-dimensional
+the ID data beyond round-off, σ ≤ 64·eps·(|z| + s) with s the RMS gradient
+entry of its tensor, gets 1/σ := 0: every ID direction is zero there, so it
+could not contribute to a projection anyway; the official code would instead
+amplify round-off, e.g. of an attention key bias, whose gradient is zero). Its low-dimensional
 representation is G_low = G V for K directions V [|θ|, K]:
 
 - "pca": the top-K principal directions of the N×|θ| matrix X of normalised
@@ -104,8 +106,13 @@ def _merge(state: Optional[dict], batch: Dict[str, Tuple[torch.Tensor, torch.Ten
 
 
 def inverse_std(mean: torch.Tensor, squares: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """1/σ per element of one parameter tensor, 0 where σ is at round-off level:
+    σ ≤ 64·eps·(|z| + s), s = the RMS of the tensor's per-sample gradient entries
+    (a gradient that is zero in exact arithmetic, such as an attention key bias's,
+    would otherwise become unit-variance noise after normalisation)."""
     std = (squares / count).sqrt()
-    varies = std > 64 * torch.finfo(dtype).eps * mean.abs()
+    scale = (mean.square() + std.square()).mean().sqrt()
+    varies = std > 64 * torch.finfo(dtype).eps * (mean.abs() + scale)
     varies &= std > 0
     inverse = torch.where(varies, 1.0 / torch.where(varies, std, torch.ones_like(std)), torch.zeros_like(std))
     return inverse if dtype == torch.float64 else inverse.float()

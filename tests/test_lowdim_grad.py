@@ -54,7 +54,11 @@ class _Literal:
         self.dense = _flat(grads, self.names)
         self.mean = self.dense.mean(0)
         std = self.dense.std(0, unbiased=False)
-        self.varies = std > 1e-12 * self.mean.abs().clamp_min(1e-300)
+        # Round-off-level spread counts as none, relative to each parameter tensor's scale.
+        sizes = [grads[n][0].numel() for n in self.names]
+        scale = torch.cat([torch.full((k,), float((m.square() + s.square()).mean().sqrt()), dtype=torch.float64)
+                           for k, m, s in zip(sizes, self.mean.split(sizes), std.split(sizes))])
+        self.varies = std > 64 * torch.finfo(torch.float64).eps * (self.mean.abs() + scale)
         self.inv_std = torch.where(self.varies, 1 / torch.where(self.varies, std, torch.ones_like(std)), torch.zeros_like(std))
         self.normalised = (self.dense - self.mean) * self.inv_std
 
@@ -326,3 +330,28 @@ def test_cuda_float32_matches_the_float64_literal():
     torch.testing.assert_close(cosines, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-3)
     low = detector.low_dimensional_gradients(inputs.float().cuda()).double().cpu()
     _assert_equal_up_to_sign(low, literal.normalised @ expected_v, atol=1e-3 * float(low.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["vit", "sequence"])
+def test_attention_broadcast_and_embedding_models_match_the_literal(name):
+    """Every rule's gradients (MultiheadAttention, broadcast class token and position
+    embedding, Embedding with padding, Conv1d, GroupNorm, LayerNorm) through the method."""
+    from test_persample import _float64, _vit
+
+    if name == "vit":
+        model, _ = _vit()
+        inputs = torch.randn(14, 3, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        options = {"functional_params": "broadcast"}
+    else:
+        model, _ = _float64("sequence")
+        inputs = torch.randint(0, 11, (14, 9), generator=torch.Generator().manual_seed(5))
+        options = {}
+    literal = _Literal(model, inputs)
+    detector = LowDimGrad(model, dim=3, oversample=11, iterations=2, neighbours=2, **options).fit(inputs)
+    expected_v, _ = literal.pca(3)
+    cosines = torch.linalg.svdvals(expected_v.T @ _directions(detector, literal.names))
+    torch.testing.assert_close(cosines, torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-9)
+    _assert_equal_up_to_sign(detector.low_dimensional_gradients(inputs), literal.normalised @ expected_v, atol=1e-8)
+    if name == "vit":  # the key bias's gradient is zero (softmax ignores a shift of every score): not normalised noise
+        inv_std = detector.subspace.inv_std["attention.in_proj_bias"]
+        assert bool((inv_std[8:16] == 0).all()) and bool((inv_std[:8] > 0).all()) and bool((inv_std[16:] > 0).all())
