@@ -57,5 +57,7 @@ if wants lowdim; then
   (cd benchmarks && python3 -m pytest test_lowdim.py -q -p no:cacheprovider -k cuda \
     --benchmark-json="$OUT/lowdim.json" >"$OUT/lowdim.log" 2>&1) || status=1
   tail -15 "$OUT/lowdim.log"
+  (cd benchmarks && python3 profile_lowdim.py --device cuda --batch 128 && \
+    python3 profile_lowdim.py --device cuda --batch 128 --last-stage) 2>&1 | tee "$OUT/lowdim_profile.txt" || status=1
 fi
 exit $status
