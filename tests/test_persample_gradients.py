@@ -170,3 +170,19 @@ def test_model_is_left_untouched():
     assert all(not m._forward_hooks for m in model.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_half_directions_use_one_float32_accumulating_gemm():
+    model, inputs = _float64("residual_cnn")
+    expected = _loop_grads(model, inputs)
+    names = list(expected)
+    result = persample_gradients(model.float().cuda(), inputs.float().cuda(), "logsumexp")
+    generator = torch.Generator().manual_seed(1)
+    directions = {n: torch.randn(16, expected[n][0].numel(), generator=generator) for n in names}
+    exact = _flat(expected, names) @ _flat_directions({n: d.double() for n, d in directions.items()}, names).T
+    for dtype in (torch.bfloat16, torch.float16):
+        half = {n: d.to(dtype).cuda() for n, d in directions.items()}
+        projected = result.project(half)
+        assert projected.dtype == torch.float32
+        torch.testing.assert_close(projected.double().cpu(), exact, rtol=0, atol=2e-2 * float(exact.abs().max()))

@@ -38,11 +38,14 @@ _UPCAST_ELEMENTS = 1 << 24
 
 
 def mixed_matmul(left: torch.Tensor, right_t: torch.Tensor) -> torch.Tensor:
-    """left [n, p] @ right_tᵀ (right_t [K, p]) in left's dtype; a lower-precision
-    right_t (bfloat16/float16 storage) is upcast in blocks of columns, so its
-    float32 copy stays bounded."""
+    """left [n, p] @ right_tᵀ (right_t [K, p]) in left's dtype. A lower-precision
+    right_t (bfloat16/float16 storage): on CUDA, left is rounded to that dtype for
+    one tensor-core GEMM accumulating and returning float32; elsewhere right_t is
+    upcast in blocks of columns, so its float32 copy stays bounded."""
     if right_t.dtype == left.dtype:
         return left @ right_t.T
+    if left.is_cuda and left.dtype == torch.float32 and right_t.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(left.to(right_t.dtype), right_t.T, out_dtype=torch.float32)
     block = max(1, _UPCAST_ELEMENTS // max(1, right_t.shape[0]))
     out = left.new_zeros(left.shape[0], right_t.shape[0])
     for start in range(0, left.shape[1], block):
