@@ -118,16 +118,9 @@ def inverse_std(mean: torch.Tensor, squares: torch.Tensor, count: int, dtype: to
     return inverse if dtype == torch.float64 else inverse.float()
 
 
-class _Accumulator:
-    def __init__(self):
-        self.sums: Optional[Blocks] = None
-
-    def add(self, blocks: Blocks) -> None:
-        if self.sums is None:
-            self.sums = {name: value.double() for name, value in blocks.items()}
-        else:
-            for name, value in blocks.items():
-                self.sums[name] += value.double()
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision models are reduced in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def moments_pass(
@@ -135,17 +128,15 @@ def moments_pass(
     batches: Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]],
     num_classes: Optional[int] = None,
     class_source: str = "labels",
-    on_batch: Optional[Callable[[PerSampleGradients, torch.Tensor], None]] = None,
     progress: Optional[Progress] = None,
 ) -> Tuple[Moments, Optional[Blocks], Optional[torch.Tensor]]:
     """One pass: the per-parameter mean and 1/σ of the per-sample gradients and,
-    with num_classes, the per-class sums of the gradients and the class counts.
-    on_batch(grads, labels) sees every batch (e.g. to collect head features)."""
-    state, class_sums, class_counts = None, _Accumulator(), None
-    dtype = None
+    with num_classes, the per-class sums of the gradients ([C, numel] per
+    parameter, accumulated in place in the computation's dtype) and the class counts."""
+    state, class_sums, class_counts, dtype = None, None, None, None
     for inputs, labels in batches:
         grads = gradients_of(inputs)
-        dtype = grads.logits.dtype
+        dtype = _compute_dtype(grads.logits.dtype)
         state = _merge(state, grads.moments(), grads.count)
         if num_classes is not None:
             if class_source == "labels":
@@ -156,12 +147,13 @@ def moments_pass(
                 classes = grads.logits.argmax(1)
             if classes.min() < 0 or classes.max() >= num_classes:
                 raise ValueError(f"labels must lie in [0, {num_classes}), got {int(classes.min())}..{int(classes.max())}")
-            onehot = torch.nn.functional.one_hot(classes, num_classes).to(grads.logits.dtype if dtype not in (torch.float16, torch.bfloat16) else torch.float32)
-            class_sums.add(grads.weighted_sum(onehot))
+            onehot = torch.nn.functional.one_hot(classes, num_classes).to(dtype)
+            if class_sums is None:
+                class_sums = {name: torch.zeros(num_classes, torch.Size(shape).numel(), dtype=dtype, device=onehot.device)
+                              for name, shape in grads.shapes.items()}
+            grads.weighted_sum(onehot, into=class_sums)
             counts = onehot.sum(0).double()
             class_counts = counts if class_counts is None else class_counts + counts
-        if on_batch is not None:
-            on_batch(grads, labels)
         if progress is not None:
             progress.update(grads.count)
     if state is None:
@@ -171,9 +163,8 @@ def moments_pass(
     if bad:
         raise ValueError(f"the per-sample gradients of the ID data are not finite (NaN/Inf inputs or overflow) in {bad[:5]}")
     mean = {name: m for name, (m, _) in state.items()}
-    inv = {name: inverse_std(m, s, count, torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
-           for name, (m, s) in state.items()}
-    return Moments(count, mean, inv), class_sums.sums, class_counts
+    inv = {name: inverse_std(m, s, count, dtype) for name, (m, s) in state.items()}
+    return Moments(count, mean, inv), class_sums, class_counts
 
 
 # -- linear algebra on dictionaries of blocks [L, numel] ------------------------------
@@ -299,21 +290,26 @@ def pca_directions(
 
 
 def class_mean_directions(moments: Moments, class_sums: Blocks, class_counts: torch.Tensor) -> SubspaceFit:
-    """Per class c: mean_c(G) = (mean_c(g) − z) / σ, scaled to unit L2 norm over all parameters."""
+    """Per class c: mean_c(G) = (mean_c(g) − z) / σ, scaled to unit L2 norm over all
+    parameters. Consumes class_sums: each block becomes its directions in place
+    (float64 arithmetic one block at a time)."""
     empty = (class_counts == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"no ID sample of class(es) {empty[:20]}{'...' if len(empty) > 20 else ''}: the per-class "
                          "subspace needs every class; fit on more data or restrict to the classes present")
     counts = class_counts.double()
-    means = {
-        name: (sums / counts[:, None].to(sums.device) - moments.mean[name].to(sums.device)[None, :]) * moments.inv_std[name].to(sums.device).double()
-        for name, sums in class_sums.items()
-    }
-    norms = sum(block.square().sum(1) for block in means.values()).sqrt()
+    norms = torch.zeros_like(counts)
+    for name, sums in class_sums.items():
+        device = sums.device
+        mean = (sums.double() / counts[:, None].to(device) - moments.mean[name].to(device)[None, :]) * moments.inv_std[name].to(device).double()
+        norms += mean.square().sum(1).to(norms.device)
+        sums.copy_(mean)
+    norms = norms.sqrt()
     if bool((norms == 0).any()):
         raise ValueError("a class's mean normalised gradient is zero: the per-class subspace is undefined")
-    dtype = next(iter(moments.inv_std.values())).dtype
-    return SubspaceFit({name: (block / norms[:, None]).to(dtype) for name, block in means.items()}, None, None, None)
+    for sums in class_sums.values():
+        sums.div_(norms[:, None].to(sums.device, sums.dtype))
+    return SubspaceFit(class_sums, None, None, None)
 
 
 class GradientSubspace:
