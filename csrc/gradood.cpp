@@ -1,6 +1,7 @@
-// Every schema of the gradood operator library, and nothing else. Kernels
-// register themselves per backend in cpu/ and cuda/; fake (meta) kernels are
-// registered from Python in gradood/_ops.py.
+// Every schema of the gradood operator library, and how autograd treats them.
+// Kernels register themselves per backend in cpu/ and cuda/; fake (meta) kernels
+// are registered from Python in gradood/_ops.py.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "ops/lastlayer_terms.h"
@@ -17,4 +18,12 @@ TORCH_LIBRARY(gradood, m) {
       "float alpha, float temperature, float clip) -> Tensor");
   // Column names of lastlayer_terms' `terms`, so Python and C++ read one list.
   m.def("lastlayer_term_names() -> str[]", &gradood::lastlayer_term_names);
+}
+
+// The scores are not differentiable. Without an Autograd kernel PyTorch only
+// warns and backward silently yields no gradient; with this one, backward through
+// a score raises (forward with inputs that require grad still works).
+TORCH_LIBRARY_IMPL(gradood, Autograd, m) {
+  m.impl("lastlayer_terms", torch::autograd::autogradNotImplementedFallback());
+  m.impl("lastlayer_score", torch::autograd::autogradNotImplementedFallback());
 }

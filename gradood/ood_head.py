@@ -57,6 +57,9 @@ class OODHead(nn.Module):
         self.body = copy.deepcopy(model)
         _replace_with_identity(self.body, detector.head_name)
         self.body.eval()
+        # An inference module: its own copy needs no gradients (the scores are not
+        # differentiable; torch.compile then traces no backward graph).
+        self.body.requires_grad_(False)
 
         # What forward computes: one lastlayer_score call ("spec"), ReAct or KL matching.
         self.kind = "spec"

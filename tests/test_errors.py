@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import gradood
 from gradood import reference, scores
 
 MODULES = [scores, reference]
@@ -148,3 +149,15 @@ def test_scores_reject_dtypes_without_a_kernel(name):
         pytest.skip("this torch has no float8 dtype")
     with pytest.raises(TypeError, match="logits must be one of float16, bfloat16, float32, float64"):
         _call(scores, name, logits, torch.rand(2, 4).to(logits.dtype))
+
+
+def test_backward_through_a_score_raises_instead_of_a_silent_zero():
+    """The ops are not differentiable: their outputs carry a grad_fn that raises,
+    so no gradient silently goes missing; under no_grad nothing is tracked."""
+    logits = torch.randn(4, 10, requires_grad=True)
+    features = torch.rand(4, 16, requires_grad=True)
+    for score in (scores.gradnorm(logits, features), gradood.lastlayer_terms(logits, features).terms):
+        with pytest.raises(RuntimeError, match="derivative for gradood::lastlayer_.* is not implemented"):
+            score.sum().backward()
+    with torch.no_grad():
+        assert not scores.gradnorm(logits, features).requires_grad
