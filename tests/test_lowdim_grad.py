@@ -355,3 +355,13 @@ def test_attention_broadcast_and_embedding_models_match_the_literal(name):
     if name == "vit":  # the key bias's gradient is zero (softmax ignores a shift of every score): not normalised noise
         inv_std = detector.subspace.inv_std["attention.in_proj_bias"]
         assert bool((inv_std[8:16] == 0).all()) and bool((inv_std[:8] > 0).all()) and bool((inv_std[16:] > 0).all())
+
+
+@pytest.mark.parametrize("options", [{"dim": 4}, {"subspace": "class"}, {"dim": 4, "ensemble": True}])
+def test_bfloat16_models_fit_and_score_in_float32(options):
+    model, inputs, labels = _model_and_data(30)
+    detector = LowDimGrad(model.bfloat16(), **options).fit(_batches(inputs.bfloat16(), labels))
+    scores = detector.score(inputs[:5].bfloat16())
+    assert scores.dtype == torch.float32 and bool(torch.isfinite(scores).all())
+    assert detector.bank.dtype == torch.float32
+    assert all(block.dtype == torch.float32 for block in detector.subspace.scaled_directions.values())
