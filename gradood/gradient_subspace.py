@@ -229,6 +229,7 @@ class SubspaceFit(NamedTuple):
     eigenvalues: Optional[torch.Tensor]  # covariance eigenvalues of the K directions (PCA), float64
     change: Optional[float]  # PCA: sin of the largest principal angle between the last two iterates' top-K
     eigenvalue_change: Optional[float]  # PCA: largest relative change of the top-K eigenvalues, last iteration
+    projections: Optional[torch.Tensor] = None  # PCA: G_low [N, K] of the fit samples, from the last pass
 
 
 def pca_directions(
@@ -243,7 +244,9 @@ def pca_directions(
     progress: bool = False,
 ) -> SubspaceFit:
     """Top-K principal directions of the normalised per-sample gradients by
-    randomized subspace iteration on XᵀX (see the module docstring)."""
+    randomized subspace iteration on XᵀX (see the module docstring). The last
+    pass's X_b Z [n, L] are kept (N × L), so G_low = X V = (X Z) U of every fit
+    sample comes without another pass."""
     numels = {name: m.numel() for name, m in moments.mean.items()}
     rows = min(k + oversample, sum(numels.values()))
     normalised = NormalisedGradients(moments)
@@ -259,9 +262,13 @@ def pca_directions(
         product = {name: torch.zeros_like(block) for name, block in basis.items()}
         column_sums = torch.zeros(rows, dtype=torch.float64)
         report = Progress(progress, f"gradient PCA, iteration {iteration + 1}/{iterations}")
+        last = iteration + 1 == iterations
+        kept = []
         for inputs, _ in data_passes(f"iteration {iteration + 1}"):
             grads = gradients_of(inputs)
             projected = normalised.project(grads, basis, offset)  # X_b Z  [n, L]
+            if last:
+                kept.append(projected)
             grads.weighted_sum(projected, into=product)  # Σ_b G_bᵀ (X_b Z), layer by layer
             column_sums += projected.sum(0).double().cpu()
             report.update(grads.count)
@@ -278,15 +285,16 @@ def pca_directions(
             change = float((1 - cosines.min() ** 2).clamp_min(0).sqrt())
             value_change = float(((eigenvalues[order] - previous_values).abs() / eigenvalues[order].abs().clamp_min(1e-300)).max())
         previous_values = eigenvalues[order]
-        if iteration + 1 == iterations:
+        if last:
             del product
             directions = combine(basis, ritz.T)
+            projections = torch.cat(kept) @ ritz.to(kept[0].device, kept[0].dtype)
             break
         new_basis = orthonormalise(product)
         crossing = sum(basis[name].double() @ new_basis[name].double().T for name in basis)  # Z_prevᵀ Z_new
         previous = (ritz, crossing)
         basis = new_basis
-    return SubspaceFit(directions, eigenvalues[order].cpu() / moments.count, change, value_change)
+    return SubspaceFit(directions, eigenvalues[order].cpu() / moments.count, change, value_change, projections)
 
 
 def class_mean_directions(moments: Moments, class_sums: Blocks, class_counts: torch.Tensor) -> SubspaceFit:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from gradood import knn
 from gradood.detectors import LowDimGrad, ReAct
 from test_persample_gradients import _flat, _loop_grads
 
@@ -242,7 +243,15 @@ def test_progress_is_reported(capsys):
     model, inputs, labels = _model_and_data(12)
     LowDimGrad(model, dim=2, iterations=1, progress=True).fit(_batches(inputs, labels))
     err = capsys.readouterr().err
-    assert "gradient moments: 12 samples" in err and "gradient PCA, iteration 1/1" in err and "ID bank" in err
+    assert "gradient moments: 12 samples" in err and "gradient PCA, iteration 1/1" in err and "ID bank" not in err
+    LowDimGrad(model, subspace="class", progress=True).fit(_batches(inputs, labels))
+    assert "ID bank: 12 samples" in capsys.readouterr().err
+
+
+def test_the_pca_bank_from_the_last_pass_equals_projecting_the_fit_data(exact_case):
+    model, inputs, _, detector, _ = exact_case
+    expected = knn.normalise_rows(detector.low_dimensional_gradients(inputs))
+    torch.testing.assert_close(detector.bank, expected, rtol=0, atol=1e-10)
 
 
 def test_the_model_is_left_untouched():

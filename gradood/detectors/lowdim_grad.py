@@ -24,7 +24,8 @@ only the input-gradient chain), then per layer the per-sample gradients of a
 bounded chunk of samples and one product with the stored directions; the
 per-sample gradients of the whole network are never formed. Fitting streams
 over the ID data: one pass for z and σ (and the class means), `iterations`
-passes for PCA, one for the bank. The data must give the same samples on
+passes for PCA (whose last pass also gives the KNN bank), and one for the bank
+of the class subspace or of directions stored in a half type. The data must give the same samples on
 every pass (no random augmentation); their order may change.
 """
 
@@ -193,13 +194,17 @@ class LowDimGrad(Detector):
         storage = self.dtype or next(iter(moments.inv_std.values())).dtype  # default: the computation's
         self.subspace = GradientSubspace.from_directions(moments, fit, shapes, storage)
 
-        rows = []
-        report = Progress(self.progress, f"{name}.fit: ID bank")
-        for inputs, _ in passes("bank"):
-            rows.append(normalise_rows(self.subspace.project(self._gradients(inputs))))
-            report.update(inputs.shape[0])
-        report.close()
-        self.bank = torch.cat(rows)
+        if fit.projections is not None and storage == fit.projections.dtype:
+            # PCA: the last iteration's X Z times the Ritz vectors is G_low of every fit sample.
+            self.bank = normalise_rows(fit.projections)
+        else:  # per-class directions, or directions stored in a half type: project with what is stored
+            rows = []
+            report = Progress(self.progress, f"{name}.fit: ID bank")
+            for inputs, _ in passes("bank"):
+                rows.append(normalise_rows(self.subspace.project(self._gradients(inputs))))
+                report.update(inputs.shape[0])
+            report.close()
+            self.bank = torch.cat(rows)
         if self.ensemble:
             self.clip = activation_percentile(torch.cat([f.reshape(f.shape[0], -1) for f in features]), self.react_percentile)
         self.fit_info = {
