@@ -72,7 +72,6 @@ def test_projection(benchmark, case, implementation):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     params = {n: p.detach() for n, p in model.named_parameters()}
     frozen = {**{n: p for n, p in params.items() if n not in names}, **{n: b.detach() for n, b in model.named_buffers()}}
-    flat_m = torch.cat([subspace.scaled_directions[n] for n in names], 1)  # [K, |θ|]
 
     def loss(selected, x):
         return torch.logsumexp(torch.func.functional_call(model, {**frozen, **selected}, (x,)), dim=1)
@@ -87,6 +86,7 @@ def test_projection(benchmark, case, implementation):
 
     elif implementation == "vmap_matmul":
         per_sample = torch.func.vmap(torch.func.grad(lambda p, x: loss(p, x[None]).sum()), in_dims=(None, 0))
+        flat_m = torch.cat([subspace.scaled_directions[n] for n in names], 1)  # [K, |θ|]
 
         def run():
             grads = per_sample(selected, inputs)
