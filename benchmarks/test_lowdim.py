@@ -123,6 +123,8 @@ def test_projection(benchmark, case, implementation):
     benchmark.pedantic(run, rounds=5, iterations=1)
     if device == "cuda":  # beyond the model, inputs and directions
         benchmark.extra_info["peak_extra_cuda_bytes"] = torch.cuda.max_memory_allocated() - baseline
+    if benchmark.stats is None:  # --benchmark-disable: the run was a smoke test
+        return
     median = benchmark.stats.stats.median
     if implementation == "jvp" and directions < K:
         median *= K / directions

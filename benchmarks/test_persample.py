@@ -148,6 +148,6 @@ def test_resnet18_cifar(benchmark, device, norm, implementation):
 
     run()
     benchmark.pedantic(run, rounds=5, iterations=1)
-    if implementation == "loop":
+    if implementation == "loop" and benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["extrapolated_median_s"] = benchmark.stats.stats.median * batch / LOOP_SUBSET
     model.zero_grad(set_to_none=True)
