@@ -374,3 +374,14 @@ def test_bfloat16_models_fit_and_score_in_float32(options):
     assert scores.dtype == torch.float32 and bool(torch.isfinite(scores).all())
     assert detector.bank.dtype == torch.float32
     assert all(block.dtype == torch.float32 for block in detector.subspace.scaled_directions.values())
+
+
+def test_a_model_without_a_linear_head_works_unless_the_ensemble_needs_one():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+    inputs = torch.randn(20, 1, 6, 6, dtype=torch.float64)
+    labels = torch.arange(20) % 3
+    assert torch.isfinite(LowDimGrad(model, dim=3).fit(inputs).score(inputs[:4])).all()
+    assert torch.isfinite(LowDimGrad(model, subspace="class").fit((inputs, labels)).score(inputs[:4])).all()
+    with pytest.raises(ValueError, match="found no nn.Linear"):
+        LowDimGrad(model, dim=3, ensemble=True).fit(inputs)

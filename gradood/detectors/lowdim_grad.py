@@ -161,8 +161,14 @@ class LowDimGrad(Detector):
         first = next(iter(passes("probe")), None)
         if first is None:
             raise ValueError(f"{name}.fit: the data hold no batch")
-        logits, _ = self.forward_features(first[0])  # finds the head; C for the class subspace
-        num_classes = logits.shape[1] if self.subspace_kind == "class" else None
+        num_classes = None
+        if self.ensemble:  # ReAct needs the linear head (found here); the KNN term does not
+            logits, _ = self.forward_features(first[0])
+            num_classes = logits.shape[1]
+        elif self.subspace_kind == "class":
+            with torch.no_grad(), eval_mode(self.model):
+                num_classes = self.model(first[0]).shape[1]
+        num_classes = num_classes if self.subspace_kind == "class" else None
 
         features: List[torch.Tensor] = []
         report = Progress(self.progress, f"{name}.fit: gradient moments")
