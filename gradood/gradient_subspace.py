@@ -234,7 +234,7 @@ class SubspaceFit(NamedTuple):
 
 def pca_directions(
     gradients_of: GradientsOf,
-    data_passes: Callable[[str], Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]]],
+    data_passes: Callable[[], Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]]],
     moments: Moments,
     k: int,
     oversample: int,
@@ -264,7 +264,7 @@ def pca_directions(
         report = Progress(progress, f"gradient PCA, iteration {iteration + 1}/{iterations}")
         last = iteration + 1 == iterations
         kept = []
-        for inputs, _ in data_passes(f"iteration {iteration + 1}"):
+        for inputs, _ in data_passes():
             grads = gradients_of(inputs)
             projected = normalised.project(grads, basis, offset)  # X_b Z  [n, L]
             if last:

@@ -140,9 +140,10 @@ class LowDimGrad(Detector):
     # -- fitting ------------------------------------------------------------------------
 
     def _passes(self, id_data: Data):
+        """A function starting one pass over the fit data: (inputs on the model's device, labels)."""
         device = self._device()
 
-        def batches(label: str) -> Iterable:
+        def batches() -> Iterable:
             for inputs, labels in iterate_batches(id_data, self.max_samples):
                 yield inputs.to(device), labels
 
@@ -158,23 +159,21 @@ class LowDimGrad(Detector):
             raise TypeError(f"{name}.fit: id_data is a one-shot iterator, but fitting makes several passes; "
                             "pass a DataLoader, a list of batches or a tensor")
         passes = self._passes(id_data)
-        first = next(iter(passes("probe")), None)
+        first = next(iter(passes()), None)
         if first is None:
             raise ValueError(f"{name}.fit: the data hold no batch")
-        num_classes = None
         if self.ensemble:  # ReAct needs the linear head (found here); the KNN term does not
-            logits, _ = self.forward_features(first[0])
-            num_classes = logits.shape[1]
-        elif self.subspace_kind == "class":
+            self.forward_features(first[0])
+        num_classes = None
+        if self.subspace_kind == "class":
             with torch.no_grad(), eval_mode(self.model):
                 num_classes = self.model(first[0]).shape[1]
-        num_classes = num_classes if self.subspace_kind == "class" else None
 
         features: List[torch.Tensor] = []
         report = Progress(self.progress, f"{name}.fit: gradient moments")
         moments, class_sums, class_counts = moments_pass(
             lambda inputs: self._gradients(inputs, features if self.ensemble else None),
-            passes("moments"), num_classes, self.classes, progress=report,
+            passes(), num_classes, self.classes, progress=report,
         )
         report.close()
         if self.subspace_kind == "pca":
@@ -191,12 +190,7 @@ class LowDimGrad(Detector):
                 fit = class_mean_directions(moments, class_sums, class_counts)
             except ValueError as error:
                 raise ValueError(f"{name}.fit: {error}") from None
-        shapes = {}
-        for parameter_name, parameter in self.model.named_parameters():
-            if parameter_name in moments.mean:
-                shapes[parameter_name] = tuple(parameter.shape)
-        for parameter_name in moments.mean:  # broadcast (functional) parameters keep their own shape
-            shapes.setdefault(parameter_name, (moments.mean[parameter_name].numel(),))
+        shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters() if n in moments.mean}
         storage = self.dtype or next(iter(moments.inv_std.values())).dtype  # default: the computation's
         self.subspace = GradientSubspace.from_directions(moments, fit, shapes, storage)
 
@@ -206,7 +200,7 @@ class LowDimGrad(Detector):
         else:  # per-class directions, or directions stored in a half type: project with what is stored
             rows = []
             report = Progress(self.progress, f"{name}.fit: ID bank")
-            for inputs, _ in passes("bank"):
+            for inputs, _ in passes():
                 rows.append(normalise_rows(self.subspace.project(self._gradients(inputs))))
                 report.update(inputs.shape[0])
             report.close()
