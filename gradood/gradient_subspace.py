@@ -4,28 +4,31 @@ TPAMI 2024), streamed over the data with bounded memory.
 For the per-sample gradients g_i ∈ R^|θ| of a loss (log Σ_j exp f_j for the
 method), the normalised gradient is G_i = (g_i − z) / σ with z the mean and σ
 the per-parameter standard deviation over the N ID samples (population std,
-ddof = 0, as the official code; a parameter whose gradient does not vary over
+ddof = 0, as the official code). A parameter whose gradient does not vary over
 the ID data beyond round-off, σ ≤ 64·eps·(|z| + s) with s the RMS gradient
 entry of its tensor, gets 1/σ := 0: every ID direction is zero there, so it
-could not contribute to a projection anyway; the official code would instead
-amplify round-off, e.g. of an attention key bias, whose gradient is zero). Its low-dimensional
-representation is G_low = G V for K directions V [|θ|, K]:
+could not contribute to a projection anyway, and the official recipe would
+instead blow its round-off up to unit variance (an attention key bias, whose
+gradient is zero in exact arithmetic, is such a parameter). The
+low-dimensional representation is G_low = G V for K directions V [|θ|, K]:
 
 - "pca": the top-K principal directions of the N×|θ| matrix X of normalised
   gradients, by randomized subspace iteration on XᵀX with K + oversample
   Gaussian start vectors (a fixed seed). Each iteration is one pass over the
-  data computing W = Σ_batches X_bᵀ (X_b Z) inside the batch (so the data order
-  does not matter, and neither X nor any N×|θ| matrix is formed); Z is then
-  re-orthonormalised. A Rayleigh–Ritz step on the last basis gives V and the
-  covariance eigenvalues.
+  data computing XᵀX Z = Σ_batches X_bᵀ (X_b Z) inside each batch (so the data
+  order does not matter, and neither X nor any N×|θ| matrix is formed); Z is
+  then re-orthonormalised. A Rayleigh–Ritz step on the last basis gives V, the
+  covariance eigenvalues and, from the last pass's X_b Z, G_low of every fit
+  sample.
 - "class": the per-class means of G (classes from the labels, or the model's
   predictions), each column scaled to unit L2 norm (K = C).
 
-What is stored is M = V / σ (the "scaled directions", [K, numel] per parameter,
-in the model's precision — float32 for half models — or a half type), the mean z, 1/σ and the offset c = Σ M z, so that
-G_low = g M − c: one projection of the raw per-sample gradients. Memory: |θ|·K
-elements for M, and during a PCA fit 2·|θ|·(K + oversample) float32 (Z and W);
-restrict `params` (e.g. the last stage and the head) to bound it.
+What is stored is M = V / σ (the "scaled directions", [K, numel] per
+parameter, in the model's precision — float32 for half models — or a half
+type), the mean z, 1/σ and the offset c = Σ M z, so that G_low = g M − c: one
+projection of the raw per-sample gradients. Memory: |θ|·K elements for M, and
+during a PCA fit 2·|θ|·(K + oversample) (Z and XᵀX Z); restrict `params` (e.g.
+the last stage and the head) to bound it.
 """
 
 from __future__ import annotations
