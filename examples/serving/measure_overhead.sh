@@ -11,13 +11,17 @@ port="${PORT:-8765}"
 seconds="${SECONDS_PER_RUN:-30}"
 concurrency="${CONCURRENCY:-32}"
 rounds="${ROUNDS:-1}"
+# SERVER_CPUS / CLIENT_CPUS (taskset lists, e.g. 0 and 1) keep the servers and the load test apart.
+server_pin=(); client_pin=()
+[ -n "${SERVER_CPUS:-}" ] && server_pin=(taskset -c "$SERVER_CPUS")
+[ -n "${CLIENT_CPUS:-}" ] && client_pin=(taskset -c "$CLIENT_CPUS")
 # benchmarks/ first on the path: opacus installs a top-level package named "benchmarks".
 model="${MODEL:-models:ResNet18Cifar}"
 read -r -a detectors <<<"${DETECTORS:-none rg gradnorm}"
 servers=()
 trap 'kill "${servers[@]}" 2>/dev/null || true' EXIT
 for i in "${!detectors[@]}"; do
-  PYTHONPATH=benchmarks:. python examples/serving/server.py --model "$model" --input-shape 3,32,32 \
+  PYTHONPATH=benchmarks:. "${server_pin[@]}" python examples/serving/server.py --model "$model" --input-shape 3,32,32 \
     --detector "${detectors[$i]}" --port $((port + i)) --max-batch 64 --max-wait-ms 5 &
   servers+=($!)
 done
@@ -33,7 +37,7 @@ count=${#detectors[@]}
 for round in $(seq 1 "$rounds"); do
   for step in $(seq 0 $((count - 1))); do
     i=$(((step + round - 1) % count))
-    load=$(python examples/serving/load_test.py --port $((port + i)) --seconds "$seconds" --concurrency "$concurrency")
+    load=$("${client_pin[@]}" python examples/serving/load_test.py --port $((port + i)) --seconds "$seconds" --concurrency "$concurrency")
     echo "{\"round\": $round, \"detector\": \"${detectors[$i]}\", \"load\": $load}" | tee -a "$results"
   done
 done
