@@ -168,7 +168,8 @@ def test_full_gradnorm_equals_the_per_sample_loop():
 
 
 def _all_detectors(model, inputs):
-    fitted = [D.ReAct(model), D.RGAdditive(model), D.KLMatching(model), D.RG(model, percentile=90)]
+    fitted = [D.ReAct(model), D.RGAdditive(model), D.KLMatching(model), D.RG(model, percentile=90),
+              D.LowDimGrad(model, dim=2, oversample=6, iterations=2, neighbours=2)]
     for detector in fitted:
         detector.fit(inputs)
     return [make(model) for make, _ in FORWARD_ONLY.values()] + fitted + [
@@ -300,3 +301,28 @@ def test_every_detector_on_cuda_matches_cpu():
     for on_cpu, on_gpu in zip(cpu, gpu):
         torch.testing.assert_close(on_gpu.score(inputs.cuda()).cpu(), on_cpu.score(inputs), rtol=1e-4, atol=1e-4,
                                    msg=type(on_cpu).__name__)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("arch", ["resnet18", "vit_b_16"])
+def test_every_detector_runs_on_torchvision_models_on_cuda(arch):
+    """torchvision's ResNet-18 and ViT-B/16 (random weights) on the GPU: every detector
+    finds the head, fits and gives finite scores (ViT: class token and position
+    embedding through functional_params='broadcast'; LowDimGrad on the last block and head)."""
+    models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = getattr(models, arch)().cuda().eval()
+    inputs = torch.randn(4, 3, 224, 224, device="cuda")
+    fit_data = [torch.randn(8, 3, 224, 224, device="cuda")]
+    vit = arch.startswith("vit")
+    options = {"functional_params": "broadcast"} if vit else {}
+    last = ("encoder.layers.encoder_layer_11.", "heads.") if vit else ("layer4.1.", "fc.")
+    detectors = [make(model) for make, _ in FORWARD_ONLY.values()] + [
+        D.ReAct(model), D.RGAdditive(model), D.KLMatching(model), D.RG(model, percentile=90),
+        D.LowDimGrad(model, dim=4, params=lambda name, parameter: name.startswith(last)),
+        D.ODIN(model), D.GRODIN(model, epsilon=0.001, **options), D.FullGradNorm(model, **options),
+    ]
+    for detector in detectors:
+        detector.fit(fit_data)
+        scores = detector.score(inputs)
+        assert scores.shape == (4,) and bool(torch.isfinite(scores).all()), type(detector).__name__
