@@ -211,7 +211,7 @@ def test_state_dict_round_trip_through_torch_save():
     buffer = io.BytesIO()
     torch.save(detector.state_dict(), buffer)
     buffer.seek(0)
-    restored = LowDimGrad(model, dim=3, ensemble=True).load_state_dict(torch.load(buffer, weights_only=False))
+    restored = LowDimGrad(model, dim=3, ensemble=True).load_state_dict(torch.load(buffer))  # weights_only loading
     queries = inputs[:5] + 0.1
     assert torch.equal(restored.score(queries), detector.score(queries))
     assert restored.threshold == detector.threshold
