@@ -33,13 +33,12 @@ the last stage and the head) to bound it.
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Callable, Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
+from tqdm.auto import tqdm
 
-from gradood.persample.engine import PerSampleGradients
+from gradood.persample.engine import PerSampleGradients, compute_dtype
 
 #: A function computing the per-sample gradients of one input batch.
 GradientsOf = Callable[[torch.Tensor], PerSampleGradients]
@@ -47,21 +46,9 @@ GradientsOf = Callable[[torch.Tensor], PerSampleGradients]
 Blocks = Dict[str, torch.Tensor]
 
 
-class Progress:
-    """A one-line progress report on stderr (samples done, samples/s), or nothing."""
-
-    def __init__(self, enabled: bool, label: str):
-        self.enabled, self.label, self.samples, self.start = enabled, label, 0, time.perf_counter()
-
-    def update(self, samples: int) -> None:
-        self.samples += samples
-        if self.enabled:
-            rate = self.samples / max(time.perf_counter() - self.start, 1e-9)
-            print(f"\r{self.label}: {self.samples} samples, {rate:.0f}/s", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr, flush=True)
+def progress_bar(enabled: bool, label: str) -> tqdm:
+    """A tqdm bar counting samples on stderr (as gradood.evaluation's), or a disabled one."""
+    return tqdm(desc=label, unit=" samples", disable=not enabled)
 
 
 def iterate_batches(data: Iterable, limit: Optional[int]) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -94,6 +81,11 @@ class Moments(NamedTuple):
     mean: Blocks  # [numel] float64 per parameter
     inv_std: Blocks  # [numel] float32 (float64 for float64 models), 0 where the gradient does not vary
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The computation's dtype: float64 for float64 models, float32 otherwise."""
+        return next(iter(self.inv_std.values())).dtype
+
 
 def _merge(state: Optional[dict], batch: Dict[str, Tuple[torch.Tensor, torch.Tensor]], count: int) -> dict:
     """Chan et al.'s pairwise merge of (count, mean, Σ squared deviations), float64."""
@@ -121,36 +113,32 @@ def inverse_std(mean: torch.Tensor, squares: torch.Tensor, count: int, dtype: to
     return inverse if dtype == torch.float64 else inverse.float()
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision models are reduced in float32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def moments_pass(
     gradients_of: GradientsOf,
     batches: Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]],
-    num_classes: Optional[int] = None,
-    class_source: str = "labels",
-    progress: Optional[Progress] = None,
+    classes: Optional[str] = None,
+    progress: Optional[tqdm] = None,
 ) -> Tuple[Moments, Optional[Blocks], Optional[torch.Tensor]]:
     """One pass: the per-parameter mean and 1/σ of the per-sample gradients and,
-    with num_classes, the per-class sums of the gradients ([C, numel] per
-    parameter, accumulated in place in the computation's dtype) and the class counts."""
+    with classes ("labels" or "predicted"), the per-class sums of the gradients
+    ([C, numel] per parameter, C from the logits, accumulated in place in the
+    computation's dtype) and the class counts."""
     state, class_sums, class_counts, dtype = None, None, None, None
     for inputs, labels in batches:
         grads = gradients_of(inputs)
-        dtype = _compute_dtype(grads.logits.dtype)
+        dtype = compute_dtype(grads.logits.dtype)
         state = _merge(state, grads.moments(), grads.count)
-        if num_classes is not None:
-            if class_source == "labels":
+        if classes is not None:
+            num_classes = grads.logits.shape[1]
+            if classes == "labels":
                 if labels is None:
                     raise ValueError("the data give no labels: pass batches of (inputs, labels), or classes='predicted'")
-                classes = labels.to(grads.logits.device).long()
+                indices = labels.to(grads.logits.device).long()
             else:
-                classes = grads.logits.argmax(1)
-            if classes.min() < 0 or classes.max() >= num_classes:
-                raise ValueError(f"labels must lie in [0, {num_classes}), got {int(classes.min())}..{int(classes.max())}")
-            onehot = torch.nn.functional.one_hot(classes, num_classes).to(dtype)
+                indices = grads.logits.argmax(1)
+            if bool(((indices < 0) | (indices >= num_classes)).any()):  # one host sync per batch
+                raise ValueError(f"labels must lie in [0, {num_classes}), got {int(indices.min())}..{int(indices.max())}")
+            onehot = torch.nn.functional.one_hot(indices, num_classes).to(dtype)
             if class_sums is None:
                 class_sums = {name: torch.zeros(num_classes, torch.Size(shape).numel(), dtype=dtype, device=onehot.device)
                               for name, shape in grads.shapes.items()}
@@ -253,8 +241,7 @@ def pca_directions(
     numels = {name: m.numel() for name, m in moments.mean.items()}
     rows = min(k + oversample, sum(numels.values()))
     normalised = NormalisedGradients(moments)
-    dtype = next(iter(moments.inv_std.values())).dtype  # float64 for float64 models, else float32
-    basis = orthonormalise(random_blocks(numels, rows, seed, device, dtype))
+    basis = orthonormalise(random_blocks(numels, rows, seed, device, moments.dtype))
     # Only the basis Z and the product XᵀX Z (|θ| × L each) are kept; the subspace change
     # between iterations is measured through L × L matrices.
     previous: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (previous top-K Ritz vectors, Z_prevᵀ Z)
@@ -263,8 +250,8 @@ def pca_directions(
     for iteration in range(iterations):
         offset = normalised.offset(basis)
         product = {name: torch.zeros_like(block) for name, block in basis.items()}
-        column_sums = torch.zeros(rows, dtype=torch.float64)
-        report = Progress(progress, f"gradient PCA, iteration {iteration + 1}/{iterations}")
+        column_sums = torch.zeros(rows, dtype=torch.float64, device=device)  # on the device: no sync per batch
+        report = progress_bar(progress, f"gradient PCA, iteration {iteration + 1}/{iterations}")
         last = iteration + 1 == iterations
         kept = []
         for inputs, _ in data_passes():
@@ -273,7 +260,7 @@ def pca_directions(
             if last:
                 kept.append(projected)
             grads.weighted_sum(projected, into=product)  # Σ_b G_bᵀ (X_b Z), layer by layer
-            column_sums += projected.sum(0).double().cpu()
+            column_sums += projected.sum(0).to(device, torch.float64)
             report.update(grads.count)
         report.close()
         normalised.finish_transpose_times(product, column_sums)  # XᵀX Z

@@ -41,7 +41,7 @@ from gradood.detectors._base import Data, Detector, eval_mode
 from gradood.detectors.rg import activation_percentile
 from gradood.gradient_subspace import (
     GradientSubspace,
-    Progress,
+    progress_bar,
     class_mean_directions,
     iterate_batches,
     moments_pass,
@@ -159,23 +159,22 @@ class LowDimGrad(Detector):
             raise TypeError(f"{name}.fit: id_data is a one-shot iterator, but fitting makes several passes; "
                             "pass a DataLoader, a list of batches or a tensor")
         passes = self._passes(id_data)
-        first = next(iter(passes()), None)
-        if first is None:
-            raise ValueError(f"{name}.fit: the data hold no batch")
-        if self.ensemble:  # ReAct needs the linear head (found here); the KNN term does not
-            self.forward_features(first[0])
-        num_classes = None
-        if self.subspace_kind == "class":
-            with torch.no_grad(), eval_mode(self.model):
-                num_classes = self.model(first[0]).shape[1]
+        if self.ensemble:  # ReAct needs the linear head, found on one batch; the KNN term does not
+            first = next(iter(passes()), None)
+            if first is not None:
+                self.forward_features(first[0])
 
         features: List[torch.Tensor] = []
-        report = Progress(self.progress, f"{name}.fit: gradient moments")
-        moments, class_sums, class_counts = moments_pass(
-            lambda inputs: self._gradients(inputs, features if self.ensemble else None),
-            passes(), num_classes, self.classes, progress=report,
-        )
-        report.close()
+        report = progress_bar(self.progress, f"{name}.fit: gradient moments")
+        try:
+            moments, class_sums, class_counts = moments_pass(
+                lambda inputs: self._gradients(inputs, features if self.ensemble else None),
+                passes(), self.classes if self.subspace_kind == "class" else None, progress=report,
+            )
+        except ValueError as error:
+            raise ValueError(f"{name}.fit: {error}") from None
+        finally:
+            report.close()
         if self.subspace_kind == "pca":
             total = sum(m.numel() for m in moments.mean.values())
             if self.dim > total:
@@ -191,7 +190,7 @@ class LowDimGrad(Detector):
             except ValueError as error:
                 raise ValueError(f"{name}.fit: {error}") from None
         shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters() if n in moments.mean}
-        storage = self.dtype or next(iter(moments.inv_std.values())).dtype  # default: the computation's
+        storage = self.dtype or moments.dtype  # default: the computation's
         self.subspace = GradientSubspace.from_directions(moments, fit, shapes, storage)
 
         if fit.projections is not None and storage == fit.projections.dtype:
@@ -199,7 +198,7 @@ class LowDimGrad(Detector):
             self.bank = normalise_rows(fit.projections)
         else:  # per-class directions, or directions stored in a half type: project with what is stored
             rows = []
-            report = Progress(self.progress, f"{name}.fit: ID bank")
+            report = progress_bar(self.progress, f"{name}.fit: ID bank")
             for inputs, _ in passes():
                 rows.append(normalise_rows(self.subspace.project(self._gradients(inputs))))
                 report.update(inputs.shape[0])

@@ -178,9 +178,14 @@ def _record_piece(recorder: _Recorder, name: str, piece: str, layer_input: torch
     return recorder.record((name, piece), layer_input, output)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-sample reductions run in: float32 for half-precision models."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _float32_if_half(tensor: torch.Tensor) -> torch.Tensor:
     # Half-precision layers are contracted in float32 (the rules' sums of squares).
-    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+    return tensor.to(compute_dtype(tensor.dtype))
 
 
 class _Pass(NamedTuple):
@@ -333,7 +338,7 @@ def persample_grad_norms(
     """
     result = _run_pass(_WHERE, model, inputs, loss, temperature, targets, params, functional_params, fallback)
     logits = result.logits
-    norm_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    norm_dtype = compute_dtype(logits.dtype)
     columns, names, methods = [], [], []
     for layer in result.layers:
         names.append(layer.name)
@@ -435,15 +440,12 @@ class PerSampleGradients:
         result = {}
         for name, shape in self.shapes.items():
             numel = int(torch.Size(shape).numel())
-            eye = torch.eye(numel, dtype=self._dtype(), device=self.logits.device)
+            eye = torch.eye(numel, dtype=compute_dtype(self.logits.dtype), device=self.logits.device)
             directions = {other: torch.zeros(numel, int(torch.Size(s).numel()), dtype=eye.dtype, device=eye.device)
                           for other, s in self.shapes.items()}
             directions[name] = eye
             result[name] = self.project(directions).reshape(self.count, *shape)
         return result
-
-    def _dtype(self) -> torch.dtype:
-        return torch.float32 if self.logits.dtype in (torch.float16, torch.bfloat16) else self.logits.dtype
 
 
 def persample_gradients(
@@ -465,7 +467,7 @@ def persample_gradients(
     result = _run_pass(where, model, inputs, loss, temperature, targets, params, functional_params, fallback)
     layers: List[Tuple[Dict[str, str], LayerGradients]] = []
     shapes: Dict[str, torch.Size] = {}
-    dtype = torch.float32 if result.logits.dtype in (torch.float16, torch.bfloat16) else result.logits.dtype
+    dtype = compute_dtype(result.logits.dtype)
     for layer in result.layers:
         module_parameters = dict(layer.module.named_parameters())
         full_names = {own: f"{layer.name}.{own}" if layer.name else own for own in layer.parameter_names}
