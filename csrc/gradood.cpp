@@ -18,6 +18,12 @@ TORCH_LIBRARY(gradood, m) {
       "float alpha, float temperature, float clip) -> Tensor");
   // Column names of lastlayer_terms' `terms`, so Python and C++ read one list.
   m.def("lastlayer_term_names() -> str[]", &gradood::lastlayer_term_names);
+  // Per-sample squared gradient norms of a layer's weight (ops/persample_norms.h).
+  m.def("outer_product_sq_norm(Tensor activations, Tensor grads, str method) -> Tensor");
+  m.def(
+      "conv2d_weight_sq_norm(Tensor padded_input, Tensor grad_output, "
+      "int[2] kernel_size, int[2] stride, int[2] dilation, int groups, "
+      "str method) -> Tensor");
 }
 
 // The scores are not differentiable. Without an Autograd kernel PyTorch only
@@ -26,4 +32,6 @@ TORCH_LIBRARY(gradood, m) {
 TORCH_LIBRARY_IMPL(gradood, Autograd, m) {
   m.impl("lastlayer_terms", torch::autograd::autogradNotImplementedFallback());
   m.impl("lastlayer_score", torch::autograd::autogradNotImplementedFallback());
+  m.impl("outer_product_sq_norm", torch::autograd::autogradNotImplementedFallback());
+  m.impl("conv2d_weight_sq_norm", torch::autograd::autogradNotImplementedFallback());
 }

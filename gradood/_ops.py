@@ -50,6 +50,23 @@ def _lastlayer_score_fake(logits, features, logit_term, logit_scale, feature_ter
     return logits.new_empty((logits.shape[0],), dtype=_terms_dtype(logits.dtype))
 
 
+@torch.library.register_fake("gradood::outer_product_sq_norm")
+def _outer_product_sq_norm_fake(activations, grads, method):
+    torch._check(activations.dim() == 3 and grads.dim() == 3,
+                 lambda: "outer_product_sq_norm: activations and grads must be 3-D [N, T, d] and [N, T, p]")
+    torch._check(activations.shape[:2] == grads.shape[:2],
+                 lambda: "outer_product_sq_norm: activations and grads must agree in N and T")
+    return activations.new_empty((activations.shape[0],), dtype=_terms_dtype(activations.dtype))
+
+
+@torch.library.register_fake("gradood::conv2d_weight_sq_norm")
+def _conv2d_weight_sq_norm_fake(padded_input, grad_output, kernel_size, stride, dilation, groups, method):
+    torch._check(padded_input.dim() == 4 and grad_output.dim() == 4,
+                 lambda: "conv2d_weight_sq_norm: padded_input and grad_output must be 4-D")
+    torch._check(padded_input.shape[0] == grad_output.shape[0], lambda: "conv2d_weight_sq_norm: batch sizes differ")
+    return padded_input.new_empty((padded_input.shape[0],), dtype=_terms_dtype(padded_input.dtype))
+
+
 def _check_inputs(where: str, logits, features, temperature: float, clip: float) -> tuple:
     check_logits(where, logits)
     check_kernel_dtype(where, "logits", logits)

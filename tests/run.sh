@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything gradood needs into the active Python environment, builds
-# it, and runs the whole test suite: the CUDA compile check, the C++ (libtorch)
-# test program and pytest. The README's test command and .ci/run both run this.
+# it, and runs the whole test suite: the CUDA compile check, the emulated CUDA
+# kernels under AddressSanitizer, the C++ (libtorch) test program and pytest.
+# The README's test command and .ci/run both run this.
 # Extra arguments are passed to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +19,8 @@ python -m pip install --no-build-isolation -e ".[demo,serving,test]"
 
 echo "== CUDA compile check =="
 bash tests/check_cuda_compile.sh
+echo "== CUDA kernels on the CPU emulation, with AddressSanitizer =="
+bash tests/run_emulated_asan.sh
 echo "== C++ (libtorch) build and test =="
 bash tests/cpp/run.sh
 echo "== pytest =="

@@ -2,11 +2,8 @@
 // block strides over the row's logits twice (online max/log-sum-exp, then the
 // softmax sums) and over its features once, reducing with warp shuffles and
 // shared memory. Row math: common/lastlayer_terms_math.h.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include "common/lastlayer_terms_math.h"
+#include "cuda/device.h"
 #include "cuda/lastlayer_terms_launch.h"
 
 namespace gradood {
@@ -163,12 +160,12 @@ cudaError_t launch(const scalar_t* logits, const scalar_t* features,
                    acc_t* out, int64_t* argmax, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   if (batch > 0x7fffffffLL) return cudaErrorInvalidValue;  // grid.x limit
-  lastlayer_kernel<scalar_t, acc_t, kScore>
-      <<<static_cast<unsigned int>(batch), kThreads, 0, stream>>>(
-          logits, features, num_classes, num_features,
-          static_cast<acc_t>(temperature), static_cast<acc_t>(clip), spec, out,
-          argmax);
-  return cudaGetLastError();
+  GRADOOD_LAUNCH(static_cast<unsigned int>(batch), kThreads, stream,
+                 lastlayer_kernel<scalar_t, acc_t, kScore>)(
+      logits, features, num_classes, num_features,
+      static_cast<acc_t>(temperature), static_cast<acc_t>(clip), spec, out,
+      argmax);
+  return gradood_launch_status();
 }
 
 }  // namespace

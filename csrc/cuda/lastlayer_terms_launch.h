@@ -3,13 +3,10 @@
 // that on machines without a CUDA torch) and are usable without libtorch.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "common/lastlayer_terms_math.h"
+#include "cuda/device.h"
 
 namespace gradood {
 namespace cuda {

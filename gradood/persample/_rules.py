@@ -93,25 +93,14 @@ def sum_of_outer_products_sq_norm(activations: torch.Tensor, grads: torch.Tensor
         ghost:       Σ_{t,s} ⟨a_t, a_s⟩ ⟨g_t, g_s⟩
         materialise: ‖G‖_F² with G = Σ_t g_t a_tᵀ  (p × d per sample)
 
-    Processed in chunks of samples so no intermediate exceeds _CHUNK_ELEMENTS.
-    Returns [N] in the grads' dtype.
+    The kernels (gradood::outer_product_sq_norm) process chunks of samples on
+    the CPU so no intermediate exceeds 2^26 elements, and never write G or a
+    Gram matrix on CUDA. Returns [N] in the grads' dtype.
     """
-    count, positions, in_features = activations.shape
-    out_features = grads.shape[2]
+    positions, in_features = activations.shape[1:]
     if positions == 1:  # Goodfellow's identity: ‖a‖² ‖g‖²
         squared = activations.square().sum((1, 2)) * grads.square().sum((1, 2))
         return RuleResult({"weight": squared}, "direct")
-    ghost = prefers_ghost(positions, in_features, out_features)
-    per_sample = positions * positions if ghost else in_features * out_features
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
-    pieces = []
-    for start in range(0, count, chunk):
-        a = activations[start : start + chunk]
-        g = grads[start : start + chunk]
-        if ghost:
-            gram_a = torch.bmm(a, a.transpose(1, 2))
-            gram_g = torch.bmm(g, g.transpose(1, 2))
-            pieces.append((gram_a * gram_g).sum((1, 2)))
-        else:
-            pieces.append(torch.bmm(g.transpose(1, 2), a).square().sum((1, 2)))
-    return RuleResult({"weight": torch.cat(pieces)}, "ghost" if ghost else "materialise")
+    method = "ghost" if prefers_ghost(positions, in_features, grads.shape[2]) else "materialise"
+    squared = torch.ops.gradood.outer_product_sq_norm(activations, grads, method)
+    return RuleResult({"weight": squared.to(grads.dtype)}, method)

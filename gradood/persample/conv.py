@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradood.persample._grads import DenseLayerGradients, outer_product_sums, register_grad_rule
-from gradood.persample._rules import RuleResult, register_rule, sum_of_outer_products_sq_norm
+from gradood.persample._rules import RuleResult, prefers_ghost, register_rule
 
 
 def _padded(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -20,16 +20,19 @@ def _padded(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return F.pad(inputs, padding, mode=mode)
 
 
+def _as_conv2d(module: nn.Module, padded: torch.Tensor, grad_output: torch.Tensor):
+    """A Conv1d as a 2-D convolution of height 1: (padded, grad_output, kernel, stride, dilation)."""
+    if isinstance(module, nn.Conv1d):
+        return (padded.unsqueeze(2), grad_output.unsqueeze(2), (1, *module.kernel_size), (1, *module.stride),
+                (1, *module.dilation))
+    return padded, grad_output, module.kernel_size, module.stride, module.dilation
+
+
 def _grouped_rows(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor):
     """Per group, the patches a_t (im2col of the padded input) [B·groups, T, d/groups]
     and the output gradients g_t [B·groups, T, p/groups]."""
     batch, groups = inputs.shape[0], module.groups
-    padded = _padded(module, inputs)
-    if isinstance(module, nn.Conv1d):  # as a 2-D convolution of height 1
-        padded, grad_output = padded.unsqueeze(2), grad_output.unsqueeze(2)
-        kernel, dilation, stride = (1, *module.kernel_size), (1, *module.dilation), (1, *module.stride)
-    else:
-        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    padded, grad_output, kernel, stride, dilation = _as_conv2d(module, _padded(module, inputs), grad_output)
     patches = F.unfold(padded, kernel, dilation=dilation, stride=stride)  # [B, C·K, T]
     positions = patches.shape[-1]
     # Channel-major rows: group g owns a contiguous block of rows and of output channels.
@@ -45,13 +48,19 @@ def _bias_grads(grad_output: torch.Tensor) -> torch.Tensor:
 @register_rule(nn.Conv1d, nn.Conv2d)
 def conv_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
     """Per group, the patches a_t and output gradients g_t give ‖Σ_t g_t a_tᵀ‖²
-    (ghost or materialise, all groups in one batched product); bias: ‖Σ_t g_t‖²."""
-    activations, grads = _grouped_rows(module, inputs, grad_output)
-    result = sum_of_outer_products_sq_norm(activations, grads)
-    result.squared_norms["weight"] = result.squared_norms["weight"].reshape(inputs.shape[0], module.groups).sum(1)
+    (ghost or materialise by the FLOP rule; gradood::conv2d_weight_sq_norm, an
+    implicit GEMM on CUDA); bias: ‖Σ_t g_t‖²."""
+    padded, grads, kernel, stride, dilation = _as_conv2d(module, _padded(module, inputs), grad_output)
+    positions = grads.shape[2] * grads.shape[3]
+    in_features = module.weight[0].numel()  # per group: C_in/groups · kernel taps
+    ghost = prefers_ghost(positions, in_features, module.out_channels // module.groups)
+    method = "ghost" if ghost else "materialise"
+    squared = torch.ops.gradood.conv2d_weight_sq_norm(padded, grads, list(kernel), list(stride), list(dilation),
+                                                      module.groups, method)
+    squared_norms = {"weight": squared.to(grad_output.dtype)}
     if module.bias is not None:
-        result.squared_norms["bias"] = _bias_grads(grad_output).square().sum(1)
-    return result
+        squared_norms["bias"] = _bias_grads(grad_output).square().sum(1)
+    return RuleResult(squared_norms, method)
 
 
 @register_grad_rule(nn.Conv1d, nn.Conv2d)

@@ -1,0 +1,90 @@
+// CPU kernels of gradood::outer_product_sq_norm and conv2d_weight_sq_norm,
+// composed from ATen: on the CPU the batched GEMMs (MKL/oneDNN) are what a
+// hand-written loop would call anyway. Samples are processed in chunks so no
+// intermediate (Gram matrices, per-sample products, unfolded patches) exceeds
+// kChunkElements; half-precision inputs are upcast per chunk.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "ops/persample_norms.h"
+
+namespace gradood {
+namespace {
+
+constexpr int64_t kChunkElements = int64_t(1) << 26;
+
+at::ScalarType accumulator_type(const at::Tensor& tensor) {
+  return tensor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// ‖Σ_t g_t a_tᵀ‖² per sample of one chunk, already in the accumulator type.
+at::Tensor chunk_sq_norm(const at::Tensor& a, const at::Tensor& g, int method) {
+  if (method == 0) {
+    return (at::bmm(a, a.transpose(1, 2)) * at::bmm(g, g.transpose(1, 2))).sum({1, 2});
+  }
+  return at::bmm(g.transpose(1, 2), a).square().sum({1, 2});
+}
+
+int64_t chunk_rows(int64_t per_sample) { return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, per_sample)); }
+
+at::Tensor outer_product_sq_norm_cpu(const at::Tensor& activations, const at::Tensor& grads,
+                                     const std::string& method_name) {
+  const int method = check_outer_product_inputs(activations, grads, method_name);
+  const auto acc = accumulator_type(activations);
+  const int64_t count = activations.size(0), positions = activations.size(1);
+  const int64_t in_features = activations.size(2), out_features = grads.size(2);
+  at::Tensor out = at::zeros({count}, activations.options().dtype(acc));
+  if (count == 0 || positions == 0 || in_features == 0 || out_features == 0) return out;
+  const int64_t rows =
+      chunk_rows(method == 0 ? positions * positions : std::max(in_features * out_features,
+                                                               positions * (in_features + out_features)));
+  for (int64_t start = 0; start < count; start += rows) {
+    const int64_t length = std::min(rows, count - start);
+    out.narrow(0, start, length)
+        .copy_(chunk_sq_norm(activations.narrow(0, start, length).to(acc),
+                             grads.narrow(0, start, length).to(acc), method));
+  }
+  return out;
+}
+
+at::Tensor conv2d_weight_sq_norm_cpu(const at::Tensor& padded_input, const at::Tensor& grad_output,
+                                     at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                     at::IntArrayRef dilation, int64_t groups, const std::string& method_name) {
+  const int method =
+      check_conv2d_inputs(padded_input, grad_output, kernel_size, stride, dilation, groups, method_name);
+  const auto acc = accumulator_type(padded_input);
+  const int64_t batch = padded_input.size(0);
+  const int64_t positions = grad_output.size(2) * grad_output.size(3);
+  const int64_t in_per_group = padded_input.size(1) / groups * kernel_size[0] * kernel_size[1];
+  const int64_t out_per_group = grad_output.size(1) / groups;
+  at::Tensor out = at::zeros({batch}, padded_input.options().dtype(acc));
+  if (batch == 0 || positions == 0 || in_per_group == 0 || out_per_group == 0) return out;
+  const int64_t product = method == 0 ? positions * positions : in_per_group * out_per_group;
+  const int64_t rows = chunk_rows(groups * std::max(product, positions * in_per_group));
+  for (int64_t start = 0; start < batch; start += rows) {
+    const int64_t length = std::min(rows, batch - start);
+    const at::Tensor patches = at::im2col(padded_input.narrow(0, start, length).to(acc), kernel_size, dilation,
+                                          {0, 0}, stride);  // [b, C_in·kh·kw, T]
+    const at::Tensor a = patches.reshape({length, groups, in_per_group, positions})
+                             .transpose(2, 3)
+                             .reshape({length * groups, positions, in_per_group});
+    const at::Tensor g = grad_output.narrow(0, start, length)
+                             .to(acc)
+                             .reshape({length, groups, out_per_group, positions})
+                             .transpose(2, 3)
+                             .reshape({length * groups, positions, out_per_group});
+    out.narrow(0, start, length).copy_(chunk_sq_norm(a, g, method).reshape({length, groups}).sum(1));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradood, CPU, m) {
+  m.impl("outer_product_sq_norm", &outer_product_sq_norm_cpu);
+  m.impl("conv2d_weight_sq_norm", &conv2d_weight_sq_norm_cpu);
+}
+
+}  // namespace gradood
