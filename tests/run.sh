@@ -19,6 +19,7 @@ python -m pip install --no-build-isolation -e ".[demo,serving,test]"
 
 echo "== CUDA compile check =="
 bash tests/check_cuda_compile.sh
+bash tests/check_cuda_registration.sh
 echo "== CUDA kernels on the CPU emulation, with AddressSanitizer =="
 bash tests/run_emulated_asan.sh
 echo "== C++ (libtorch) build and test =="
