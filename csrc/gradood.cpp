@@ -24,6 +24,10 @@ TORCH_LIBRARY(gradood, m) {
       "conv2d_weight_sq_norm(Tensor padded_input, Tensor grad_output, "
       "int[2] kernel_size, int[2] stride, int[2] dilation, int groups, "
       "str method) -> Tensor");
+  // Per-sample dγ, dβ of a normalisation layer (ops/norm_affine.h).
+  m.def(
+      "norm_affine_grads(Tensor grad_output, Tensor input, Tensor? shift, "
+      "Tensor scale) -> (Tensor weight, Tensor bias)");
 }
 
 // The scores are not differentiable. Without an Autograd kernel PyTorch only
@@ -34,4 +38,5 @@ TORCH_LIBRARY_IMPL(gradood, Autograd, m) {
   m.impl("lastlayer_score", torch::autograd::autogradNotImplementedFallback());
   m.impl("outer_product_sq_norm", torch::autograd::autogradNotImplementedFallback());
   m.impl("conv2d_weight_sq_norm", torch::autograd::autogradNotImplementedFallback());
+  m.impl("norm_affine_grads", torch::autograd::autogradNotImplementedFallback());
 }

@@ -67,6 +67,14 @@ def _conv2d_weight_sq_norm_fake(padded_input, grad_output, kernel_size, stride, 
     return padded_input.new_empty((padded_input.shape[0],), dtype=_terms_dtype(padded_input.dtype))
 
 
+@torch.library.register_fake("gradood::norm_affine_grads")
+def _norm_affine_grads_fake(grad_output, input, shift, scale):
+    torch._check(grad_output.dim() == 3, lambda: "norm_affine_grads: grad_output must be 3-D [B, C, T]")
+    shape = grad_output.shape[:2]
+    dtype = _terms_dtype(grad_output.dtype)
+    return grad_output.new_empty(shape, dtype=dtype), grad_output.new_empty(shape, dtype=dtype)
+
+
 def _check_inputs(where: str, logits, features, temperature: float, clip: float) -> tuple:
     check_logits(where, logits)
     check_kernel_dtype(where, "logits", logits)

@@ -85,6 +85,10 @@ def build(directory: Optional[Path] = None) -> ctypes.CDLL:
         getattr(lib, name).restype = ctypes.c_int
         getattr(lib, name).argtypes = [ctypes.c_int, pointer, layout, pointer, layout, ctypes.c_int64,
                                        ctypes.c_int, pointer, pointer]
+    lib.gradood_emu_norm_affine_grads.restype = ctypes.c_int
+    lib.gradood_emu_norm_affine_grads.argtypes = [ctypes.c_int, pointer, layout, pointer, layout, pointer, layout,
+                                                  pointer, layout, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                                  pointer, pointer]
     lib.gradood_emu_lastlayer_terms.restype = ctypes.c_int
     lib.gradood_emu_lastlayer_terms.argtypes = [ctypes.c_int, pointer, pointer, ctypes.c_int64, ctypes.c_int64,
                                                 ctypes.c_int64, ctypes.c_double, ctypes.c_double, pointer,
@@ -155,6 +159,21 @@ def conv2d_weight_sq_norm(lib, padded: torch.Tensor, grad_output: torch.Tensor, 
     if status != 0:
         raise RuntimeError(f"emulated launch failed with cudaError {status}")
     return out
+
+
+def norm_affine_grads(lib, grad_output: torch.Tensor, inputs: torch.Tensor, shift: Optional[torch.Tensor],
+                      scale: torch.Tensor):
+    """The norm_affine_grads kernel on [B, C, T] views (any strides): (weight, bias) [B, C]."""
+    acc = _accumulator(grad_output.dtype)
+    weight = torch.full(grad_output.shape[:2], float("nan"), dtype=acc)
+    bias = torch.full(grad_output.shape[:2], float("nan"), dtype=acc)
+    status = lib.gradood_emu_norm_affine_grads(
+        _DTYPE_CODES[grad_output.dtype], _ptr(grad_output), _layout(grad_output.stride()), _ptr(inputs),
+        _layout(inputs.stride()), _ptr(shift), _layout(shift.stride() if shift is not None else (0, 0, 0)),
+        _ptr(scale), _layout(scale.stride()), *grad_output.shape, _ptr(weight), _ptr(bias))
+    if status != 0:
+        raise RuntimeError(f"emulated launch failed with cudaError {status}")
+    return weight, bias
 
 
 def lastlayer_terms(lib, logits: torch.Tensor, features: Optional[torch.Tensor], temperature: float,

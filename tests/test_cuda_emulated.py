@@ -152,3 +152,28 @@ def test_lastlayer_kernel_keeps_a_nan_row_to_itself(kernels):
     expected, _ = op.lastlayer_terms(logits, features, 1.0, math.inf)
     torch.testing.assert_close(terms, expected, rtol=2e-5, atol=2e-5, equal_nan=True)
     assert torch.isfinite(terms[0]).all() and torch.isnan(terms[1, :6]).all()
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 5), (1, 1, 1), (3, 40, 70), (2, 33, 1), (2, 5, 0)], ids=str)
+@pytest.mark.parametrize("centred", [True, False], ids=["shift", "no_shift"])
+def test_norm_affine_kernel_equals_the_cpu_operator(kernels, shape, layout, centred):
+    from test_persample_ops import _affine_inputs
+
+    grad_output, inputs, shift, scale = _affine_inputs(*shape, layout, "cpu")
+    shift = shift if centred else None
+    weight, bias = cuda_emulation.norm_affine_grads(kernels, grad_output, inputs, shift, scale)
+    expected_weight, expected_bias = op.norm_affine_grads(grad_output, inputs, shift, scale)
+    torch.testing.assert_close(weight, expected_weight, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bias, expected_bias, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_norm_affine_kernel_accumulates_in_float32(kernels, dtype):
+    from test_persample_ops import _affine_inputs
+
+    grad_output, inputs, shift, scale = _affine_inputs(3, 20, 50, "channels_last", "cpu", dtype)
+    weight, bias = cuda_emulation.norm_affine_grads(kernels, grad_output, inputs, shift, scale)
+    expected_weight, expected_bias = op.norm_affine_grads(grad_output, inputs, shift, scale)
+    torch.testing.assert_close(weight, expected_weight, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias, expected_bias, rtol=1e-5, atol=1e-5)

@@ -21,8 +21,9 @@ def _randomise_batch_norms(model: nn.Module, seed: int) -> nn.Module:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.running_mean.copy_(torch.randn(module.num_features, generator=generator, dtype=module.running_mean.dtype))
             module.running_var.copy_(torch.rand(module.num_features, generator=generator, dtype=module.running_var.dtype) + 0.5)
-            module.weight.data.normal_(1.0, 0.2, generator=generator)
-            module.bias.data.normal_(0.0, 0.2, generator=generator)
+            if module.affine:
+                module.weight.data.normal_(1.0, 0.2, generator=generator)
+                module.bias.data.normal_(0.0, 0.2, generator=generator)
     return model
 
 
@@ -85,6 +86,33 @@ class _MLP4D(nn.Module):
         return self.outer(torch.relu(self.norm(self.inner(x)))).mean((1, 2))
 
 
+class _NormZoo(nn.Module):
+    """Every normalisation layout: BatchNorm1d on [B, C] and [B, C, L], BatchNorm3d,
+    BatchNorm without affine parameters, GroupNorm with one group, LayerNorm over
+    two dims and without bias, RMSNorm over two dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn3d = nn.BatchNorm3d(2)
+        self.bn1d_sequence = nn.BatchNorm1d(4)
+        self.bn_plain = nn.BatchNorm1d(4, affine=False)
+        self.group_norm = nn.GroupNorm(1, 4)
+        self.layer_norm_2d = nn.LayerNorm((3, 4))
+        self.layer_norm_no_bias = nn.LayerNorm(4, bias=False)
+        self.rms_norm = nn.RMSNorm((3, 4)) if hasattr(nn, "RMSNorm") else nn.LayerNorm((3, 4))
+        self.mix = nn.Linear(4, 4)
+        self.bn1d_flat = nn.BatchNorm1d(12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):  # x: [B, 2, 3, 2, 2]
+        x = self.bn3d(x).tanh().reshape(x.shape[0], 4, 6)  # [B, 4, 6]
+        x = self.bn_plain(self.bn1d_sequence(x)).tanh()
+        x = self.group_norm(x).transpose(1, 2).reshape(x.shape[0], 2, 3, 4)  # [B, 2, 3, 4]
+        x = self.layer_norm_no_bias(self.mix(self.layer_norm_2d(x)))
+        x = self.rms_norm(x.tanh()).sum(1).reshape(x.shape[0], 12)
+        return self.head(self.bn1d_flat(x).tanh())
+
+
 class _TinyViT(nn.Module):
     """Patch conv, class token, position embedding, LayerNorm, MultiheadAttention, 3-D Linear."""
 
@@ -128,6 +156,7 @@ def _models():
         "residual_cnn": (_randomise_batch_norms(_ResidualCNN(), 1), torch.randn(4, 3, 8, 8, generator=generator)),
         "sequence": (_SequenceNet(), ids),
         "mlp_4d": (_MLP4D(), torch.randn(4, 2, 3, 5, generator=generator)),
+        "norm_zoo": (_randomise_batch_norms(_NormZoo(), 2), torch.randn(4, 2, 3, 2, 2, generator=generator)),
     }
 
 

@@ -171,3 +171,72 @@ def test_compiles_without_graph_breaks():
     activations, grads = torch.randn(3, 6, 5), torch.randn(3, 6, 4)
     compiled = torch.compile(norms, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(activations, grads), norms(activations, grads))
+
+
+def literal_affine_grads(grad_output, inputs, shift, scale):
+    normalised = (inputs.double() - (0 if shift is None else shift.double())) * scale.double()
+    return (grad_output.double() * normalised).sum(2), grad_output.double().sum(2)
+
+
+def _affine_inputs(batch, channels, positions, layout, device, dtype=torch.float64, seed=0):
+    """grad_output, input [B, C, T] with positions adjacent ("channels_first") or
+    channels adjacent ("channels_last", LayerNorm's layout); shift and scale as
+    expanded per-channel (BatchNorm) or per-position (LayerNorm) statistics."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def make():
+        if layout == "channels_first":
+            return torch.randn(batch, channels, positions, generator=generator, dtype=torch.float64)
+        return torch.randn(batch, positions, channels, generator=generator, dtype=torch.float64).transpose(1, 2)
+
+    grad_output, inputs = make(), make()
+    if layout == "channels_first":
+        shift = torch.randn(1, channels, 1, generator=generator, dtype=torch.float64)
+        scale = torch.rand(1, channels, 1, generator=generator, dtype=torch.float64) + 0.5
+    else:
+        shift = torch.randn(batch, 1, positions, generator=generator, dtype=torch.float64)
+        scale = torch.rand(batch, 1, positions, generator=generator, dtype=torch.float64) + 0.5
+    tensors = [t.to(device=device, dtype=dtype) for t in (grad_output, inputs, shift, scale)]
+    return tensors[0], tensors[1], tensors[2].expand_as(tensors[0]), tensors[3].expand_as(tensors[0])
+
+
+AFFINE_SHAPES = [(2, 3, 5), (1, 1, 1), (3, 40, 70), (2, 33, 1), (0, 4, 3), (2, 5, 0)]
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("shape", AFFINE_SHAPES, ids=str)
+@pytest.mark.parametrize("centred", [True, False], ids=["shift", "no_shift"])
+def test_norm_affine_grads_equal_the_formula(shape, layout, centred, device):
+    grad_output, inputs, shift, scale = _affine_inputs(*shape, layout, device)
+    shift = shift if centred else None
+    weight, bias = op.norm_affine_grads(grad_output, inputs, shift, scale)
+    expected_weight, expected_bias = literal_affine_grads(grad_output, inputs, shift, scale)
+    torch.testing.assert_close(weight, expected_weight, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bias, expected_bias, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_norm_affine_grads_accumulate_in_float32(dtype, device):
+    grad_output, inputs, shift, scale = _affine_inputs(3, 20, 50, "channels_first", device, dtype)
+    weight, bias = op.norm_affine_grads(grad_output, inputs, shift, scale)
+    assert weight.dtype == bias.dtype == torch.float32
+    expected_weight, expected_bias = literal_affine_grads(grad_output.float(), inputs.float(), shift.float(),
+                                                          scale.float())
+    torch.testing.assert_close(weight.double(), expected_weight, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.double(), expected_bias, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_affine_grads_reject_unexpanded_statistics():
+    with pytest.raises(RuntimeError, match=r"shift must have grad_output's shape \[2, 3, 4\] \(expand"):
+        op.norm_affine_grads(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(1, 3, 1), torch.ones(2, 3, 4))
+
+
+def test_norm_affine_grads_reject_mixed_dtypes():
+    with pytest.raises(RuntimeError, match="scale must have grad_output's dtype"):
+        op.norm_affine_grads(torch.randn(2, 3, 4), torch.randn(2, 3, 4), None, torch.ones(2, 3, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("centred", [True, False], ids=["shift", "no_shift"])
+def test_opcheck_norm_affine_grads(centred, device):
+    grad_output, inputs, shift, scale = _affine_inputs(3, 5, 7, "channels_last", device, torch.float32)
+    torch.library.opcheck(op.norm_affine_grads.default, (grad_output, inputs, shift if centred else None, scale))

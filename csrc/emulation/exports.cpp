@@ -6,6 +6,7 @@
 
 #include "cuda/device.h"
 #include "cuda/lastlayer_terms_launch.h"
+#include "cuda/norm_affine_launch.h"
 #include "cuda/persample_norms_launch.h"
 
 namespace {
@@ -54,6 +55,20 @@ int terms(const void* logits, const void* features, int64_t batch, int64_t class
                                                  argmax, nullptr);
 }
 
+Strided3 strided3(const int64_t* strides) { return Strided3{strides[0], strides[1], strides[2]}; }
+
+template <typename scalar_t, typename acc_t>
+int norm_affine(const void* grad_output, const int64_t* grad_strides, const void* input,
+                const int64_t* input_strides, const void* shift, const int64_t* shift_strides, const void* scale,
+                const int64_t* scale_strides, int64_t batch, int64_t channels, int64_t positions, void* weight,
+                void* bias) {
+  return launch_norm_affine_grads<scalar_t, acc_t>(
+      static_cast<const scalar_t*>(grad_output), strided3(grad_strides), static_cast<const scalar_t*>(input),
+      strided3(input_strides), static_cast<const scalar_t*>(shift), strided3(shift_strides),
+      static_cast<const scalar_t*>(scale), strided3(scale_strides), batch, channels, positions,
+      static_cast<acc_t*>(weight), static_cast<acc_t*>(bias), nullptr);
+}
+
 }  // namespace
 
 #define GRADOOD_BY_DTYPE(dtype, function, ...)                            \
@@ -82,6 +97,14 @@ int gradood_emu_conv2d_weight_sq_norm(int dtype, const void* x, const int64_t* x
                                       const int64_t* g_layout, int64_t batch, int method, void* workspace,
                                       void* out) {
   GRADOOD_BY_DTYPE(dtype, conv2d, x, x_layout, g, g_layout, batch, method, workspace, out)
+}
+
+int gradood_emu_norm_affine_grads(int dtype, const void* grad_output, const int64_t* grad_strides,
+                                  const void* input, const int64_t* input_strides, const void* shift,
+                                  const int64_t* shift_strides, const void* scale, const int64_t* scale_strides,
+                                  int64_t batch, int64_t channels, int64_t positions, void* weight, void* bias) {
+  GRADOOD_BY_DTYPE(dtype, norm_affine, grad_output, grad_strides, input, input_strides, shift, shift_strides, scale,
+                   scale_strides, batch, channels, positions, weight, bias)
 }
 
 int gradood_emu_lastlayer_terms(int dtype, const void* logits, const void* features, int64_t batch,

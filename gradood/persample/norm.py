@@ -8,6 +8,7 @@ the engine refuses it before any rule runs.
 
 from __future__ import annotations
 
+import math
 from typing import Dict
 
 import torch
@@ -17,75 +18,60 @@ from gradood.persample._grads import DenseLayerGradients, register_grad_rule
 from gradood.persample._rules import RuleResult, register_rule
 
 
-def _per_channel_grads(module: nn.Module, normalised: torch.Tensor, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """γ and β per channel (dim 1): sums over the positions (dims 2...) of each sample, [B, C]."""
-    batch, channels = grad_output.shape[0], grad_output.shape[1]
+def _affine_grads(module: nn.Module, grad_output: torch.Tensor, inputs: torch.Tensor, shift, scale) -> Dict[str, torch.Tensor]:
+    """dγ, dβ per sample [B, C] from [B, C, T] views (gradood::norm_affine_grads:
+    one pass, g ⊙ x̂ never formed); only the parameters the module has."""
+    weight, bias = torch.ops.gradood.norm_affine_grads(grad_output, inputs, shift, scale)
     grads = {}
     if module.weight is not None:
-        grads["weight"] = (grad_output * normalised).reshape(batch, channels, -1).sum(2)
+        grads["weight"] = weight.to(grad_output.dtype)
     if getattr(module, "bias", None) is not None:
-        grads["bias"] = grad_output.reshape(batch, channels, -1).sum(2)
+        grads["bias"] = bias.to(grad_output.dtype)
     return grads
 
 
-def _sum_leading(tensor: torch.Tensor, trailing: int) -> torch.Tensor:
-    """Sums the dims between the batch dim and the last `trailing` dims."""
-    dims = tuple(range(1, tensor.dim() - trailing))
-    return tensor.sum(dims) if dims else tensor
-
-
-def _last_dims_grads(module: nn.Module, normalised: torch.Tensor, grad_output: torch.Tensor, trailing: int) -> Dict[str, torch.Tensor]:
-    """γ and β over the last `trailing` dims, summed over the other positions: [B, numel]."""
-    grads = {}
-    batch = grad_output.shape[0]
-    if module.weight is not None:
-        grads["weight"] = _sum_leading(grad_output * normalised, trailing).reshape(batch, -1)
-    if getattr(module, "bias", None) is not None:
-        grads["bias"] = _sum_leading(grad_output, trailing).reshape(batch, -1)
-    return grads
-
-
-def _batch_norm_normalised(module, inputs):
+def _batch_norm_grads(module, inputs, grad_output):
     """Eval mode: x̂ = (x - running_mean) / sqrt(running_var + eps), per channel (dim 1)."""
-    shape = (1, -1) + (1,) * (inputs.dim() - 2)
-    mean = module.running_mean.to(inputs.dtype).reshape(shape)
-    variance = module.running_var.to(inputs.dtype).reshape(shape)
-    return (inputs - mean) * torch.rsqrt(variance + module.eps)
+    batch, channels = inputs.shape[:2]
+    x, g = inputs.reshape(batch, channels, -1), grad_output.reshape(batch, channels, -1)
+    mean = module.running_mean.to(inputs.dtype)
+    inv_std = torch.rsqrt(module.running_var.to(inputs.dtype) + module.eps)
+    return _affine_grads(module, g, x, mean[None, :, None].expand_as(x), inv_std[None, :, None].expand_as(x))
 
 
-def _layer_norm_normalised(module, inputs):
-    """x̂ normalised over the last len(normalized_shape) dims (biased variance)."""
-    trailing = len(module.normalized_shape)
-    dims = tuple(range(inputs.dim() - trailing, inputs.dim()))
-    mean = inputs.mean(dims, keepdim=True)
-    variance = inputs.var(dims, unbiased=False, keepdim=True)
-    return (inputs - mean) * torch.rsqrt(variance + module.eps)
+def _group_norm_grads(module, inputs, grad_output):
+    """x̂ normalised per sample and channel group (biased variance)."""
+    batch, channels = inputs.shape[:2]
+    grouped = inputs.reshape(batch, module.num_groups, -1)
+    variance, mean = torch.var_mean(grouped, 2, unbiased=False)
+    per_group = channels // module.num_groups
+    x, g = inputs.reshape(batch, channels, -1), grad_output.reshape(batch, channels, -1)
+    mean = mean.repeat_interleave(per_group, 1)[:, :, None].expand_as(x)
+    inv_std = torch.rsqrt(variance + module.eps).repeat_interleave(per_group, 1)[:, :, None].expand_as(x)
+    return _affine_grads(module, g, x, mean, inv_std)
 
 
-def _rms_norm_normalised(module, inputs):
-    """x̂ = x / sqrt(mean(x²) + eps) over the last len(normalized_shape) dims."""
-    trailing = len(module.normalized_shape)
-    dims = tuple(range(inputs.dim() - trailing, inputs.dim()))
+def _last_dims_grads(module, inputs, grad_output):
+    """LayerNorm / RMSNorm over the last len(normalized_shape) dims: the
+    parameter's entries are those dims (C), the positions every dim between
+    the batch dim and them (T)."""
+    batch, features = inputs.shape[0], math.prod(module.normalized_shape)
+    x = inputs.reshape(batch, -1, features).transpose(1, 2)  # [B, C, T]
+    g = grad_output.reshape(batch, -1, features).transpose(1, 2)
+    if isinstance(module, nn.LayerNorm):
+        variance, mean = torch.var_mean(x, 1, unbiased=False, keepdim=True)
+        return _affine_grads(module, g, x, mean.expand_as(x), torch.rsqrt(variance + module.eps).expand_as(x))
     eps = module.eps if module.eps is not None else torch.finfo(inputs.dtype).eps
-    return inputs * torch.rsqrt(inputs.square().mean(dims, keepdim=True) + eps)
-
-
-def _group_norm_normalised(module, inputs):
-    """x̂ normalised per sample and channel group."""
-    grouped = inputs.reshape(inputs.shape[0], module.num_groups, -1)
-    mean = grouped.mean(2, keepdim=True)
-    variance = grouped.var(2, unbiased=False, keepdim=True)
-    return ((grouped - mean) * torch.rsqrt(variance + module.eps)).reshape(inputs.shape)
+    return _affine_grads(module, g, x, None, torch.rsqrt(x.square().mean(1, keepdim=True) + eps).expand_as(x))
 
 
 def _grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Per-sample dγ, dβ [B, numel] of any of the supported normalisation layers."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return _per_channel_grads(module, _batch_norm_normalised(module, inputs), grad_output)
+        return _batch_norm_grads(module, inputs, grad_output)
     if isinstance(module, nn.GroupNorm):
-        return _per_channel_grads(module, _group_norm_normalised(module, inputs), grad_output)
-    normalise = _layer_norm_normalised if isinstance(module, nn.LayerNorm) else _rms_norm_normalised
-    return _last_dims_grads(module, normalise(module, inputs), grad_output, len(module.normalized_shape))
+        return _group_norm_grads(module, inputs, grad_output)
+    return _last_dims_grads(module, inputs, grad_output)
 
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm) + (
