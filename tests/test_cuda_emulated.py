@@ -124,8 +124,8 @@ def test_conv2d_kernel_accumulates_in_float32(kernels, dtype):
         torch.testing.assert_close(result, expected, rtol=2e-6, atol=0)
 
 
-LASTLAYER_CASES = [  # B, C, D (None: logits only)
-    (3, 10, 7), (1, 1, 1), (2, 2, None), (4, 1000, 2048), (1, 21843, 5), (5, 33, 257),
+LASTLAYER_CASES = [  # B, C, D (None: logits only); a warp per row where C + D <= 256 or B >= 1024
+    (3, 10, 7), (1, 1, 1), (2, 2, None), (4, 1000, 2048), (1, 21843, 5), (5, 33, 257), (11, 31, 9),
 ]
 
 
@@ -138,6 +138,19 @@ def test_lastlayer_kernel_equals_the_cpu_operator(kernels, case, dtype):
     features = None if features_count is None else torch.rand(batch, features_count, generator=generator).to(dtype)
     terms, argmax = cuda_emulation.lastlayer_terms(kernels, logits, features, 1.5, 0.7)
     expected_terms, expected_argmax = op.lastlayer_terms(logits, features, 1.5, 0.7)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(terms, expected_terms, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(argmax, expected_argmax)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("batch,classes,num_features", [(3, 137, 145), (11, 37, 45)], ids=["block_per_row", "warp_per_row"])
+def test_lastlayer_kernel_reads_rows_that_are_not_16_byte_aligned(kernels, dtype, batch, classes, num_features):
+    # One element in: the first row starts 2, 4 or 8 bytes past a 16-byte boundary.
+    logits = torch.randn(batch * classes + 1, dtype=dtype)[1:].view(batch, classes)
+    features = torch.rand(batch * num_features + 1, dtype=dtype)[1:].view(batch, num_features)
+    terms, argmax = cuda_emulation.lastlayer_terms(kernels, logits, features, 1.0, 0.5)
+    expected_terms, expected_argmax = op.lastlayer_terms(logits, features, 1.0, 0.5)
     tolerance = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(terms, expected_terms, rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(argmax, expected_argmax)

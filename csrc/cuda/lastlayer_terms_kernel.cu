@@ -1,7 +1,15 @@
-// CUDA kernels of gradood::lastlayer_terms and lastlayer_score: one thread block per row. The
-// block strides over the row's logits twice (online max/log-sum-exp, then the
-// softmax sums) and over its features once, reducing with warp shuffles and
-// shared memory. Row math: common/lastlayer_terms_math.h.
+// CUDA kernels of gradood::lastlayer_terms and lastlayer_score. A row is
+// processed by a group of kRowThreads threads: a whole 256-thread block (long
+// rows, small batches) or one warp (short rows in large batches: 8 rows per
+// block, no block-wide barriers). The group strides over the row's logits
+// twice (online max/log-sum-exp, then the softmax sums) and over its features
+// once, with 16-byte loads wherever the row is 16-byte aligned, and reduces
+// with warp shuffles (and shared memory across the warps of a block). Row
+// math: common/lastlayer_terms_math.h.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
 #include "common/lastlayer_terms_math.h"
 #include "cuda/device.h"
 #include "cuda/lastlayer_terms_launch.h"
@@ -28,122 +36,167 @@ __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 value) {
 }
 __device__ __forceinline__ double to_acc(double value) { return value; }
 
+// Calls visit(value, index) for the elements of row[0, n) this thread owns:
+// element by element in the unaligned head and the tail, 16 bytes at a time in
+// between (vector v belongs to thread v mod kRowThreads).
+template <int kRowThreads, typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_each_element(const scalar_t* row, int64_t n, int thread,
+                                                 Visit&& visit) {
+  constexpr int64_t kVector = 16 / sizeof(scalar_t);
+  const auto address = reinterpret_cast<uintptr_t>(row);
+  int64_t head = address % 16 == 0 ? 0 : static_cast<int64_t>((16 - address % 16) / sizeof(scalar_t));
+  if (head > n) head = n;
+  for (int64_t j = thread; j < head; j += kRowThreads) visit(to_acc(row[j]), j);
+  const int64_t vectors = (n - head) / kVector;
+  const uint4* body = reinterpret_cast<const uint4*>(row + head);
+  for (int64_t v = thread; v < vectors; v += kRowThreads) {
+    const uint4 packed = body[v];
+    scalar_t values[kVector];
+    memcpy(static_cast<void*>(values), &packed, sizeof(packed));
+#pragma unroll
+    for (int64_t k = 0; k < kVector; ++k) visit(to_acc(values[k]), head + v * kVector + k);
+  }
+  for (int64_t j = head + vectors * kVector + thread; j < n; j += kRowThreads) visit(to_acc(row[j]), j);
+}
+
 template <typename acc_t>
-__device__ MaxState<acc_t> shuffle_down(const MaxState<acc_t>& state,
-                                        int offset) {
+__device__ MaxState<acc_t> shuffle_down(const MaxState<acc_t>& state, int offset) {
   MaxState<acc_t> other;
   other.max = __shfl_down_sync(0xffffffffu, state.max, offset);
-  other.argmax = static_cast<int64_t>(__shfl_down_sync(
-      0xffffffffu, static_cast<long long>(state.argmax), offset));
+  other.argmax = static_cast<int64_t>(
+      __shfl_down_sync(0xffffffffu, static_cast<long long>(state.argmax), offset));
   other.others = __shfl_down_sync(0xffffffffu, state.others, offset);
   return other;
 }
 
-// Block-wide merge of MaxState; the result is returned to every thread.
 template <typename acc_t>
-__device__ MaxState<acc_t> block_merge(MaxState<acc_t> state,
-                                       acc_t inv_temperature) {
-  __shared__ MaxState<acc_t> partial[kWarps];
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
+__device__ MaxState<acc_t> warp_merge(MaxState<acc_t> state, acc_t inv_temperature) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     state = merge(state, shuffle_down(state, offset), inv_temperature);
   }
-  if (lane == 0) partial[warp] = state;
-  __syncthreads();
-  if (warp == 0) {
-    state = lane < kWarps ? partial[lane] : empty_max_state<acc_t>();
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      state = merge(state, shuffle_down(state, offset), inv_temperature);
-    }
-    if (lane == 0) partial[0] = state;
-  }
-  __syncthreads();
-  const MaxState<acc_t> result = partial[0];
-  __syncthreads();  // partial may be reused by the caller's next reduction
-  return result;
+  return state;  // complete in lane 0
 }
 
-// Block-wide sum of N values; the result is valid in thread 0 only.
 template <typename acc_t, int N>
-__device__ void block_sum(acc_t (&values)[N]) {
-  __shared__ acc_t partial[N][kWarps];
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
+__device__ void warp_sum(acc_t (&values)[N]) {
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
       values[k] += __shfl_down_sync(0xffffffffu, values[k], offset);
     }
-    if (lane == 0) partial[k][warp] = values[k];
   }
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      values[k] = lane < kWarps ? partial[k][lane] : acc_t(0);
-      for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-        values[k] += __shfl_down_sync(0xffffffffu, values[k], offset);
-      }
-    }
-  }
-  __syncthreads();
 }
+
+// Reductions over the kRowThreads threads of one row.
+template <int kRowThreads>
+struct RowGroup;
+
+template <>
+struct RowGroup<kWarpSize> {  // one warp per row: shuffles only
+  template <typename acc_t>
+  static __device__ MaxState<acc_t> merge_all(MaxState<acc_t> state, acc_t inv_temperature) {
+    state = warp_merge(state, inv_temperature);
+    MaxState<acc_t> result;  // lane 0's state, to every lane
+    result.max = __shfl_sync(0xffffffffu, state.max, 0);
+    result.argmax = static_cast<int64_t>(__shfl_sync(0xffffffffu, static_cast<long long>(state.argmax), 0));
+    result.others = __shfl_sync(0xffffffffu, state.others, 0);
+    return result;
+  }
+  template <typename acc_t, int N>
+  static __device__ void sum(acc_t (&values)[N]) {  // valid in lane 0 only
+    warp_sum(values);
+  }
+};
+
+template <>
+struct RowGroup<kThreads> {  // one block per row: warps, then shared memory
+  template <typename acc_t>
+  static __device__ MaxState<acc_t> merge_all(MaxState<acc_t> state, acc_t inv_temperature) {
+    __shared__ MaxState<acc_t> partial[kWarps];
+    const int lane = threadIdx.x % kWarpSize;
+    const int warp = threadIdx.x / kWarpSize;
+    state = warp_merge(state, inv_temperature);
+    if (lane == 0) partial[warp] = state;
+    __syncthreads();
+    if (warp == 0) {
+      state = lane < kWarps ? partial[lane] : empty_max_state<acc_t>();
+      state = warp_merge(state, inv_temperature);
+      if (lane == 0) partial[0] = state;
+    }
+    __syncthreads();
+    const MaxState<acc_t> result = partial[0];
+    __syncthreads();  // partial may be reused by the caller's next reduction
+    return result;
+  }
+  template <typename acc_t, int N>
+  static __device__ void sum(acc_t (&values)[N]) {  // valid in thread 0 only
+    __shared__ acc_t partial[N][kWarps];
+    const int lane = threadIdx.x % kWarpSize;
+    const int warp = threadIdx.x / kWarpSize;
+    warp_sum(values);
+    if (lane == 0) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) partial[k][warp] = values[k];
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) values[k] = lane < kWarps ? partial[k][lane] : acc_t(0);
+      warp_sum(values);
+    }
+    __syncthreads();
+  }
+};
 
 // kScore = false: writes the row's terms (kNumTerms or kNumLogitTerms columns)
 // to out[row * num_terms] and its argmax; kScore = true: writes
 // compose_score(terms, spec) to out[row].
-template <typename scalar_t, typename acc_t, bool kScore>
+template <typename scalar_t, typename acc_t, bool kScore, int kRowThreads>
 __global__ void __launch_bounds__(kThreads)
-    lastlayer_kernel(const scalar_t* __restrict__ logits,
-                     const scalar_t* __restrict__ features, int64_t num_classes,
-                     int64_t num_features, acc_t temperature, acc_t clip,
-                     ScoreSpec<acc_t> spec, acc_t* __restrict__ out,
-                     int64_t* __restrict__ argmax) {
-  const int64_t row = blockIdx.x;
+    lastlayer_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ features, int64_t batch,
+                     int64_t num_classes, int64_t num_features, acc_t temperature, acc_t clip,
+                     ScoreSpec<acc_t> spec, acc_t* __restrict__ out, int64_t* __restrict__ argmax) {
+  using Group = RowGroup<kRowThreads>;
+  constexpr int kRowsPerBlock = kThreads / kRowThreads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kRowThreads;
+  const int thread = threadIdx.x % kRowThreads;
+  if (row >= batch) return;  // whole warps only, and only when kRowThreads is a warp
   const scalar_t* row_logits = logits + row * num_classes;
   const acc_t inv_temperature = acc_t(1) / temperature;
 
   MaxState<acc_t> state = empty_max_state<acc_t>();
-  for (int64_t j = threadIdx.x; j < num_classes; j += kThreads) {
-    state = push(state, static_cast<acc_t>(to_acc(row_logits[j])), j,
-                 inv_temperature);
-  }
-  state = block_merge(state, inv_temperature);
+  for_each_element<kRowThreads>(row_logits, num_classes, thread, [&](acc_t value, int64_t j) {
+    state = push(state, value, j, inv_temperature);
+  });
+  state = Group::merge_all(state, inv_temperature);
 
   const acc_t inv_sum = acc_t(1) / (acc_t(1) + state.others);
   const acc_t uniform = acc_t(1) / static_cast<acc_t>(num_classes);
   SoftmaxSums<acc_t> softmax_sums{acc_t(0), acc_t(0)};
-  for (int64_t j = threadIdx.x; j < num_classes; j += kThreads) {
-    if (j == state.argmax) continue;
-    accumulate_softmax(softmax_sums, static_cast<acc_t>(to_acc(row_logits[j])),
-                       state.max, inv_temperature, inv_sum, uniform);
-  }
+  for_each_element<kRowThreads>(row_logits, num_classes, thread, [&](acc_t value, int64_t j) {
+    if (j != state.argmax) {
+      accumulate_softmax(softmax_sums, value, state.max, inv_temperature, inv_sum, uniform);
+    }
+  });
   acc_t logit_sums[2] = {softmax_sums.uniform_deviation, softmax_sums.squares};
-  block_sum(logit_sums);
+  Group::sum(logit_sums);
 
-  acc_t terms[kNumTerms];  // complete in thread 0 only
-  if (threadIdx.x == 0) {
-    finalize_logit_terms(state, SoftmaxSums<acc_t>{logit_sums[0], logit_sums[1]},
-                         num_classes, temperature, terms);
+  acc_t terms[kNumTerms];  // complete in the row's first thread only
+  if (thread == 0) {
+    finalize_logit_terms(state, SoftmaxSums<acc_t>{logit_sums[0], logit_sums[1]}, num_classes, temperature,
+                         terms);
   }
   if (features != nullptr) {  // uniform across the block
-    const scalar_t* row_features = features + row * num_features;
     FeatureSums<acc_t> feature_sums{acc_t(0), acc_t(0), acc_t(0)};
-    for (int64_t i = threadIdx.x; i < num_features; i += kThreads) {
-      accumulate_feature(feature_sums,
-                         static_cast<acc_t>(to_acc(row_features[i])), clip);
-    }
-    acc_t feature_values[3] = {feature_sums.l1, feature_sums.squares,
-                               feature_sums.clipped_l1};
-    block_sum(feature_values);
-    if (threadIdx.x == 0) {
-      finalize_feature_terms(FeatureSums<acc_t>{feature_values[0], feature_values[1],
-                                                feature_values[2]},
-                             terms);
+    for_each_element<kRowThreads>(features + row * num_features, num_features, thread,
+                                  [&](acc_t value, int64_t) { accumulate_feature(feature_sums, value, clip); });
+    acc_t feature_values[3] = {feature_sums.l1, feature_sums.squares, feature_sums.clipped_l1};
+    Group::sum(feature_values);
+    if (thread == 0) {
+      finalize_feature_terms(FeatureSums<acc_t>{feature_values[0], feature_values[1], feature_values[2]}, terms);
     }
   }
-  if (threadIdx.x != 0) return;
+  if (thread != 0) return;
   if constexpr (kScore) {
     out[row] = compose_score(terms, spec);
   } else {
@@ -153,18 +206,37 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Threads per row: GRADOOD_LASTLAYER_ROW_THREADS=32|256 forces one (for
+// benchmarking both); by default a warp per row when rows are short and the
+// batch fills the device with warps, else a block per row.
+int row_threads(int64_t batch, int64_t num_classes, int64_t num_features) {
+  static const int forced = [] {
+    const char* value = std::getenv("GRADOOD_LASTLAYER_ROW_THREADS");
+    return value == nullptr ? 0 : std::atoi(value);
+  }();
+  if (forced == kWarpSize || forced == kThreads) return forced;
+  const int64_t elements = num_classes + num_features;
+  return (elements <= 4096 && batch >= 1024) || elements <= 256 ? kWarpSize : kThreads;
+}
+
 template <typename scalar_t, typename acc_t, bool kScore>
-cudaError_t launch(const scalar_t* logits, const scalar_t* features,
-                   int64_t batch, int64_t num_classes, int64_t num_features,
-                   double temperature, double clip, const ScoreSpec<acc_t>& spec,
-                   acc_t* out, int64_t* argmax, cudaStream_t stream) {
+cudaError_t launch(const scalar_t* logits, const scalar_t* features, int64_t batch, int64_t num_classes,
+                   int64_t num_features, double temperature, double clip, const ScoreSpec<acc_t>& spec, acc_t* out,
+                   int64_t* argmax, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
-  if (batch > 0x7fffffffLL) return cudaErrorInvalidValue;  // grid.x limit
-  GRADOOD_LAUNCH(static_cast<unsigned int>(batch), kThreads, stream,
-                 lastlayer_kernel<scalar_t, acc_t, kScore>)(
-      logits, features, num_classes, num_features,
-      static_cast<acc_t>(temperature), static_cast<acc_t>(clip), spec, out,
-      argmax);
+  const acc_t t = static_cast<acc_t>(temperature), c = static_cast<acc_t>(clip);
+  if (row_threads(batch, num_classes, num_features) == kWarpSize) {
+    const int64_t blocks = (batch + kWarps - 1) / kWarps;
+    if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;  // grid.x limit
+    GRADOOD_LAUNCH(static_cast<unsigned int>(blocks), kThreads, stream,
+                   lastlayer_kernel<scalar_t, acc_t, kScore, kWarpSize>)(
+        logits, features, batch, num_classes, num_features, t, c, spec, out, argmax);
+  } else {
+    if (batch > 0x7fffffffLL) return cudaErrorInvalidValue;
+    GRADOOD_LAUNCH(static_cast<unsigned int>(batch), kThreads, stream,
+                   lastlayer_kernel<scalar_t, acc_t, kScore, kThreads>)(
+        logits, features, batch, num_classes, num_features, t, c, spec, out, argmax);
+  }
   return gradood_launch_status();
 }
 
