@@ -35,7 +35,8 @@ fi
 if wants sanitizer; then
   step "compute-sanitizer memcheck (CUDA op tests)"
   compute-sanitizer --tool memcheck --error-exitcode 99 \
-    python3 -m pytest tests/test_scores.py tests/test_ops.py -q -p no:cacheprovider -k "cuda and not arbitrary" \
+    python3 -m pytest tests/test_scores.py tests/test_ops.py tests/test_persample_ops.py -q -p no:cacheprovider \
+    -k "cuda and not arbitrary" \
     2>&1 | tail -15 | tee "$OUT/memcheck.txt" || status=1
 fi
 
@@ -45,6 +46,14 @@ if wants bench; then
     --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1 || status=1
   tail -3 "$OUT/bench.log"
   python3 benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/summary.md"
+
+  step "last-layer kernel: a warp per row against a block per row, at the bandwidth target size"
+  for threads in 32 256; do
+    GRADOOD_LASTLAYER_ROW_THREADS=$threads python3 -m pytest benchmarks/test_lastlayer_scores.py -q \
+      -p no:cacheprovider -k "cuda and B8192 and C1000 and (gradood or copy)" \
+      --benchmark-columns=median,iqr --benchmark-json="$OUT/bench_row_threads_$threads.json" 2>&1 \
+      | grep -E "^test_" | tee "$OUT/bench_row_threads_$threads.txt" || status=1
+  done
 
   step "per-sample engine benchmark"
   (cd benchmarks && python3 -m pytest test_persample.py -q -p no:cacheprovider -k cuda \

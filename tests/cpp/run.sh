@@ -11,6 +11,7 @@ cmake -S "$root" -B "$build" -G Ninja -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUIL
 cmake --build "$build" -j "$(nproc)"
 ctest --test-dir "$build" --output-on-failure
 "$build/test_lastlayer_terms"
+"$build/test_persample_norms"
 
 # The installed CMake package and the C++ example that loads a scripted OODHead.
 install_prefix="${build}-install"
