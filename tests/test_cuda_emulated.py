@@ -124,8 +124,9 @@ def test_conv2d_kernel_accumulates_in_float32(kernels, dtype):
         torch.testing.assert_close(result, expected, rtol=2e-6, atol=0)
 
 
-LASTLAYER_CASES = [  # B, C, D (None: logits only); a warp per row where C + D <= 256 or B >= 1024
+LASTLAYER_CASES = [  # B, C, D (None: logits only); a warp per row where C + D <= 1024
     (3, 10, 7), (1, 1, 1), (2, 2, None), (4, 1000, 2048), (1, 21843, 5), (5, 33, 257), (11, 31, 9),
+    (2, 1000, 25),
 ]
 
 
@@ -144,7 +145,7 @@ def test_lastlayer_kernel_equals_the_cpu_operator(kernels, case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
-@pytest.mark.parametrize("batch,classes,num_features", [(3, 137, 145), (11, 37, 45)], ids=["block_per_row", "warp_per_row"])
+@pytest.mark.parametrize("batch,classes,num_features", [(3, 637, 645), (11, 37, 45)], ids=["block_per_row", "warp_per_row"])
 def test_lastlayer_kernel_reads_rows_that_are_not_16_byte_aligned(kernels, dtype, batch, classes, num_features):
     # One element in: the first row starts 2, 4 or 8 bytes past a 16-byte boundary.
     logits = torch.randn(batch * classes + 1, dtype=dtype)[1:].view(batch, classes)
@@ -190,3 +191,13 @@ def test_norm_affine_kernel_accumulates_in_float32(kernels, dtype):
     expected_weight, expected_bias = op.norm_affine_grads(grad_output, inputs, shift, scale)
     torch.testing.assert_close(weight, expected_weight, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bias, expected_bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("classes,num_features", [(37, 45), (637, 645)], ids=["warp_per_row", "block_per_row"])
+def test_lastlayer_kernel_is_batch_invariant_bit_for_bit(kernels, classes, num_features):
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(11, classes, generator=generator) * 4
+    features = torch.rand(11, num_features, generator=generator)
+    whole, _ = cuda_emulation.lastlayer_terms(kernels, logits, features, 1.0, 0.5)
+    alone, _ = cuda_emulation.lastlayer_terms(kernels, logits[5:6].clone(), features[5:6].clone(), 1.0, 0.5)
+    assert torch.equal(whole[5:6], alone)

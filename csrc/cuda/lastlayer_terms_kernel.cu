@@ -1,7 +1,6 @@
 // CUDA kernels of gradood::lastlayer_terms and lastlayer_score. A row is
 // processed by a group of kRowThreads threads: a whole 256-thread block (long
-// rows, small batches) or one warp (short rows in large batches: 8 rows per
-// block, no block-wide barriers). The group strides over the row's logits
+// rows) or one warp (short rows: 8 rows per block, no block-wide barriers). The group strides over the row's logits
 // twice (online max/log-sum-exp, then the softmax sums) and over its features
 // once, with 16-byte loads wherever the row is 16-byte aligned, and reduces
 // with warp shuffles (and shared memory across the warps of a block). Row
@@ -206,17 +205,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Threads per row: GRADOOD_LASTLAYER_ROW_THREADS=32|256 forces one (for
-// benchmarking both); by default a warp per row when rows are short and the
-// batch fills the device with warps, else a block per row.
-int row_threads(int64_t batch, int64_t num_classes, int64_t num_features) {
+// Threads per row: a warp for short rows, a block for long ones. The choice
+// depends on the row's length only, never on the batch size, so a row's result
+// is the same bit for bit in any batch. GRADOOD_LASTLAYER_ROW_THREADS=32|256
+// forces one (for benchmarking both on the GPU).
+int row_threads(int64_t num_classes, int64_t num_features) {
   static const int forced = [] {
     const char* value = std::getenv("GRADOOD_LASTLAYER_ROW_THREADS");
     return value == nullptr ? 0 : std::atoi(value);
   }();
   if (forced == kWarpSize || forced == kThreads) return forced;
-  const int64_t elements = num_classes + num_features;
-  return (elements <= 4096 && batch >= 1024) || elements <= 256 ? kWarpSize : kThreads;
+  return num_classes + num_features <= 1024 ? kWarpSize : kThreads;
 }
 
 template <typename scalar_t, typename acc_t, bool kScore>
@@ -225,7 +224,7 @@ cudaError_t launch(const scalar_t* logits, const scalar_t* features, int64_t bat
                    int64_t* argmax, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   const acc_t t = static_cast<acc_t>(temperature), c = static_cast<acc_t>(clip);
-  if (row_threads(batch, num_classes, num_features) == kWarpSize) {
+  if (row_threads(num_classes, num_features) == kWarpSize) {
     const int64_t blocks = (batch + kWarps - 1) / kWarps;
     if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;  // grid.x limit
     GRADOOD_LAUNCH(static_cast<unsigned int>(blocks), kThreads, stream,
