@@ -2,7 +2,7 @@
 // processed by a group of kRowThreads threads: a whole 256-thread block (long
 // rows) or one warp (short rows: 8 rows per block, no block-wide barriers). The group strides over the row's logits
 // twice (online max/log-sum-exp, then the softmax sums) and over its features
-// once, with 16-byte loads wherever the row is 16-byte aligned, and reduces
+// once, with 16-byte loads where the row is 16-byte aligned, and reduces
 // with warp shuffles (and shared memory across the warps of a block). Row
 // math: common/lastlayer_terms_math.h.
 #include <cstdint>
@@ -35,27 +35,34 @@ __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 value) {
 }
 __device__ __forceinline__ double to_acc(double value) { return value; }
 
-// Calls visit(value, index) for the elements of row[0, n) this thread owns:
-// element by element in the unaligned head and the tail, 16 bytes at a time in
-// between (vector v belongs to thread v mod kRowThreads).
+// Calls visit(value, index) for the elements of row[0, n) this thread owns, in
+// order: chunks of 16 bytes' worth of elements, chunk c to thread
+// c mod kRowThreads, and the partial last chunk to the thread next in turn.
+// A row that starts on a 16-byte boundary is read with one 16-byte load per
+// chunk, any other row element by element; the ownership and order are the
+// same either way, so a row's sums do not depend on where it sits in memory
+// (a row gives the same bits alone and inside a batch).
 template <int kRowThreads, typename scalar_t, typename Visit>
 __device__ __forceinline__ void for_each_element(const scalar_t* row, int64_t n, int thread,
                                                  Visit&& visit) {
   constexpr int64_t kVector = 16 / sizeof(scalar_t);
-  const auto address = reinterpret_cast<uintptr_t>(row);
-  int64_t head = address % 16 == 0 ? 0 : static_cast<int64_t>((16 - address % 16) / sizeof(scalar_t));
-  if (head > n) head = n;
-  for (int64_t j = thread; j < head; j += kRowThreads) visit(to_acc(row[j]), j);
-  const int64_t vectors = (n - head) / kVector;
-  const uint4* body = reinterpret_cast<const uint4*>(row + head);
-  for (int64_t v = thread; v < vectors; v += kRowThreads) {
-    const uint4 packed = body[v];
+  const bool aligned = reinterpret_cast<uintptr_t>(row) % 16 == 0;
+  const int64_t chunks = n / kVector;
+  for (int64_t c = thread; c < chunks; c += kRowThreads) {
     scalar_t values[kVector];
-    memcpy(static_cast<void*>(values), &packed, sizeof(packed));
+    if (aligned) {
+      const uint4 packed = reinterpret_cast<const uint4*>(row)[c];
+      memcpy(static_cast<void*>(values), &packed, sizeof(packed));
+    } else {
 #pragma unroll
-    for (int64_t k = 0; k < kVector; ++k) visit(to_acc(values[k]), head + v * kVector + k);
+      for (int64_t k = 0; k < kVector; ++k) values[k] = row[c * kVector + k];
+    }
+#pragma unroll
+    for (int64_t k = 0; k < kVector; ++k) visit(to_acc(values[k]), c * kVector + k);
   }
-  for (int64_t j = head + vectors * kVector + thread; j < n; j += kRowThreads) visit(to_acc(row[j]), j);
+  if (thread == chunks % kRowThreads) {
+    for (int64_t j = chunks * kVector; j < n; ++j) visit(to_acc(row[j]), j);
+  }
 }
 
 template <typename acc_t>
