@@ -109,12 +109,11 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 
 
 def dense_layout(rows: torch.Tensor, groups: int = 1):
-    """[B·groups, T, k] (any strides; consecutive groups of one sample must be
-    one stride apart) as the kernels' DenseRows."""
-    batch = rows.shape[0] // groups
-    group_stride = rows.stride(0) if groups > 1 else 0
-    batch_stride = rows.stride(0) * groups if batch > 1 or groups == 1 else 0
-    return [groups, rows.shape[1], rows.shape[2], batch_stride, group_stride, rows.stride(1), rows.stride(2)]
+    """[B·groups, T, k] (any strides; the groups of a sample adjacent along dim 0)
+    as the kernels' DenseRows: groups, rows, columns, then the strides of a
+    sample, a group, a row and a column."""
+    return [groups, rows.shape[1], rows.shape[2], rows.stride(0) * groups, rows.stride(0), rows.stride(1),
+            rows.stride(2)]
 
 
 def outer_product_sq_norm(lib, activations: torch.Tensor, grads: torch.Tensor, method: int,
