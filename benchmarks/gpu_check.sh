@@ -35,7 +35,8 @@ fi
 if wants sanitizer; then
   step "compute-sanitizer memcheck (CUDA op tests)"
   compute-sanitizer --tool memcheck --error-exitcode 99 \
-    python3 -m pytest tests/test_scores.py tests/test_ops.py tests/test_persample_ops.py -q -p no:cacheprovider \
+    python3 -m pytest tests/test_scores.py tests/test_ops.py tests/test_persample_ops.py tests/test_react_energy.py \
+    -q -p no:cacheprovider \
     -k "cuda and not arbitrary" \
     2>&1 | tail -15 | tee "$OUT/memcheck.txt" || status=1
 fi
@@ -46,6 +47,11 @@ if wants bench; then
     --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1 || status=1
   tail -3 "$OUT/bench.log"
   python3 benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/summary.md"
+
+  step "ReAct: react_energy vs eager and compiled reference vs the GEMM alone"
+  python3 -m pytest benchmarks/test_react.py -q -p no:cacheprovider -k "cuda" \
+    --benchmark-json="$OUT/react.json" >"$OUT/react.log" 2>&1 || status=1
+  python3 benchmarks/summarize.py "$OUT/react.json" | tee "$OUT/react_summary.md"
 
   step "last-layer kernel: a warp per row against a block per row, at the bandwidth target size"
   for threads in 32 256; do

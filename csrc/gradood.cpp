@@ -28,6 +28,8 @@ TORCH_LIBRARY(gradood, m) {
   m.def(
       "norm_affine_grads(Tensor grad_output, Tensor input, Tensor? shift, "
       "Tensor scale) -> (Tensor weight, Tensor bias)");
+  // ReAct's energy, logsumexp(W min(v, clip) + b), fused (ops/react_energy.h).
+  m.def("react_energy(Tensor features, Tensor weight, Tensor? bias, float clip) -> Tensor");
 }
 
 // The scores are not differentiable. Without an Autograd kernel PyTorch only
@@ -39,4 +41,5 @@ TORCH_LIBRARY_IMPL(gradood, Autograd, m) {
   m.impl("outer_product_sq_norm", torch::autograd::autogradNotImplementedFallback());
   m.impl("conv2d_weight_sq_norm", torch::autograd::autogradNotImplementedFallback());
   m.impl("norm_affine_grads", torch::autograd::autogradNotImplementedFallback());
+  m.impl("react_energy", torch::autograd::autogradNotImplementedFallback());
 }

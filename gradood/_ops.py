@@ -75,14 +75,26 @@ def _norm_affine_grads_fake(grad_output, input, shift, scale):
     return grad_output.new_empty(shape, dtype=dtype), grad_output.new_empty(shape, dtype=dtype)
 
 
+@torch.library.register_fake("gradood::react_energy")
+def _react_energy_fake(features, weight, bias, clip):
+    torch._check(features.dim() == 2 and weight.dim() == 2, lambda: "react_energy: features and weight must be 2-D")
+    torch._check(weight.shape[1] == features.shape[1], lambda: "react_energy: weight must be [C, D] for features [B, D]")
+    return features.new_empty((features.shape[0],), dtype=_terms_dtype(features.dtype))
+
+
+def check_kernels_for(where: str, name: str, tensor: torch.Tensor) -> None:
+    """Raises when `tensor` is on CUDA but this build has no CUDA kernels."""
+    if tensor.is_cuda and not HAS_CUDA_KERNELS:
+        raise RuntimeError(
+            f"{where}: {name} are on {tensor.device}, but this build of gradood has no CUDA kernels; rebuild "
+            "against a CUDA torch with nvcc available: GRADOOD_WITH_CUDA=1 pip install --no-build-isolation -e ."
+        )
+
+
 def _check_inputs(where: str, logits, features, temperature: float, clip: float) -> tuple:
     check_logits(where, logits)
     check_kernel_dtype(where, "logits", logits)
-    if logits.is_cuda and not HAS_CUDA_KERNELS:
-        raise RuntimeError(
-            f"{where}: logits are on {logits.device}, but this build of gradood has no CUDA kernels; rebuild "
-            "against a CUDA torch with nvcc available: GRADOOD_WITH_CUDA=1 pip install --no-build-isolation -e ."
-        )
+    check_kernels_for(where, "logits", logits)
     if features is not None:
         check_features(where, features, logits)
     return check_positive(where, "temperature", temperature), check_positive(where, "clip", clip, allow_inf=True)

@@ -61,7 +61,7 @@ class OODHead(nn.Module):
         # differentiable; torch.compile then traces no backward graph).
         self.body.requires_grad_(False)
 
-        # What forward computes: one lastlayer_score call ("spec"), ReAct or KL matching.
+        # What forward computes: one lastlayer_score call ("spec"), ReAct (react_energy) or KL matching.
         self.kind = "spec"
         self.mode = "min"
         self.register_buffer("log_templates", torch.zeros(0, dtype=weight.dtype, device=weight.device))
@@ -92,9 +92,7 @@ class OODHead(nn.Module):
         features = self.body(inputs).flatten(1)
         logits = F.linear(features, self.weight, self.bias)
         if self.kind == "react":
-            clipped_logits = F.linear(features.clamp_max(self.clip), self.weight, self.bias)  # energy of these
-            score = torch.ops.gradood.lastlayer_score(clipped_logits, None, self.logit_term, 1.0, -1, False, 0, 0.0,
-                                                      1.0, 1.0)
+            score = torch.ops.gradood.react_energy(features, self.weight, self.bias, self.clip)
         elif self.kind == "kl_matching":
             log_probs = torch.log_softmax(logits, dim=1)
             probs = log_probs.exp()

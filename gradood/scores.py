@@ -16,9 +16,8 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
-from gradood import reference
+from gradood import _ops, reference
 from gradood._checks import (
     check_choice,
     check_kernel_dtype,
@@ -245,13 +244,16 @@ def react(
     bias: Optional[torch.Tensor],
     clip: float,
 ) -> torch.Tensor:
-    """ReAct, logsumexp(W min(v, c) + b): the product on the GEMM library, the
-    energy on lastlayer_score. See gradood.reference.react."""
+    """ReAct, logsumexp(W min(v, c) + b), on the react_energy operator: the
+    clip, the device's GEMM library, and the fused energy pass of
+    lastlayer_score. Clipped features and logits in the input dtype, as the
+    eager composition; float32 scores (float64 for float64 inputs). See
+    gradood.reference.react."""
     where = _PREFIX + "react"
     clip = reference._check_react_inputs(where, features, weight, bias, clip)
     check_kernel_dtype(where, "features", features)
-    logits = F.linear(features.clamp_max(clip), weight, bias)
-    return lastlayer_score(where, logits, None, "energy")
+    _ops.check_kernels_for(where, "features", features)
+    return torch.ops.gradood.react_energy(features, weight, bias, clip)
 
 
 def kl_matching(logits: torch.Tensor, templates: torch.Tensor, mode: str = "min") -> torch.Tensor:

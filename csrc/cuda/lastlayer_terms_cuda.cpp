@@ -9,27 +9,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "cuda/lastlayer_terms_launch.h"
+#include "cuda/torch_types.h"
 #include "ops/lastlayer_terms.h"
 
 namespace gradood {
 namespace {
-
-// torch's element types and the CUDA types the kernels are written in.
-template <typename scalar_t>
-struct CudaType {
-  using type = scalar_t;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 struct CudaInputs {
   at::Tensor logits;    // contiguous
@@ -52,13 +37,6 @@ CudaInputs prepare(const at::Tensor& logits, const std::optional<at::Tensor>& fe
   return inputs;
 }
 
-template <typename scalar_t>
-const typename CudaType<scalar_t>::type* device_ptr(const at::Tensor& tensor) {
-  if (!tensor.defined()) return nullptr;
-  return reinterpret_cast<const typename CudaType<scalar_t>::type*>(
-      tensor.const_data_ptr<scalar_t>());
-}
-
 std::tuple<at::Tensor, at::Tensor> lastlayer_terms_cuda(
     const at::Tensor& logits, const std::optional<at::Tensor>& features,
     double temperature, double clip) {
@@ -72,10 +50,10 @@ std::tuple<at::Tensor, at::Tensor> lastlayer_terms_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "lastlayer_terms_cuda", [&] {
-        using cuda_t = typename CudaType<scalar_t>::type;
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        using cuda_t = typename cuda::CudaType<scalar_t>::type;
+        using acc_t = cuda::accumulator_t<scalar_t>;
         C10_CUDA_CHECK((cuda::launch_lastlayer_terms<cuda_t, acc_t>(
-            device_ptr<scalar_t>(inputs.logits), device_ptr<scalar_t>(inputs.features), batch,
+            cuda::device_ptr<scalar_t>(inputs.logits), cuda::device_ptr<scalar_t>(inputs.features), batch,
             logits.size(1), inputs.num_features, temperature, clip,
             terms.mutable_data_ptr<acc_t>(), argmax.mutable_data_ptr<int64_t>(), stream)));
       });
@@ -95,12 +73,12 @@ at::Tensor lastlayer_score_cuda(const at::Tensor& logits, const std::optional<at
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "lastlayer_score_cuda", [&] {
-        using cuda_t = typename CudaType<scalar_t>::type;
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        using cuda_t = typename cuda::CudaType<scalar_t>::type;
+        using acc_t = cuda::accumulator_t<scalar_t>;
         const ScoreSpec<acc_t> spec{logit_term, static_cast<acc_t>(logit_scale), feature_term,
                                     with_bias, combine, static_cast<acc_t>(alpha)};
         C10_CUDA_CHECK((cuda::launch_lastlayer_score<cuda_t, acc_t>(
-            device_ptr<scalar_t>(inputs.logits), device_ptr<scalar_t>(inputs.features), batch,
+            cuda::device_ptr<scalar_t>(inputs.logits), cuda::device_ptr<scalar_t>(inputs.features), batch,
             logits.size(1), inputs.num_features, temperature, clip, spec,
             scores.mutable_data_ptr<acc_t>(), stream)));
       });

@@ -21,19 +21,6 @@ constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
 
-template <typename scalar_t>
-__device__ __forceinline__ float to_acc(scalar_t value) {
-  return static_cast<float>(value);
-}
-template <>
-__device__ __forceinline__ float to_acc<__half>(__half value) {
-  return __half2float(value);
-}
-template <>
-__device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 value) {
-  return __bfloat162float(value);
-}
-__device__ __forceinline__ double to_acc(double value) { return value; }
 
 // Calls visit(value, index) for the elements of row[0, n) this thread owns, in
 // order: chunks of 16 bytes' worth of elements, chunk c to thread
@@ -58,10 +45,10 @@ __device__ __forceinline__ void for_each_element(const scalar_t* row, int64_t n,
       for (int64_t k = 0; k < kVector; ++k) values[k] = row[c * kVector + k];
     }
 #pragma unroll
-    for (int64_t k = 0; k < kVector; ++k) visit(to_acc(values[k]), c * kVector + k);
+    for (int64_t k = 0; k < kVector; ++k) visit(to_acc<accumulator_t<scalar_t>>(values[k]), c * kVector + k);
   }
   if (thread == chunks % kRowThreads) {
-    for (int64_t j = chunks * kVector; j < n; ++j) visit(to_acc(row[j]), j);
+    for (int64_t j = chunks * kVector; j < n; ++j) visit(to_acc<accumulator_t<scalar_t>>(row[j]), j);
   }
 }
 

@@ -8,34 +8,15 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "cuda/norm_affine_launch.h"
+#include "cuda/torch_types.h"
 #include "ops/norm_affine.h"
 
 namespace gradood {
 namespace {
 
-template <typename scalar_t>
-struct CudaType {
-  using type = scalar_t;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
 cuda::Strided3 strides_of(const at::Tensor& tensor) {
   return {tensor.stride(0), tensor.stride(1), tensor.stride(2)};
-}
-
-template <typename scalar_t>
-const typename CudaType<scalar_t>::type* device_ptr(const at::Tensor& tensor) {
-  return reinterpret_cast<const typename CudaType<scalar_t>::type*>(tensor.const_data_ptr<scalar_t>());
 }
 
 std::tuple<at::Tensor, at::Tensor> norm_affine_grads_cuda(const at::Tensor& grad_output, const at::Tensor& input,
@@ -52,11 +33,11 @@ std::tuple<at::Tensor, at::Tensor> norm_affine_grads_cuda(const at::Tensor& grad
   const at::Tensor no_shift;
   const at::Tensor& shift_tensor = shift.has_value() ? *shift : no_shift;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(), "norm_affine_grads", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = cuda::accumulator_t<scalar_t>;
     C10_CUDA_CHECK(cuda::launch_norm_affine_grads(
-        device_ptr<scalar_t>(grad_output), strides_of(grad_output), device_ptr<scalar_t>(input), strides_of(input),
-        shift.has_value() ? device_ptr<scalar_t>(shift_tensor) : nullptr,
-        shift.has_value() ? strides_of(shift_tensor) : cuda::Strided3{0, 0, 0}, device_ptr<scalar_t>(scale),
+        cuda::device_ptr<scalar_t>(grad_output), strides_of(grad_output), cuda::device_ptr<scalar_t>(input), strides_of(input),
+        shift.has_value() ? cuda::device_ptr<scalar_t>(shift_tensor) : nullptr,
+        shift.has_value() ? strides_of(shift_tensor) : cuda::Strided3{0, 0, 0}, cuda::device_ptr<scalar_t>(scale),
         strides_of(scale), batch, channels, positions, weight.data_ptr<acc_t>(), bias.data_ptr<acc_t>(),
         c10::cuda::getCurrentCUDAStream()));
   });

@@ -14,19 +14,6 @@ constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
 constexpr int kWarps = kThreads / kWarpSize;
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t load(const float* data, int64_t offset) { return static_cast<acc_t>(data[offset]); }
-template <typename acc_t>
-__device__ __forceinline__ acc_t load(const double* data, int64_t offset) { return static_cast<acc_t>(data[offset]); }
-template <typename acc_t>
-__device__ __forceinline__ acc_t load(const __half* data, int64_t offset) {
-  return static_cast<acc_t>(__half2float(data[offset]));
-}
-template <typename acc_t>
-__device__ __forceinline__ acc_t load(const __nv_bfloat16* data, int64_t offset) {
-  return static_cast<acc_t>(__bfloat162float(data[offset]));
-}
-
 template <typename scalar_t>
 struct Inputs {
   const scalar_t* grad_output;
@@ -44,10 +31,10 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void accumulate(const Inputs<scalar_t>& in, int64_t b, int64_t c, int64_t first,
                                            int64_t step, int64_t positions, acc_t& weight, acc_t& bias) {
   for (int64_t t = first; t < positions; t += step) {
-    const acc_t g = load<acc_t>(in.grad_output, b * in.grad.batch + c * in.grad.channel + t * in.grad.position);
-    acc_t x = load<acc_t>(in.input, b * in.in.batch + c * in.in.channel + t * in.in.position);
-    if (in.shift != nullptr) x -= load<acc_t>(in.shift, b * in.sh.batch + c * in.sh.channel + t * in.sh.position);
-    x *= load<acc_t>(in.scale, b * in.sc.batch + c * in.sc.channel + t * in.sc.position);
+    const acc_t g = to_acc<acc_t>(in.grad_output[b * in.grad.batch + c * in.grad.channel + t * in.grad.position]);
+    acc_t x = to_acc<acc_t>(in.input[b * in.in.batch + c * in.in.channel + t * in.in.position]);
+    if (in.shift != nullptr) x -= to_acc<acc_t>(in.shift[b * in.sh.batch + c * in.sh.channel + t * in.sh.position]);
+    x *= to_acc<acc_t>(in.scale[b * in.sc.batch + c * in.sc.channel + t * in.sc.position]);
     weight += g * x;
     bias += g;
   }

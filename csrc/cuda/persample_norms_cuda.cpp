@@ -9,36 +9,17 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <type_traits>
-
 #include "cuda/persample_norms_launch.h"
+#include "cuda/torch_types.h"
 #include "ops/persample_norms.h"
 
 namespace gradood {
 namespace {
 
-template <typename scalar_t>
-struct CudaType {
-  using type = scalar_t;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename scalar_t>
-const typename CudaType<scalar_t>::type* device_ptr(const at::Tensor& tensor) {
-  return reinterpret_cast<const typename CudaType<scalar_t>::type*>(tensor.const_data_ptr<scalar_t>());
-}
-
 // [N, T, k] with its own strides, one group per sample.
 template <typename scalar_t>
-cuda::DenseRows<typename CudaType<scalar_t>::type> dense_rows(const at::Tensor& rows) {
-  return {device_ptr<scalar_t>(rows), 1, rows.size(1), rows.size(2), rows.stride(0), 0, rows.stride(1),
+cuda::DenseRows<typename cuda::CudaType<scalar_t>::type> dense_rows(const at::Tensor& rows) {
+  return {cuda::device_ptr<scalar_t>(rows), 1, rows.size(1), rows.size(2), rows.stride(0), 0, rows.stride(1),
           rows.stride(2)};
 }
 
@@ -64,7 +45,7 @@ at::Tensor outer_product_sq_norm_cuda(const at::Tensor& activations, const at::T
       options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, activations.scalar_type(), "outer_product_sq_norm",
                                   [&] {
-                                    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+                                    using acc_t = cuda::accumulator_t<scalar_t>;
                                     C10_CUDA_CHECK(cuda::launch_outer_product_sq_norm(
                                         dense_rows<scalar_t>(activations), dense_rows<scalar_t>(grads), count,
                                         method, workspace.data_ptr<acc_t>(), out.data_ptr<acc_t>(),
@@ -96,13 +77,13 @@ at::Tensor conv2d_weight_sq_norm_cuda(const at::Tensor& padded_input, const at::
                                    options);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, padded_input.scalar_type(), "conv2d_weight_sq_norm", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        const cuda::PatchRows<typename CudaType<scalar_t>::type> patches{
-            device_ptr<scalar_t>(padded_input), groups, in_per_group,
+        using acc_t = cuda::accumulator_t<scalar_t>;
+        const cuda::PatchRows<typename cuda::CudaType<scalar_t>::type> patches{
+            cuda::device_ptr<scalar_t>(padded_input), groups, in_per_group,
             padded_input.stride(0), padded_input.stride(1), padded_input.stride(2), padded_input.stride(3),
             kernel_size[0], kernel_size[1], stride[0], stride[1], dilation[0], dilation[1], out_h, out_w};
-        const cuda::DenseRows<typename CudaType<scalar_t>::type> grads{
-            device_ptr<scalar_t>(grad_output), groups, out_h * out_w, out_per_group, grad_output.stride(0),
+        const cuda::DenseRows<typename cuda::CudaType<scalar_t>::type> grads{
+            cuda::device_ptr<scalar_t>(grad_output), groups, out_h * out_w, out_per_group, grad_output.stride(0),
             grad_output.stride(1) * out_per_group, grad_output.stride(3), grad_output.stride(1)};
         C10_CUDA_CHECK(cuda::launch_conv2d_weight_sq_norm(patches, grads, batch, method,
                                                           workspace.data_ptr<acc_t>(), out.data_ptr<acc_t>(),

@@ -17,17 +17,6 @@ constexpr int kTile = 64;           // output tile edge
 constexpr int kStep = 16;           // reduction steps per shared-memory stage
 constexpr int kSub = kTile / 16;    // register tile edge: 16×16 threads × 4×4
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t to_acc(float value) { return static_cast<acc_t>(value); }
-template <typename acc_t>
-__device__ __forceinline__ acc_t to_acc(double value) { return static_cast<acc_t>(value); }
-template <typename acc_t>
-__device__ __forceinline__ acc_t to_acc(__half value) { return static_cast<acc_t>(__half2float(value)); }
-template <typename acc_t>
-__device__ __forceinline__ acc_t to_acc(__nv_bfloat16 value) {
-  return static_cast<acc_t>(__bfloat162float(value));
-}
-
 // Element readers: (n, t, k) -> value, zero outside rows × columns.
 template <typename scalar_t, typename acc_t>
 struct DenseReader {

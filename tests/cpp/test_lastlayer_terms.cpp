@@ -8,6 +8,7 @@
 #include <string>
 
 #include "ops/lastlayer_terms.h"
+#include "ops/react_energy.h"
 
 namespace {
 
@@ -68,6 +69,13 @@ int main() {
       logits, features, gradood::kEnergy, 1.0, gradood::kFeatureClippedL1,
       /*with_bias=*/false, gradood::kCombineProduct, /*alpha=*/0.0, temperature, clip);
   expect_near("lastlayer_score rg", fused.item<double>(), temperature * std::log(total) * 2.5);
+
+  // ReAct: W = [[1, 0, 1], [0, 2, 0]], b = (0.5, -1): the clipped features
+  // (0.5, -2, 1) give logits (2, -5).
+  const at::Tensor weight = at::tensor({1.0, 0.0, 1.0, 0.0, 2.0, 0.0}, at::kDouble).reshape({2, 3});
+  const at::Tensor bias = at::tensor({0.5, -1.0}, at::kDouble);
+  const at::Tensor react = gradood::react_energy(features, weight, bias, clip);
+  expect_near("react_energy", react.item<double>(), std::log(std::exp(2.0) + std::exp(-5.0)));
 
   if (failures != 0) {
     std::printf("%d check(s) failed\n", failures);
