@@ -12,14 +12,11 @@
 #include "common/lastlayer_terms_math.h"
 #include "cuda/device.h"
 #include "cuda/lastlayer_terms_launch.h"
+#include "cuda/warp_reduce.h"
 
 namespace gradood {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kWarpSize = 32;
-constexpr int kWarps = kThreads / kWarpSize;
 
 
 // Calls visit(value, index) for the elements of row[0, n) this thread owns, in
@@ -68,16 +65,6 @@ __device__ MaxState<acc_t> warp_merge(MaxState<acc_t> state, acc_t inv_temperatu
     state = merge(state, shuffle_down(state, offset), inv_temperature);
   }
   return state;  // complete in lane 0
-}
-
-template <typename acc_t, int N>
-__device__ void warp_sum(acc_t (&values)[N]) {
-#pragma unroll
-  for (int k = 0; k < N; ++k) {
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      values[k] += __shfl_down_sync(0xffffffffu, values[k], offset);
-    }
-  }
 }
 
 // Reductions over the kRowThreads threads of one row.

@@ -5,14 +5,11 @@
 // coalesced in both layouts.
 #include "cuda/device.h"
 #include "cuda/norm_affine_launch.h"
+#include "cuda/warp_reduce.h"
 
 namespace gradood {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kWarpSize = 32;
-constexpr int kWarps = kThreads / kWarpSize;
 
 template <typename scalar_t>
 struct Inputs {
@@ -49,10 +46,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.x, c = static_cast<int64_t>(blockIdx.y) * kWarps + warp;
   acc_t weight_sum = 0, bias_sum = 0;
   if (c < channels) accumulate(in, b, c, lane, kWarpSize, positions, weight_sum, bias_sum);
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    weight_sum += __shfl_down_sync(0xffffffffu, weight_sum, offset);
-    bias_sum += __shfl_down_sync(0xffffffffu, bias_sum, offset);
-  }
+  weight_sum = warp_sum(weight_sum);
+  bias_sum = warp_sum(bias_sum);
   if (lane == 0 && c < channels) {
     weight[b * channels + c] = weight_sum;
     bias[b * channels + c] = bias_sum;

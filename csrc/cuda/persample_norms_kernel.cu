@@ -5,14 +5,12 @@
 // the accumulator type on load.
 #include "cuda/device.h"
 #include "cuda/persample_norms_launch.h"
+#include "cuda/warp_reduce.h"
 
 namespace gradood {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarpSize = 32;
-constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kTile = 64;           // output tile edge
 constexpr int kStep = 16;           // reduction steps per shared-memory stage
 constexpr int kSub = kTile / 16;    // register tile edge: 16×16 threads × 4×4
@@ -116,17 +114,10 @@ template <typename acc_t>
 __device__ acc_t block_sum(acc_t value) {
   __shared__ acc_t partial[kWarps];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value += __shfl_down_sync(0xffffffffu, value, offset);
-  }
+  value = warp_sum(value);
   if (lane == 0) partial[warp] = value;
   __syncthreads();
-  if (warp == 0) {
-    value = lane < kWarps ? partial[lane] : acc_t(0);
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      value += __shfl_down_sync(0xffffffffu, value, offset);
-    }
-  }
+  if (warp == 0) value = warp_sum(lane < kWarps ? partial[lane] : acc_t(0));
   __syncthreads();  // partial may be reused
   return value;
 }
@@ -208,12 +199,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  warp_sum(acc);
+  if (lane == 0) {
 #pragma unroll
-  for (int o = 0; o < kOutputs; ++o) {
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      acc[o] += __shfl_down_sync(0xffffffffu, acc[o], offset);
-    }
-    if (lane == 0) partial[o][warp] = acc[o];
+    for (int o = 0; o < kOutputs; ++o) partial[o][warp] = acc[o];
   }
   __syncthreads();
   if (threadIdx.x == 0) {
