@@ -149,6 +149,14 @@ def _vit(batch_first: bool = True):
 
 
 def _models():
+    """The test models, their weights drawn from a fixed seed (not from whatever state the
+    global generator is in when pytest imports this file)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(20261122)
+        return _build_models()
+
+
+def _build_models():
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 11, (5, 9), generator=generator)
     ids[:, :3] = torch.tensor([3, 3, 0])  # repeated ids and padding in every sample
@@ -229,16 +237,27 @@ def test_per_layer_norms_sum_to_the_total(name):
     assert set(result.methods) <= {"ghost", "materialise", "direct"}
 
 
+def _max_relative_error(values, exact):
+    return ((values.double() - exact) / exact).abs().max().item()
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=str)
-def test_lower_precision_models_are_close_to_float64(name, dtype, rtol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lower_precision_models_are_as_accurate_as_autograd(name, dtype):
+    """A float32 or bfloat16 model: the norms are compared with the exact (float64) norms of
+    that same model, i.e. its weights and inputs as rounded to `dtype`. PyTorch's own
+    per-sample backward in `dtype` sets the bar: rounding in a deep chain of norm layers
+    costs it a few percent in bfloat16, and we must not do worse than twice that (or a
+    few units of `dtype`'s epsilon, when autograd happens to be very close)."""
     model, inputs = _float64(name)
-    expected = _loop_norms(model, inputs)
     low = copy.deepcopy(model).to(dtype)
     low_inputs = inputs.to(dtype) if inputs.is_floating_point() else inputs
+    exact = _loop_norms(copy.deepcopy(low).double(), low_inputs.double() if inputs.is_floating_point() else inputs)
     norms = persample_grad_norms(low, low_inputs).norms
     assert norms.dtype == torch.float32
-    torch.testing.assert_close(norms.double(), expected, rtol=rtol, atol=1e-6)
+    autograd_error = _max_relative_error(_loop_norms(low, low_inputs), exact)
+    our_error = _max_relative_error(norms, exact)
+    assert our_error <= max(2 * autograd_error, 4 * torch.finfo(dtype).eps), (our_error, autograd_error)
 
 
 def test_logits_are_the_models_output():
