@@ -6,9 +6,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gradood.persample import persample_grad_norms
+from gradood.testing import peak_memory_bytes
 from gradood.persample.losses import per_sample_loss
 
 # torch's own note about the even 'same' kernel of _ResidualCNN (a copy it makes internally).
@@ -326,6 +328,85 @@ def test_batch_invariance():
     whole = persample_grad_norms(model, inputs).norms
     halves = torch.cat([persample_grad_norms(model, inputs[:2]).norms, persample_grad_norms(model, inputs[2:]).norms])
     torch.testing.assert_close(whole, halves)
+
+
+def test_inputs_that_require_grad_give_the_same_norms():
+    model, inputs = _float64("residual_cnn")
+    expected = persample_grad_norms(model, inputs).norms
+    leaf = inputs.clone().requires_grad_()
+    torch.testing.assert_close(persample_grad_norms(model, leaf).norms, expected, rtol=0, atol=0)
+    assert leaf.grad is None
+
+
+class _ModifiesAnInputInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        hidden = self.first(x) + 0
+        out = self.second(hidden)
+        hidden.add_(1.0)  # the input `second` was called with, changed after the call
+        return self.head(out)
+
+
+def test_an_input_modified_in_place_after_its_layer_ran_is_refused():
+    with pytest.raises(RuntimeError, match="the input of second was modified in place"):
+        persample_grad_norms(_ModifiesAnInputInPlace().eval(), torch.randn(3, 4))
+
+
+class _BackwardInsideForward(nn.Module):
+    """A forward that runs a backward of its own (an input-gradient feature) through
+    a hooked layer's output before the loss exists: that gradient is not the loss's."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        hidden = self.first(x)
+        out = torch.tanh(self.second(hidden))
+        (feature,) = torch.autograd.grad(out.square().sum(), hidden, retain_graph=True)  # a constant downstream
+        return self.head(out + feature)
+
+
+def test_a_backward_inside_the_forward_does_not_count_as_the_loss_gradient():
+    torch.manual_seed(0)
+    model = _BackwardInsideForward().double().eval()
+    inputs = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(persample_grad_norms(model, inputs).norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)
+
+
+def _conv_stack() -> nn.Module:
+    def block(c_in, c_out, stride=1):
+        return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+    layers = [*block(3, 32), *block(32, 32), *block(32, 64, 2), *block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return _randomise_batch_norms(nn.Sequential(*layers, nn.Linear(64, 10)), 0).eval()
+
+
+@pytest.mark.parametrize("name", ["conv_stack", "sequence"])
+def test_peak_memory_stays_within_1_3x_of_a_training_step(name):
+    """Each layer is reduced during the backward as soon as its output gradient
+    exists, so the output gradients of all layers never exist at once, no copy of
+    a layer's output is kept, and a CPU kernel's scratch stays within its layer's
+    own input and output gradient. (It was 2.5x before: every output gradient at
+    once, plus a copy of every hooked output.) Float32, deterministic sizes."""
+    if name == "conv_stack":
+        model, inputs = _conv_stack(), torch.randn(16, 3, 32, 32)
+    else:
+        model, inputs = _SequenceNet().eval(), torch.randint(0, 11, (16, 64))
+
+    def training_step():
+        model.zero_grad(set_to_none=True)
+        logits = model(inputs)
+        F.cross_entropy(logits, logits.argmax(1)).backward()
+
+    step = peak_memory_bytes(training_step)
+    model.zero_grad(set_to_none=True)
+    ours = peak_memory_bytes(lambda: persample_grad_norms(model, inputs))
+    assert step > 0
+    assert ours <= 1.3 * step, (ours, step)
 
 
 def test_train_mode_batch_norm_is_refused():

@@ -1,8 +1,11 @@
 // CPU kernels of gradood::outer_product_sq_norm and conv2d_weight_sq_norm,
 // composed from ATen: on the CPU the batched GEMMs (MKL/oneDNN) are what a
 // hand-written loop would call anyway. Samples are processed in chunks so no
-// intermediate (Gram matrices, per-sample products, unfolded patches) exceeds
-// kChunkElements; half-precision inputs are upcast per chunk.
+// intermediate (Gram matrices, per-sample products, unfolded patches) is larger
+// than the op's own two inputs together (or kMinChunkElements, for small
+// layers), and never kMaxChunkElements: the norms are computed during the
+// backward, and their scratch memory stays within what that layer's backward
+// already holds. Half-precision inputs are upcast per chunk.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -13,7 +16,8 @@
 namespace gradood {
 namespace {
 
-constexpr int64_t kChunkElements = int64_t(1) << 26;
+constexpr int64_t kMinChunkElements = int64_t(1) << 18;
+constexpr int64_t kMaxChunkElements = int64_t(1) << 26;
 
 at::ScalarType accumulator_type(const at::Tensor& tensor) {
   return tensor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -27,7 +31,12 @@ at::Tensor chunk_sq_norm(const at::Tensor& a, const at::Tensor& g, int method) {
   return at::bmm(g.transpose(1, 2), a).square().sum({1, 2});
 }
 
-int64_t chunk_rows(int64_t per_sample) { return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, per_sample)); }
+// Samples per chunk when each holds `per_sample` intermediate elements and the
+// op's inputs hold `input_elements`.
+int64_t chunk_rows(int64_t per_sample, int64_t input_elements) {
+  const int64_t budget = std::min(kMaxChunkElements, std::max(kMinChunkElements, input_elements));
+  return std::max<int64_t>(1, budget / std::max<int64_t>(1, per_sample));
+}
 
 at::Tensor outer_product_sq_norm_cpu(const at::Tensor& activations, const at::Tensor& grads,
                                      const std::string& method_name) {
@@ -37,9 +46,9 @@ at::Tensor outer_product_sq_norm_cpu(const at::Tensor& activations, const at::Te
   const int64_t in_features = activations.size(2), out_features = grads.size(2);
   at::Tensor out = at::zeros({count}, activations.options().dtype(acc));
   if (count == 0 || positions == 0 || in_features == 0 || out_features == 0) return out;
-  const int64_t rows =
-      chunk_rows(method == 0 ? positions * positions : std::max(in_features * out_features,
-                                                               positions * (in_features + out_features)));
+  const int64_t rows = chunk_rows(
+      method == 0 ? positions * positions : std::max(in_features * out_features, positions * (in_features + out_features)),
+      activations.numel() + grads.numel());
   for (int64_t start = 0; start < count; start += rows) {
     const int64_t length = std::min(rows, count - start);
     out.narrow(0, start, length)
@@ -62,19 +71,17 @@ at::Tensor conv2d_weight_sq_norm_cpu(const at::Tensor& padded_input, const at::T
   at::Tensor out = at::zeros({batch}, padded_input.options().dtype(acc));
   if (batch == 0 || positions == 0 || in_per_group == 0 || out_per_group == 0) return out;
   const int64_t product = method == 0 ? positions * positions : in_per_group * out_per_group;
-  const int64_t rows = chunk_rows(groups * std::max(product, positions * in_per_group));
+  const int64_t rows =
+      chunk_rows(groups * std::max(product, positions * in_per_group), padded_input.numel() + grad_output.numel());
   for (int64_t start = 0; start < batch; start += rows) {
     const int64_t length = std::min(rows, batch - start);
     const at::Tensor patches = at::im2col(padded_input.narrow(0, start, length).to(acc), kernel_size, dilation,
                                           {0, 0}, stride);  // [b, C_in·kh·kw, T]
-    const at::Tensor a = patches.reshape({length, groups, in_per_group, positions})
-                             .transpose(2, 3)
-                             .reshape({length * groups, positions, in_per_group});
-    const at::Tensor g = grad_output.narrow(0, start, length)
-                             .to(acc)
-                             .reshape({length, groups, out_per_group, positions})
-                             .transpose(2, 3)
-                             .reshape({length * groups, positions, out_per_group});
+    // [b·groups, T, d] and [b·groups, T, p] as transposed views: the GEMMs take them
+    // as they are, so neither the patches nor the gradients are copied again.
+    const at::Tensor a = patches.reshape({length * groups, in_per_group, positions}).transpose(1, 2);
+    const at::Tensor g =
+        grad_output.narrow(0, start, length).to(acc).reshape({length * groups, out_per_group, positions}).transpose(1, 2);
     out.narrow(0, start, length).copy_(chunk_sq_norm(a, g, method).reshape({length, groups}).sum(1));
   }
   return out;

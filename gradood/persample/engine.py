@@ -20,7 +20,7 @@ from torch import nn
 from gradood._checks import check_positive
 from gradood.persample import attention, conv, embedding, linear, norm  # noqa: F401  (register the rules)
 from gradood.persample._grads import DenseLayerGradients, LayerGradients, grad_rule_for
-from gradood.persample._rules import CompositeRule, rule_for
+from gradood.persample._rules import CompositeRule, RuleResult, rule_for
 from gradood.persample.fallback import torch_func_grads, torch_func_rule
 from gradood.persample.losses import LOSSES, Loss, per_sample_loss
 
@@ -140,25 +140,90 @@ def _layers(
 
 
 class _Recorder:
-    """Keeps, per (layer, piece), the piece's input and its output, the tensor the
-    loss is differentiated against."""
+    """Keeps, per (layer, piece), the piece's input (and its version counter) until
+    the backward has produced the gradient of the loss w.r.t. the piece's output.
+    As soon as every piece of a layer has its gradient, the layer is handed to
+    `consume` — during the backward — and its records are dropped: a layer's input
+    and output gradient live no longer than the backward needs them, and the output
+    gradients of all layers never exist at once.
 
-    def __init__(self, where: str):
+    A piece's output that requires grad is returned as is, with a tensor hook: a
+    hook registered before an in-place op downstream (ReLU(inplace=True)) receives
+    the gradient w.r.t. the value before that op, so no copy is needed. An output
+    that does not require grad (the first parametrised layer, its parameters being
+    frozen) becomes a leaf that autograd.grad differentiates against, and the graph
+    continues from a copy of it (an in-place op on a leaf that requires grad is an
+    error)."""
+
+    def __init__(self, where: str, consume: Callable[[str, Dict[Optional[str], tuple]], object], deferred: Iterable[str]):
         self.where = where
-        self.records: Dict[Tuple[str, Optional[str]], Tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self.consume = consume
+        self.deferred = set(deferred)  # layers consumed only after the pass (they replay their module)
+        self.inputs: Dict[Tuple[str, Optional[str]], Tuple[torch.Tensor, int]] = {}
+        self.outputs: Dict[Tuple[str, Optional[str]], Tuple[torch.Size, torch.dtype, torch.device]] = {}
+        self.grads: Dict[Tuple[str, Optional[str]], torch.Tensor] = {}
+        self.pending: Dict[str, set] = {}  # layer -> pieces still without a gradient
+        self.leaves: List[Tuple[Tuple[str, Optional[str]], torch.Tensor]] = []
+        self.results: Dict[str, object] = {}
+        self.backward_started = False
 
     def record(self, key: Tuple[str, Optional[str]], layer_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        if key in self.records:
+        if key in self.inputs:
             raise RuntimeError(
                 f"{self.where}: {key[0]} was called twice in one forward; per-sample norms of reused modules are "
                 "not supported"
             )
+        self.inputs[key] = (layer_input.detach(), layer_input._version)
+        self.outputs[key] = (output.shape, output.dtype, output.device)
+        self.pending.setdefault(key[0], set()).add(key[1])
         if not output.requires_grad:  # the start of the chain we differentiate
-            output = output.detach().requires_grad_()
-        self.records[key] = (layer_input.detach(), layer_input._version, output)
-        # The graph continues from a copy, so in-place ops downstream (ReLU(inplace=True))
-        # leave the tensor we take the gradient against untouched.
-        return output.clone()
+            leaf = output.detach().requires_grad_()
+            self.leaves.append((key, leaf))
+            return leaf.clone()
+        output.register_hook(functools.partial(self._on_grad, key))
+        return output
+
+    def _on_grad(self, key: Tuple[str, Optional[str]], grad: torch.Tensor) -> None:
+        if not self.backward_started:  # a backward of the user's own, inside the forward
+            return
+        self.give(key, grad)
+
+    def give(self, key: Tuple[str, Optional[str]], grad: Optional[torch.Tensor]) -> None:
+        """The gradient w.r.t. this piece's output (None: the loss does not depend on it)."""
+        layer, piece = key
+        if piece not in self.pending.get(layer, ()):
+            return
+        if grad is None:
+            shape, dtype, device = self.outputs[key]
+            grad = torch.zeros(shape, dtype=dtype, device=device)
+        self.grads[key] = grad
+        self.pending[layer].discard(piece)
+        if not self.pending[layer] and layer not in self.deferred:
+            self.finish(layer)
+
+    def finish(self, layer: str) -> None:
+        """Hands the layer's (input, output gradient) per piece to `consume`."""
+        pieces = {}
+        for key in [key for key in self.inputs if key[0] == layer]:
+            layer_input, version = self.inputs.pop(key)
+            if layer_input._version != version:
+                raise RuntimeError(
+                    f"{self.where}: the input of {layer} was modified in place after the layer ran; "
+                    "its per-sample gradient cannot be computed"
+                )
+            del self.outputs[key]
+            pieces[key[1]] = (layer_input, self.grads.pop(key))
+        del self.pending[layer]
+        self.results[layer] = self.consume(layer, pieces)
+
+    def finish_rest(self) -> None:
+        """After the backward: pieces it never reached get zero gradients; every
+        layer not consumed yet (deferred ones included) is consumed."""
+        for layer in list(self.pending):
+            for piece in list(self.pending[layer]):
+                self.give((layer, piece), None)
+            if layer in self.pending:
+                self.finish(layer)
 
 
 def _record_output(recorder: _Recorder, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -189,13 +254,13 @@ def _float32_if_half(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _Pass(NamedTuple):
-    """What one forward and backward pass leaves: the logits, the hooked layers and,
-    per layer, (input, gradient of the summed loss w.r.t. the output) per piece,
-    and the broadcast parameters with their per-sample gradients [B, ...]."""
+    """What one forward and backward pass leaves: the logits, the hooked layers,
+    what `consume` returned for each layer that was called (by layer name), and the
+    broadcast parameters with their per-sample gradients [B, ...]."""
 
     logits: torch.Tensor
     layers: List[_Layer]
-    pieces_of: Dict[str, Dict[Optional[str], tuple]]
+    consumed: Dict[str, object]
     functional: List[Tuple[_Functional, torch.Tensor]]
 
 
@@ -209,9 +274,13 @@ def _run_pass(
     params: ParamSelector,
     functional_params: Optional[str],
     fallback: Optional[str],
+    consume: Callable[[_Layer, Dict[Optional[str], tuple]], object],
 ) -> _Pass:
     """Validates the arguments, runs the forward and the input-gradient backward with
-    parameters frozen and the layers hooked, and restores the model (also on errors)."""
+    parameters frozen and the layers hooked, and restores the model (also on errors).
+    consume(layer, {piece: (input, output gradient)}) reduces a layer as soon as the
+    backward has produced its gradients (after the pass for the torch.func fallback,
+    which replays its module)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(inputs, torch.Tensor):
@@ -231,7 +300,12 @@ def _run_pass(
     layers, functional = _layers(model, _select(model, params, where), functional_params, fallback, where)
 
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    recorder = _Recorder(where)
+    by_name = {layer.name: layer for layer in layers}
+    recorder = _Recorder(
+        where,
+        lambda name, pieces: consume(by_name[name], pieces),
+        deferred=[layer.name for layer in layers if layer.rule is torch_func_rule],
+    )
     handles, overridden, substituted = [], [], []
     saved_parameters: Dict[int, Tuple[nn.Module, dict]] = {}  # each module's table, as it was
 
@@ -269,34 +343,26 @@ def _run_pass(
         for parameter in requires_grad:
             parameter.requires_grad_(False)
         with torch.enable_grad():
-            logits = model(inputs)
+            logits = model(inputs.detach())  # gradients w.r.t. parameters only, never the input
             if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
                 shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise ValueError(f"{where}: the model must return logits [B, C], got {shape}")
             losses = per_sample_loss(logits, loss, temperature, targets)
             if losses.shape != (inputs.shape[0],):
                 raise ValueError(f"{where}: the loss must be per sample, shape [{inputs.shape[0]}], got {tuple(losses.shape)}")
-            keys = list(recorder.records)
-            outputs = [recorder.records[key][2] for key in keys] + [copies for _, copies in substituted]
-            all_grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else []
-            grads, functional_grads = all_grads[: len(keys)], all_grads[len(keys) :]
+            leaves = [leaf for _, leaf in recorder.leaves] + [copies for _, copies in substituted]
+            recorder.backward_started = True
+            all_grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True) if leaves else []
+            for (key, _), grad in zip(recorder.leaves, all_grads):
+                recorder.give(key, grad)
+            functional_grads = all_grads[len(recorder.leaves) :]
     finally:
-        restore()  # the model as it was before the rules run (the torch.func fallback replays modules)
-    pieces_of: Dict[str, Dict[Optional[str], tuple]] = {}
-    for key, grad in zip(keys, grads):
-        layer_name, piece = key
-        layer_input, version, output = recorder.records[key]
-        if layer_input._version != version:
-            raise RuntimeError(
-                f"{where}: the input of {layer_name} was modified in place after the layer ran; "
-                "its per-sample gradient cannot be computed"
-            )
-        grad = torch.zeros_like(output) if grad is None else grad
-        pieces_of.setdefault(layer_name, {})[piece] = (layer_input, grad)
+        restore()  # the model as it was before the deferred layers run (the torch.func fallback replays modules)
+    recorder.finish_rest()
     functional_pairs = [
         (item, torch.zeros_like(copies) if grad is None else grad) for (item, copies), grad in zip(substituted, functional_grads)
     ]
-    return _Pass(logits.detach(), layers, pieces_of, functional_pairs)
+    return _Pass(logits.detach(), layers, recorder.results, functional_pairs)
 
 
 def _half_pieces_as_float32(pieces: Dict[Optional[str], tuple]) -> Dict[Optional[str], tuple]:
@@ -336,23 +402,27 @@ def persample_grad_norms(
     torch.func per-sample gradients of its own parameters (gradood/persample/
     fallback.py): exact, at the cost of materialising them for that module.
     """
-    result = _run_pass(_WHERE, model, inputs, loss, temperature, targets, params, functional_params, fallback)
-    logits = result.logits
-    norm_dtype = compute_dtype(logits.dtype)
-    columns, names, methods = [], [], []
-    for layer in result.layers:
-        names.append(layer.name)
-        pieces = result.pieces_of.get(layer.name)
-        if pieces is None:  # never called: its parameters get no gradient
-            columns.append(logits.new_zeros(inputs.shape[0], dtype=norm_dtype))
-            methods.append("unused")
-            continue
+    def layer_norms(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> RuleResult:
         pieces = _half_pieces_as_float32(pieces)
         if isinstance(layer.rule, CompositeRule):
             rule_result = layer.rule.norms(layer.module, pieces)
         else:
             rule_result = layer.rule(layer.module, *pieces[None])
-        columns.append(sum(rule_result.squared_norms[name] for name in layer.parameter_names).to(norm_dtype))
+        squared = sum(rule_result.squared_norms[name] for name in layer.parameter_names)
+        return RuleResult({"": squared}, rule_result.method)
+
+    result = _run_pass(_WHERE, model, inputs, loss, temperature, targets, params, functional_params, fallback, layer_norms)
+    logits = result.logits
+    norm_dtype = compute_dtype(logits.dtype)
+    columns, names, methods = [], [], []
+    for layer in result.layers:
+        names.append(layer.name)
+        rule_result = result.consumed.get(layer.name)
+        if rule_result is None:  # never called: its parameters get no gradient
+            columns.append(logits.new_zeros(inputs.shape[0], dtype=norm_dtype))
+            methods.append("unused")
+            continue
+        columns.append(rule_result.squared_norms[""].to(norm_dtype))
         methods.append(rule_result.method)
     for item, grad in result.functional:
         names.append(item.name)
@@ -464,7 +534,16 @@ def persample_gradients(
     by layer from each layer's input and output gradient. Arguments, model
     requirements and guarantees as persample_grad_norms."""
     where = "gradood.persample_gradients"
-    result = _run_pass(where, model, inputs, loss, temperature, targets, params, functional_params, fallback)
+
+    def layer_gradients(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> LayerGradients:
+        pieces = _half_pieces_as_float32(pieces)
+        if isinstance(layer.rule, CompositeRule):
+            return layer.rule.grads(layer.module, pieces)
+        if layer.rule is torch_func_rule:
+            return torch_func_grads(layer.module, *pieces[None])
+        return grad_rule_for(layer.module)(layer.module, *pieces[None])
+
+    result = _run_pass(where, model, inputs, loss, temperature, targets, params, functional_params, fallback, layer_gradients)
     layers: List[Tuple[Dict[str, str], LayerGradients]] = []
     shapes: Dict[str, torch.Size] = {}
     dtype = compute_dtype(result.logits.dtype)
@@ -473,18 +552,11 @@ def persample_gradients(
         full_names = {own: f"{layer.name}.{own}" if layer.name else own for own in layer.parameter_names}
         for own, full in full_names.items():
             shapes[full] = module_parameters[own].shape
-        pieces = result.pieces_of.get(layer.name)
-        if pieces is None:
+        grads = result.consumed.get(layer.name)
+        if grads is None:
             numels = {own: module_parameters[own].numel() for own in full_names}
             layers.append((full_names, _ZeroGradients(inputs.shape[0], numels, result.logits.to(dtype))))
             continue
-        pieces = _half_pieces_as_float32(pieces)
-        if isinstance(layer.rule, CompositeRule):
-            grads = layer.rule.grads(layer.module, pieces)
-        elif layer.rule is torch_func_rule:
-            grads = torch_func_grads(layer.module, *pieces[None])
-        else:
-            grads = grad_rule_for(layer.module)(layer.module, *pieces[None])
         layers.append((full_names, grads.restrict(tuple(full_names))))
     for item, grad in result.functional:
         shapes[item.name] = item.parameter.shape
