@@ -6,11 +6,12 @@
 #
 #   run: bash benchmarks/gpu_check.sh [STAGE...]   (OUT is set by the device tool)
 #
-# STAGE: tests, sanitizer, bench, lowdim (default: all four). Every call builds first
-# (incrementally on a warm machine), so a 10-minute device call can take one
-# stage at a time: `bash benchmarks/gpu_check.sh tests`, then `... sanitizer bench`, then `... lowdim`.
+# STAGE: tests, sanitizer, bench, persample, lowdim (default: all five). Every call builds
+# first (incrementally on a warm machine), so a 10-minute device call can take one
+# stage at a time: `bash benchmarks/gpu_check.sh tests`, then `... sanitizer bench`, then
+# `... persample`, then `... lowdim`.
 set -uo pipefail
-stages="${*:-tests sanitizer bench lowdim}"
+stages="${*:-tests sanitizer bench persample lowdim}"
 wants() { case " $stages " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT="${OUT:-$(mktemp -d)}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" GRADOOD_WITH_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}"
@@ -60,11 +61,14 @@ if wants bench; then
       --benchmark-columns=median,iqr --benchmark-json="$OUT/bench_row_threads_$threads.json" 2>&1 \
       | grep -E "^test_" | tee "$OUT/bench_row_threads_$threads.txt" || status=1
   done
+fi
 
-  step "per-sample engine benchmark"
-  (cd benchmarks && python3 -m pytest test_persample.py -q -p no:cacheprovider -k cuda \
+if wants persample; then
+  step "per-sample engine: ResNet-18 CIFAR B=256, ResNet-50 and ViT-B/16 at 224, B=64; time and peak memory"
+  (cd benchmarks && python3 -m pytest test_persample.py -q -rs -p no:cacheprovider -k cuda \
     --benchmark-json="$OUT/persample.json" >"$OUT/persample.log" 2>&1) || status=1
-  tail -15 "$OUT/persample.log"
+  grep -E "passed|failed|SKIPPED" "$OUT/persample.log" | tail -12
+  python3 benchmarks/summarize.py "$OUT/persample.json" | tee "$OUT/persample_summary.md"
 fi
 
 if wants lowdim; then

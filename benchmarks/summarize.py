@@ -1,5 +1,6 @@
-"""Markdown tables of benchmark JSON files from test_lastlayer_scores.py and
-test_react.py: medians per implementation and ratios to gradood. With several files, a later file's
+"""Markdown tables of benchmark JSON files from test_lastlayer_scores.py,
+test_react.py and test_persample.py: medians per implementation and ratios to gradood
+(per-sample norms: also peak memory, and both against a training step). With several files, a later file's
 measurement of a (case, implementation) replaces an earlier one's.
 
     python benchmarks/summarize.py bench.json [more.json ...]
@@ -19,16 +20,19 @@ def main(paths: list) -> None:
         median = bench["stats"]["median"]
         extra = bench.get("extra_info", {})
         implementation = bench["params"]["implementation"]
-        if implementation == "autograd_loop":
+        if "extrapolated_median_s" in extra:  # a per-sample loop timed on a subset
             median = extra["extrapolated_median_s"]
         row = rows.setdefault(bench["group"], {"bytes": extra.get("bytes_read", 0)})
         row[implementation] = median
-    react = collections.OrderedDict((group, row) for group, row in rows.items() if group.startswith("react-"))
-    lastlayer = collections.OrderedDict((group, row) for group, row in rows.items() if group not in react)
-    if lastlayer:
-        _lastlayer_table(lastlayer)
-    if react:
-        _react_table(react)
+        if "peak_mib" in extra:
+            row[f"{implementation} peak"] = extra["peak_mib"]
+    tables = collections.OrderedDict((kind, collections.OrderedDict()) for kind in ("lastlayer", "react", "persample"))
+    for group, row in rows.items():
+        kind = group.split("-")[0] if group.startswith(("react-", "persample-")) else "lastlayer"
+        tables[kind][group] = row
+    for kind, table in tables.items():
+        if table:
+            globals()[f"_{kind}_table"](table)
 
 
 def _cell(row: dict, name: str) -> str:
@@ -62,6 +66,26 @@ def _react_table(rows: dict) -> None:
             f"| {group} | {row['gradood'] * 1e6:,.1f} | {_cell(row, 'reference')} | "
             f"{_cell(row, 'reference_compiled')} | {_cell(row, 'gemm_only')} |"
         )
+
+
+def _persample_table(rows: dict) -> None:
+    implementations = ["gradood", "training_step", "vmap_grad", "loop", "opacus_ghost", "backpack_l2"]
+    print("\n| case | " + " | ".join(f"{name} ms (×)" for name in implementations)
+          + " | gradood / step, time | gradood / step, peak memory |")
+    print("|---|" + "---|" * (len(implementations) + 2))
+    for group, row in rows.items():
+        cells = []
+        for name in implementations:
+            if name not in row:
+                cells.append("—")
+                continue
+            ratio = f" ({row[name] / row['gradood']:,.2f}×)" if "gradood" in row and name != "gradood" else ""
+            peak = f", {row[name + ' peak']:,.0f} MiB" if name + " peak" in row and name != "loop" else ""
+            cells.append(f"{row[name] * 1e3:,.1f}{ratio}{peak}")
+        time_ratio = row["gradood"] / row["training_step"] if {"gradood", "training_step"} <= set(row) else float("nan")
+        peaks = ("gradood peak", "training_step peak")
+        memory_ratio = row[peaks[0]] / row[peaks[1]] if set(peaks) <= set(row) else float("nan")
+        print(f"| {group} | " + " | ".join(cells) + f" | {time_ratio:.2f} | {memory_ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -510,10 +510,11 @@ def test_vit_like_model_matches_the_loop(batch_first):
 
 class _CrossAttention(nn.Module):
     """Separate k/v dims, a key padding mask derived from the input, a causal bool
-    mask, and attention weights requested per head."""
+    mask, and attention weights requested per head (or not: the fused kernel)."""
 
-    def __init__(self):
+    def __init__(self, need_weights: bool = True):
         super().__init__()
+        self.need_weights = need_weights
         self.memory = nn.Linear(8, 6)
         self.attention = nn.MultiheadAttention(8, 2, kdim=6, vdim=6, batch_first=False)
         self.head = nn.Linear(8, 3)
@@ -524,12 +525,16 @@ class _CrossAttention(nn.Module):
         padding[:, 0] = False  # every query keeps a key
         causal = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
         out, weights = self.attention(x.transpose(0, 1), memory.transpose(0, 1), memory.transpose(0, 1),
-                                      key_padding_mask=padding, attn_mask=causal, average_attn_weights=False)
+                                      key_padding_mask=padding, attn_mask=causal, average_attn_weights=False,
+                                      need_weights=self.need_weights)
+        if not self.need_weights:
+            return self.head(out.mean(0))
         return self.head(out.mean(0)) + weights.sum((1, 2, 3))[:, None]
 
 
-def test_cross_attention_with_masks_matches_the_loop():
-    model = _CrossAttention().double().eval()
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_cross_attention_with_masks_matches_the_loop(need_weights):
+    model = _CrossAttention(need_weights).double().eval()
     inputs = torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     result = persample_grad_norms(model, inputs)
     torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-6, atol=1e-12)

@@ -59,15 +59,20 @@ class MultiheadAttentionRule(CompositeRule):
         q = q.reshape(batch, target_length, heads, head_dim).transpose(1, 2)
         k = k.reshape(batch, source_length, heads, head_dim).transpose(1, 2)
         v = v.reshape(batch, source_length, heads, head_dim).transpose(1, 2)
-        scores = (q * math.sqrt(1.0 / head_dim)) @ k.transpose(-2, -1)  # [B, H, Tq, Tk]
-        mask = _additive(attn_mask, scores.dtype)
-        if mask is not None:
-            scores = scores + (mask.reshape(batch, heads, target_length, source_length) if mask.dim() == 3 else mask)
-        padding = _additive(key_padding_mask, scores.dtype)
+        mask = _additive(attn_mask, q.dtype)
+        if mask is not None and mask.dim() == 3:
+            mask = mask.reshape(batch, heads, target_length, source_length)
+        padding = _additive(key_padding_mask, q.dtype)
         if padding is not None:
-            scores = scores + padding.reshape(batch, 1, 1, source_length)
-        weights = torch.softmax(scores, dim=-1)
-        context = (weights @ v).transpose(1, 2).reshape(batch, target_length, embed)
+            padding = padding.reshape(batch, 1, 1, source_length)
+            mask = padding if mask is None else mask + padding
+        if need_weights:
+            scores = (q * math.sqrt(1.0 / head_dim)) @ k.transpose(-2, -1)  # [B, H, Tq, Tk]
+            weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            attended = weights @ v
+        else:  # as torch's MHA: the fused kernel, which keeps no [B, H, Tq, Tk] weights for the backward
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        context = attended.transpose(1, 2).reshape(batch, target_length, embed)
         output = record("out", context, F.linear(context, module.out_proj.weight, module.out_proj.bias))
         if not module.batch_first:
             output = output.transpose(0, 1)
