@@ -69,7 +69,7 @@ def _react_table(rows: dict) -> None:
 
 
 def _persample_table(rows: dict) -> None:
-    implementations = ["gradood", "training_step", "vmap_grad", "loop", "opacus_ghost", "backpack_l2"]
+    implementations = ["gradood", "training_step", "training_step_fp32", "vmap_grad", "loop", "opacus_ghost", "backpack_l2"]
     print("\n| case | " + " | ".join(f"{name} ms (×)" for name in implementations)
           + " | gradood / step, time | gradood / step, peak memory |")
     print("|---|" + "---|" * (len(implementations) + 2))

@@ -3,6 +3,9 @@ peak memory:
 
     gradood         gradood.persample_grad_norms (one forward, one backward)
     training_step   one plain forward + backward with parameter gradients (the reference cost)
+    training_step_fp32
+                    the same on CUDA with TF32 off (cuDNN allows TF32 convolutions by default,
+                    while gradood's norm kernels compute in full float32): the like-for-like floor
     vmap_grad       torch.func vmap(grad) over the batch, then the norms; in chunks of samples
                     when the whole batch runs out of memory (extra_info["vmap_chunk"])
     loop            one backward per sample; timed on LOOP_SUBSET samples, the median
@@ -31,6 +34,7 @@ without.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 from functools import partial
@@ -43,7 +47,7 @@ import gradood
 from gradood.testing import peak_memory_bytes
 from models import ResNet18Cifar, norm_layer
 
-IMPLEMENTATIONS = ["gradood", "training_step", "vmap_grad", "loop", "opacus_ghost", "backpack_l2"]
+IMPLEMENTATIONS = ["gradood", "training_step", "training_step_fp32", "vmap_grad", "loop", "opacus_ghost", "backpack_l2"]
 LOOP_SUBSET = 4
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = ["resnet18_cifar-batch", "resnet18_cifar-group", "resnet50-batch", "resnet50-group", "vit_b_16"]
@@ -122,6 +126,16 @@ def _backpack_runner(model, inputs):
     return norms
 
 
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _vmap_norms(model, inputs):
     """torch.func per-sample gradients and their norms, over the whole batch or, when that
     runs out of memory, over the largest power-of-two chunk of samples that fits."""
@@ -180,6 +194,16 @@ def test_persample_norms(benchmark, device, case, implementation):
         def run():
             gradood.persample_grad_norms(model, inputs, **options)
             sync()
+
+    elif implementation == "training_step_fp32":
+        if device != "cuda":
+            pytest.skip("TF32 is a CUDA setting")
+
+        def run():
+            with _tf32(False):
+                model.zero_grad(set_to_none=True)
+                _ce_pred(model(inputs)).mean().backward()
+                sync()
 
     elif implementation == "training_step":
 
