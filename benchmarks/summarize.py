@@ -26,13 +26,14 @@ def main(paths: list) -> None:
         row[implementation] = median
         if "peak_mib" in extra:
             row[f"{implementation} peak"] = extra["peak_mib"]
-    tables = collections.OrderedDict((kind, collections.OrderedDict()) for kind in ("lastlayer", "react", "persample"))
+    printers = {"lastlayer": _lastlayer_table, "react": _react_table, "persample": _persample_table}
+    tables = {kind: collections.OrderedDict() for kind in printers}
     for group, row in rows.items():
         kind = group.split("-")[0] if group.startswith(("react-", "persample-")) else "lastlayer"
         tables[kind][group] = row
     for kind, table in tables.items():
         if table:
-            globals()[f"_{kind}_table"](table)
+            printers[kind](table)
 
 
 def _cell(row: dict, name: str) -> str:

@@ -70,3 +70,19 @@ def tiny_classifier():
     """A factory for `gradood bench --model helpers:tiny_classifier` in the CLI test."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+class ScoringClassifier(nn.Module):
+    """A classifier returning (logits, score) from one forward pass, the way a
+    deployed model carries its OOD score: score(logits, features, head) -> [B]."""
+
+    def __init__(self, score):
+        super().__init__()
+        self.score = score
+        self.backbone = nn.Sequential(nn.Linear(12, 16), nn.ReLU())
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, inputs):
+        features = self.backbone(inputs)
+        logits = self.head(features)
+        return logits, self.score(logits, features, self.head)

@@ -10,11 +10,11 @@ import textwrap
 
 import pytest
 import torch
-from torch import nn
 
 import gradood
 from gradood import scores
 from conftest import HAS_CUDA
+from helpers import ScoringClassifier
 
 OPCHECK_CASES = [  # (B, C, D or None, dtype)
     (4, 10, 7, torch.float32),
@@ -103,23 +103,14 @@ def test_term_names_come_from_the_library():
     assert result.terms.shape == (2, len(gradood.TERM_NAMES))
 
 
-class _Classifier(nn.Module):
+def _classifier() -> ScoringClassifier:
     """A classifier returning (logits, RG score) from one forward pass."""
-
-    def __init__(self):
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(12, 16), nn.ReLU())
-        self.head = nn.Linear(16, 5)
-
-    def forward(self, inputs):
-        features = self.backbone(inputs)
-        logits = self.head(features)
-        return logits, scores.rg(logits, features, clip=1.0)
+    return ScoringClassifier(lambda logits, features, head: scores.rg(logits, features, clip=1.0))
 
 
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
-    model = _Classifier().eval()
+    model = _classifier().eval()
     inputs = torch.randn(8, 12)
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
@@ -130,7 +121,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 def test_torch_export_runs_and_matches_eager():
-    model = _Classifier().eval()
+    model = _classifier().eval()
     inputs = torch.randn(6, 12)
     exported = torch.export.export(model, (inputs,))
     assert any("gradood.lastlayer_score" in str(node.target) for node in exported.graph.nodes)

@@ -14,6 +14,7 @@ from torch import nn
 
 from gradood import reference, scores
 from conftest import HAS_CUDA
+from helpers import ScoringClassifier
 
 # (B, C, D): C = 1 and D = 1; odd sizes; batches that split into several blocks
 # of rows with a partial last one (the CPU kernel's blocks hold up to 256 rows);
@@ -164,20 +165,13 @@ def test_opcheck(batch, num_classes, num_features, dtype, with_bias, device):
     torch.library.opcheck(torch.ops.gradood.react_energy.default, (features, weight, bias if with_bias else None, 0.7))
 
 
-class _ReActHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(12, 16), nn.ReLU())
-        self.head = nn.Linear(16, 5)
-
-    def forward(self, inputs):
-        features = self.backbone(inputs)
-        return self.head(features), scores.react(features, self.head.weight, self.head.bias, 0.6)
+def _react_head() -> ScoringClassifier:
+    return ScoringClassifier(lambda logits, features, head: scores.react(features, head.weight, head.bias, 0.6))
 
 
 def test_torch_compile_fullgraph_and_export():
     torch._dynamo.reset()
-    model = _ReActHead().eval()
+    model = _react_head().eval()
     inputs = torch.randn(8, 12)
     with torch.no_grad():
         expected = model(inputs)[1]

@@ -3,6 +3,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 
+#include "ops/checks.h"
+
 namespace gradood {
 
 std::tuple<at::Tensor, at::Tensor> norm_affine_grads(const at::Tensor& grad_output, const at::Tensor& input,
@@ -20,10 +22,7 @@ void check_like(const char* name, const at::Tensor& tensor, const at::Tensor& gr
   constexpr const char* op = "norm_affine_grads";
   TORCH_CHECK(tensor.sizes() == grad_output.sizes(), op, ": ", name, " must have grad_output's shape ",
               grad_output.sizes(), " (expand broadcast statistics), got ", tensor.sizes());
-  TORCH_CHECK(tensor.scalar_type() == grad_output.scalar_type(), op, ": ", name, " must have grad_output's dtype ",
-              grad_output.scalar_type(), ", got ", tensor.scalar_type());
-  TORCH_CHECK(tensor.device() == grad_output.device(), op, ": ", name, " must be on grad_output's device ",
-              grad_output.device(), ", got ", tensor.device());
+  check_dtype_and_device_match(op, name, tensor, "grad_output's", grad_output);
 }
 
 }  // namespace

@@ -19,6 +19,7 @@
 #include <cmath>
 
 #include "common/lastlayer_terms_math.h"
+#include "ops/checks.h"
 #include "ops/lastlayer_terms.h"
 
 namespace gradood {
@@ -31,18 +32,6 @@ at::Tensor react_energy(const at::Tensor& features, const at::Tensor& weight,
   return op.call(features, weight, bias, clip);
 }
 
-namespace {
-
-void check_like(const char* name, const at::Tensor& tensor, const at::Tensor& features) {
-  constexpr const char* op = "react_energy";
-  TORCH_CHECK(tensor.scalar_type() == features.scalar_type(), op, ": ", name,
-              " must have the features' dtype ", features.scalar_type(), ", got ", tensor.scalar_type());
-  TORCH_CHECK(tensor.device() == features.device(), op, ": ", name, " must be on the features' device ",
-              features.device(), ", got ", tensor.device());
-}
-
-}  // namespace
-
 void check_react_energy_inputs(const at::Tensor& features, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, double clip) {
   constexpr const char* op = "react_energy";
@@ -53,11 +42,11 @@ void check_react_energy_inputs(const at::Tensor& features, const at::Tensor& wei
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == features.size(1) && weight.size(0) >= 1, op,
               ": weight must be [C, ", features.size(1), "] with C >= 1 to match features [B, D], got shape ",
               weight.sizes());
-  check_like("weight", weight, features);
+  check_dtype_and_device_match(op, "weight", weight, "the features'", features);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [",
                 weight.size(0), "] or absent, got shape ", bias->sizes());
-    check_like("bias", *bias, features);
+    check_dtype_and_device_match(op, "bias", *bias, "the features'", features);
   }
   TORCH_CHECK(clip > 0, op, ": clip must be > 0 (inf for no clipping), got ", clip);
 }

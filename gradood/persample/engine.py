@@ -20,7 +20,7 @@ from torch import nn
 from gradood._checks import check_positive
 from gradood.persample import attention, conv, embedding, linear, norm  # noqa: F401  (register the rules)
 from gradood.persample._grads import DenseLayerGradients, LayerGradients, grad_rule_for
-from gradood.persample._rules import CompositeRule, RuleResult, rule_for
+from gradood.persample._rules import CompositeRule, rule_for
 from gradood.persample.fallback import torch_func_grads, torch_func_rule
 from gradood.persample.losses import LOSSES, Loss, per_sample_loss
 
@@ -139,6 +139,19 @@ def _layers(
     return list(by_module.values()), functional
 
 
+class _PieceRecord:
+    """One piece's input, the input's version counter when recorded, the output's
+    shape, dtype and device (for a zero gradient where the loss does not depend on
+    it), and its output gradient once the backward has produced it."""
+
+    __slots__ = ("input", "version", "output_like", "grad")
+
+    def __init__(self, layer_input: torch.Tensor, output: torch.Tensor):
+        self.input, self.version = layer_input.detach(), layer_input._version
+        self.output_like = dict(size=output.shape, dtype=output.dtype, device=output.device)
+        self.grad: Optional[torch.Tensor] = None
+
+
 class _Recorder:
     """Keeps, per (layer, piece), the piece's input (and its version counter) until
     the backward has produced the gradient of the loss w.r.t. the piece's output.
@@ -159,23 +172,20 @@ class _Recorder:
         self.where = where
         self.consume = consume
         self.deferred = set(deferred)  # layers consumed only after the pass (they replay their module)
-        self.inputs: Dict[Tuple[str, Optional[str]], Tuple[torch.Tensor, int]] = {}
-        self.outputs: Dict[Tuple[str, Optional[str]], Tuple[torch.Size, torch.dtype, torch.device]] = {}
-        self.grads: Dict[Tuple[str, Optional[str]], torch.Tensor] = {}
-        self.pending: Dict[str, set] = {}  # layer -> pieces still without a gradient
+        self.layers: Dict[str, Dict[Optional[str], _PieceRecord]] = {}  # layers not consumed yet, by piece
         self.leaves: List[Tuple[Tuple[str, Optional[str]], torch.Tensor]] = []
         self.results: Dict[str, object] = {}
         self.backward_started = False
 
     def record(self, key: Tuple[str, Optional[str]], layer_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        if key in self.inputs:
+        layer, piece = key
+        pieces = self.layers.setdefault(layer, {})
+        if piece in pieces:
             raise RuntimeError(
-                f"{self.where}: {key[0]} was called twice in one forward; per-sample norms of reused modules are "
+                f"{self.where}: {layer} was called twice in one forward; per-sample norms of reused modules are "
                 "not supported"
             )
-        self.inputs[key] = (layer_input.detach(), layer_input._version)
-        self.outputs[key] = (output.shape, output.dtype, output.device)
-        self.pending.setdefault(key[0], set()).add(key[1])
+        pieces[piece] = _PieceRecord(layer_input, output)
         if not output.requires_grad:  # the start of the chain we differentiate
             leaf = output.detach().requires_grad_()
             self.leaves.append((key, leaf))
@@ -184,45 +194,37 @@ class _Recorder:
         return output
 
     def _on_grad(self, key: Tuple[str, Optional[str]], grad: torch.Tensor) -> None:
-        if not self.backward_started:  # a backward of the user's own, inside the forward
-            return
-        self.give(key, grad)
+        if self.backward_started:  # not a backward of the user's own, inside the forward
+            self.give(key, grad)
 
     def give(self, key: Tuple[str, Optional[str]], grad: Optional[torch.Tensor]) -> None:
         """The gradient w.r.t. this piece's output (None: the loss does not depend on it)."""
         layer, piece = key
-        if piece not in self.pending.get(layer, ()):
+        pieces = self.layers.get(layer)
+        if pieces is None or pieces[piece].grad is not None:  # consumed already
             return
-        if grad is None:
-            shape, dtype, device = self.outputs[key]
-            grad = torch.zeros(shape, dtype=dtype, device=device)
-        self.grads[key] = grad
-        self.pending[layer].discard(piece)
-        if not self.pending[layer] and layer not in self.deferred:
+        pieces[piece].grad = torch.zeros(**pieces[piece].output_like) if grad is None else grad
+        if layer not in self.deferred and all(record.grad is not None for record in pieces.values()):
             self.finish(layer)
 
     def finish(self, layer: str) -> None:
         """Hands the layer's (input, output gradient) per piece to `consume`."""
-        pieces = {}
-        for key in [key for key in self.inputs if key[0] == layer]:
-            layer_input, version = self.inputs.pop(key)
-            if layer_input._version != version:
+        pieces = self.layers.pop(layer)
+        for record in pieces.values():
+            if record.input._version != record.version:
                 raise RuntimeError(
                     f"{self.where}: the input of {layer} was modified in place after the layer ran; "
                     "its per-sample gradient cannot be computed"
                 )
-            del self.outputs[key]
-            pieces[key[1]] = (layer_input, self.grads.pop(key))
-        del self.pending[layer]
-        self.results[layer] = self.consume(layer, pieces)
+        self.results[layer] = self.consume(layer, {piece: (r.input, r.grad) for piece, r in pieces.items()})
 
     def finish_rest(self) -> None:
         """After the backward: pieces it never reached get zero gradients; every
         layer not consumed yet (deferred ones included) is consumed."""
-        for layer in list(self.pending):
-            for piece in list(self.pending[layer]):
+        for layer in list(self.layers):
+            for piece in list(self.layers[layer]):
                 self.give((layer, piece), None)
-            if layer in self.pending:
+            if layer in self.layers:
                 self.finish(layer)
 
 
@@ -402,14 +404,14 @@ def persample_grad_norms(
     torch.func per-sample gradients of its own parameters (gradood/persample/
     fallback.py): exact, at the cost of materialising them for that module.
     """
-    def layer_norms(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> RuleResult:
+    def layer_norms(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> Tuple[torch.Tensor, str]:
+        """The layer's per-sample squared norm [B], summed over its selected parameters, and its method."""
         pieces = _half_pieces_as_float32(pieces)
         if isinstance(layer.rule, CompositeRule):
             rule_result = layer.rule.norms(layer.module, pieces)
         else:
             rule_result = layer.rule(layer.module, *pieces[None])
-        squared = sum(rule_result.squared_norms[name] for name in layer.parameter_names)
-        return RuleResult({"": squared}, rule_result.method)
+        return sum(rule_result.squared_norms[name] for name in layer.parameter_names), rule_result.method
 
     result = _run_pass(_WHERE, model, inputs, loss, temperature, targets, params, functional_params, fallback, layer_norms)
     logits = result.logits
@@ -417,13 +419,13 @@ def persample_grad_norms(
     columns, names, methods = [], [], []
     for layer in result.layers:
         names.append(layer.name)
-        rule_result = result.consumed.get(layer.name)
-        if rule_result is None:  # never called: its parameters get no gradient
+        if layer.name not in result.consumed:  # never called: its parameters get no gradient
             columns.append(logits.new_zeros(inputs.shape[0], dtype=norm_dtype))
             methods.append("unused")
             continue
-        columns.append(rule_result.squared_norms[""].to(norm_dtype))
-        methods.append(rule_result.method)
+        squared, method = result.consumed[layer.name]
+        columns.append(squared.to(norm_dtype))
+        methods.append(method)
     for item, grad in result.functional:
         names.append(item.name)
         grad = _float32_if_half(grad)
