@@ -104,3 +104,13 @@ def sum_of_outer_products_sq_norm(activations: torch.Tensor, grads: torch.Tensor
     method = "ghost" if prefers_ghost(positions, in_features, grads.shape[2]) else "materialise"
     squared = torch.ops.gradood.outer_product_sq_norm(activations, grads, method)
     return RuleResult({"weight": squared.to(grads.dtype)}, method)
+
+
+# Features-last module types: their rules see positions then features, so the
+# batch may sit in any dimension of the input (a sequence-first [T, B, E]); the
+# engine moves it to the front. Others (conv, batch and group norm) need it first.
+_BATCH_MAY_MOVE = {nn.Linear, nn.LayerNorm, nn.Embedding} | ({nn.RMSNorm} if hasattr(nn, "RMSNorm") else set())
+
+
+def batch_may_move(module: nn.Module) -> bool:
+    return type(module) in _BATCH_MAY_MOVE

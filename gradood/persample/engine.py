@@ -20,6 +20,7 @@ from torch import nn
 from gradood._checks import check_positive
 from gradood.persample import attention, conv, embedding, linear, norm  # noqa: F401  (register the rules)
 from gradood.persample._grads import DenseLayerGradients, LayerGradients, grad_rule_for
+from gradood.persample._layout import probe_layout
 from gradood.persample._rules import CompositeRule, rule_for
 from gradood.persample.fallback import torch_func_grads, torch_func_rule
 from gradood.persample.losses import LOSSES, Loss, per_sample_loss
@@ -119,6 +120,16 @@ def _layers(
     for full_name, parameter in selected.items():
         module_name, module, short_name = owners[id(parameter)]
         rule = rule_for(module)
+        unknown = [name for name in module._parameters if name not in ("weight", "bias")]
+        if rule is not None and not isinstance(rule, CompositeRule) and unknown:  # e.g. torch.nn.utils.weight_norm
+            if fallback != "torch.func":
+                raise ValueError(
+                    f"{where}: {module_name} ({type(module).__name__}) has parameters its rule does not know "
+                    f"({', '.join(unknown)}; the rule knows weight and bias): a hook or parametrisation (e.g. "
+                    "torch.nn.utils.weight_norm) changes how the module uses its parameters. Pass "
+                    "fallback='torch.func' to replay it per sample, or exclude them with `params`"
+                )
+            rule = None
         if rule is None and fallback == "torch.func":
             rule = torch_func_rule
         if rule is None:
@@ -139,17 +150,39 @@ def _layers(
     return list(by_module.values()), functional
 
 
+def _hand_over(model: nn.Module, layers: List[_Layer], hosts: Dict[str, str]) -> List[_Layer]:
+    """The layers with each handed-over layer's parameters moved to its host, a
+    module replayed by the torch.func fallback (created where it was no layer),
+    which takes the place of the first layer it receives."""
+    if not hosts:
+        return layers
+    modules = dict(model.named_modules())
+    by_name = {layer.name: layer for layer in layers}
+    result: Dict[str, _Layer] = {}
+    for layer in layers:
+        host = hosts.get(layer.name)
+        if host is None:
+            result.setdefault(layer.name, layer)
+            continue
+        prefix = layer.name[len(host) + 1 :] + "." if host else (layer.name + "." if layer.name else "")
+        current = result.get(host) or by_name.get(host) or _Layer(host, modules[host], (), torch_func_rule)
+        names = current.parameter_names + tuple(prefix + own for own in layer.parameter_names)
+        result[host] = _Layer(host, current.module, names, torch_func_rule)
+    return list(result.values())
+
+
 class _PieceRecord:
     """One piece's input, the input's version counter when recorded, the output's
     shape, dtype and device (for a zero gradient where the loss does not depend on
     it), and its output gradient once the backward has produced it."""
 
-    __slots__ = ("input", "version", "output_like", "grad")
+    __slots__ = ("input", "version", "output_like", "grad", "batch_dim")
 
-    def __init__(self, layer_input: torch.Tensor, output: torch.Tensor):
-        self.input, self.version = layer_input.detach(), layer_input._version
+    def __init__(self, layer_input: torch.Tensor, output: torch.Tensor, batch_dim: int):
+        self.input, self.version = layer_input.detach().movedim(batch_dim, 0), layer_input._version
         self.output_like = dict(size=output.shape, dtype=output.dtype, device=output.device)
         self.grad: Optional[torch.Tensor] = None
+        self.batch_dim = batch_dim  # of the input and the output (features-last layers), moved to the front
 
 
 class _Recorder:
@@ -168,8 +201,10 @@ class _Recorder:
     continues from a copy of it (an in-place op on a leaf that requires grad is an
     error)."""
 
-    def __init__(self, where: str, consume: Callable[[str, Dict[Optional[str], tuple]], object], deferred: Iterable[str]):
+    def __init__(self, where: str, consume: Callable[[str, Dict[Optional[str], tuple]], object], deferred: Iterable[str],
+                 batch: int, batch_dims: Dict[Tuple[str, Optional[str]], int]):
         self.where = where
+        self.batch, self.batch_dims = batch, batch_dims
         self.consume = consume
         self.deferred = set(deferred)  # layers consumed only after the pass (they replay their module)
         self.layers: Dict[str, Dict[Optional[str], _PieceRecord]] = {}  # layers not consumed yet, by piece
@@ -185,7 +220,13 @@ class _Recorder:
                 f"{self.where}: {layer} was called twice in one forward; per-sample norms of reused modules are "
                 "not supported"
             )
-        pieces[piece] = _PieceRecord(layer_input, output)
+        batch_dim = self.batch_dims.get(key, 0)
+        if layer_input.dim() <= batch_dim or layer_input.shape[batch_dim] != self.batch:
+            raise ValueError(
+                f"{self.where}: {layer} was called on a tensor of shape {tuple(layer_input.shape)}, whose dimension "
+                f"{batch_dim} is not the batch of {self.batch}: its rows are not the samples"
+            )
+        pieces[piece] = _PieceRecord(layer_input, output, batch_dim)
         if not output.requires_grad:  # the start of the chain we differentiate
             leaf = output.detach().requires_grad_()
             self.leaves.append((key, leaf))
@@ -203,7 +244,8 @@ class _Recorder:
         pieces = self.layers.get(layer)
         if pieces is None or pieces[piece].grad is not None:  # consumed already
             return
-        pieces[piece].grad = torch.zeros(**pieces[piece].output_like) if grad is None else grad
+        record = pieces[piece]
+        record.grad = (torch.zeros(**record.output_like) if grad is None else grad).movedim(record.batch_dim, 0)
         if layer not in self.deferred and all(record.grad is not None for record in pieces.values()):
             self.finish(layer)
 
@@ -300,6 +342,8 @@ def _run_pass(
     if fallback not in (None, "torch.func"):
         raise ValueError(f"{where}: fallback must be None or 'torch.func', got {fallback!r}")
     layers, functional = _layers(model, _select(model, params, where), functional_params, fallback, where)
+    layout = probe_layout(where, model, inputs, layers, fallback == "torch.func")
+    layers = _hand_over(model, layers, layout.hosts)
 
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
     by_name = {layer.name: layer for layer in layers}
@@ -307,6 +351,8 @@ def _run_pass(
         where,
         lambda name, pieces: consume(by_name[name], pieces),
         deferred=[layer.name for layer in layers if layer.rule is torch_func_rule],
+        batch=inputs.shape[0],
+        batch_dims=layout.batch_dims,
     )
     handles, overridden, substituted = [], [], []
     saved_parameters: Dict[int, Tuple[nn.Module, dict]] = {}  # each module's table, as it was
@@ -403,12 +449,24 @@ def persample_grad_norms(
     handles any other module with parameters (called once, with one tensor) by
     torch.func per-sample gradients of its own parameters (gradood/persample/
     fallback.py): exact, at the cost of materialising them for that module.
+
+    Before the first pass for a model and input shape, the model runs on probe
+    batches of 2 and 3 samples (gradood/persample/_layout.py) to check what the
+    rules assume. A features-last layer (Linear, LayerNorm, RMSNorm, Embedding)
+    may hold the batch in any one dimension (a sequence-first transformer); a
+    layer whose input has no single batch dimension (one applied to a table all
+    samples share), or a parameter used outside its module's forward (a parent
+    calling F.linear with a child's weight, a tied weight), raises an error naming
+    it, or, with fallback="torch.func", is replayed per sample with the innermost
+    module around it that takes the batch as one batch-first tensor.
     """
     def layer_norms(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> Tuple[torch.Tensor, str]:
         """The layer's per-sample squared norm [B], summed over its selected parameters, and its method."""
         pieces = _half_pieces_as_float32(pieces)
         if isinstance(layer.rule, CompositeRule):
             rule_result = layer.rule.norms(layer.module, pieces)
+        elif layer.rule is torch_func_rule:
+            rule_result = torch_func_rule(layer.module, *pieces[None], layer.parameter_names)
         else:
             rule_result = layer.rule(layer.module, *pieces[None])
         return sum(rule_result.squared_norms[name] for name in layer.parameter_names), rule_result.method
@@ -542,7 +600,7 @@ def persample_gradients(
         if isinstance(layer.rule, CompositeRule):
             return layer.rule.grads(layer.module, pieces)
         if layer.rule is torch_func_rule:
-            return torch_func_grads(layer.module, *pieces[None])
+            return torch_func_grads(layer.module, *pieces[None], layer.parameter_names)
         return grad_rule_for(layer.module)(layer.module, *pieces[None])
 
     result = _run_pass(where, model, inputs, loss, temperature, targets, params, functional_params, fallback, layer_gradients)

@@ -1,6 +1,7 @@
 """The opt-in fallback for modules without a norm rule (fallback="torch.func"):
-the module's per-sample gradients from torch.func, materialised for its own
-parameters only.
+the module's per-sample gradients from torch.func, materialised for the given
+parameters only: its own, and those of layers inside it that the layout probe
+handed over to it (gradood/persample/_layout.py).
 
 For a module called once with one input tensor x (batch first) and receiving the
 output gradient g, sample i's gradient w.r.t. the module's own parameters θ is
@@ -11,6 +12,8 @@ it costs a per-sample forward and backward of the module, and B × |θ| memory.
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 from torch import nn
 
@@ -18,8 +21,8 @@ from gradood.persample._grads import DenseLayerGradients
 from gradood.persample._rules import RuleResult
 
 
-def _per_sample_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor):
-    own = dict(module.named_parameters(recurse=False))
+def _per_sample_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor, names: Tuple[str, ...]):
+    own = {name: module.get_parameter(name) for name in names}
     constants = {name: tensor.detach() for name, tensor in (*module.named_parameters(), *module.named_buffers())
                  if name not in own}
 
@@ -32,18 +35,18 @@ def _per_sample_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torc
     )
 
 
-def torch_func_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
-    per_sample = _per_sample_grads(module, inputs, grad_output)
+def torch_func_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor, names: Tuple[str, ...]) -> RuleResult:
+    per_sample = _per_sample_grads(module, inputs, grad_output, names)
     batch = inputs.shape[0]
     return RuleResult({name: grad.reshape(batch, -1).square().sum(1) for name, grad in per_sample.items()}, "torch.func")
 
 
-def torch_func_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> DenseLayerGradients:
+def torch_func_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor, names: Tuple[str, ...]) -> DenseLayerGradients:
     """The same per-sample gradients, materialised per chunk of samples."""
-    numels = {name: parameter.numel() for name, parameter in module.named_parameters(recurse=False)}
+    numels = {name: module.get_parameter(name).numel() for name in names}
 
     def materialise(start, end):
-        grads = _per_sample_grads(module, inputs[start:end], grad_output[start:end])
+        grads = _per_sample_grads(module, inputs[start:end], grad_output[start:end], names)
         return {name: grad.reshape(end - start, -1) for name, grad in grads.items()}
 
     return DenseLayerGradients(inputs.shape[0], numels, materialise)
