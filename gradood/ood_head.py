@@ -50,6 +50,11 @@ class OODHead(nn.Module):
             if example_inputs is None:
                 raise ValueError("OODHead: the detector has not found the model's head yet; pass example_inputs")
             detector.forward_features(example_inputs)
+        if detector.head_name is None:
+            raise ValueError(
+                f"OODHead: no nn.Linear or 1×1 nn.Conv2d of {type(model).__name__} produces its logits, and OODHead "
+                "splits the model at that head; pass head='<module name>' to the detector, or score with the detector"
+            )
         weight, bias = detector.head_weight_bias()
         self.register_buffer("weight", weight.clone())
         self.register_buffer("bias", bias.clone() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype,

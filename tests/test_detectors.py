@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gradood
 from gradood import detectors as D
 from gradood import reference
 
@@ -232,13 +233,61 @@ def test_head_discovery_by_name_and_1x1_conv_heads():
         D.Energy(model, head="nope")
 
 
+def test_a_named_head_that_does_not_produce_the_logits_is_refused():
+    class Scaled(nn.Module):  # logits = head(features) / 2: the closed forms would be off
+        def __init__(self):
+            super().__init__()
+            self.body, self.fc = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.body(x))) / 2
+
+    model, inputs = Scaled().eval(), torch.randn(5, 4)
+    for head in ("fc", "body"):
+        with pytest.raises(ValueError, match=rf"head '{head}' \(Linear\) does not produce the model's logits \(5, 3\)"):
+            D.GradNorm(model, head=head).score(inputs)
+    with pytest.raises(ValueError, match="pass head='<module name>'"):  # nor is it found
+        D.GradNorm(model).score(inputs)
+
+
+class _PooledConvLogits(nn.Module):
+    """As SqueezeNet: logits = mean(relu(conv1x1(v))), so no layer's output is the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.classifier = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return torch.relu(self.classifier(torch.relu(self.body(x)))).mean((2, 3))
+
+
+def test_logit_scores_work_on_a_model_without_a_linear_head():
+    torch.manual_seed(0)
+    model, inputs = _PooledConvLogits().double().eval(), torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    logits = model(inputs).detach()
+    expected = {D.MSP: reference.msp(logits), D.MaxLogit: reference.max_logit(logits), D.Energy: reference.energy(logits)}
+    for make, want in expected.items():
+        detector = make(model)
+        torch.testing.assert_close(detector.score(inputs), want)
+        torch.testing.assert_close(detector.score(inputs), want)  # the second call skips the head search
+        assert detector.head_name is None
+    assert D.KLMatching(model).fit([inputs]).score(inputs).shape == (5,)
+    assert torch.isfinite(D.ODIN(model, epsilon=0.001).score(inputs)).all()
+    for make in (D.GradNorm, D.RG):
+        with pytest.raises(ValueError, match="produces the logits directly; pass head='<module name>'"):
+            make(model).score(inputs)
+    with pytest.raises(ValueError, match="OODHead: no nn.Linear or 1×1 nn.Conv2d of _PooledConvLogits produces its logits"):
+        gradood.OODHead(model, D.MSP(model), example_inputs=inputs)
+
+
 def test_a_model_without_a_linear_head_gets_an_error_saying_what_to_pass():
     class NoHead(nn.Module):
         def forward(self, x):
             return x.flatten(1)
 
     with pytest.raises(ValueError, match="pass head='<module name>'"):
-        D.MSP(NoHead()).score(torch.randn(2, 3))
+        D.GradNorm(NoHead()).score(torch.randn(2, 3))
+    torch.testing.assert_close(D.MSP(NoHead()).score(torch.ones(2, 3)), torch.full((2,), 1 / 3))  # needs no head
 
 
 def test_calibrate_and_is_ood():

@@ -56,12 +56,17 @@ class Detector:
 
     #: Names of the fitted statistics (attributes) saved by state_dict().
     fitted: Tuple[str, ...] = ()
+    #: False for scores of the logits alone (MSP, MaxLogit, Energy, ODIN, KL matching):
+    #: they also work on models whose logits no linear head produces (SqueezeNet).
+    uses_features: bool = True
 
     def __init__(self, model: nn.Module, head: Optional[str] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__}: model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         self.head_name = head
+        self._head_checked = False  # a named head is checked to produce the logits on the first forward
+        self._headless = False  # no head produces the logits, and this detector needs none
         self.threshold: Optional[float] = None
         if head is not None and head not in dict(model.named_modules()):
             raise ValueError(f"{type(self).__name__}: the model has no module named {head!r}")
@@ -87,12 +92,16 @@ class Detector:
             return self._forward_with_capture(inputs)
 
     def _forward_with_capture(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features); features are [B, 0] for a detector that uses none on a
+        model without a linear head."""
         captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         if self.head_name is not None:  # the hot path: one hook, found by its path
             candidates = {self.head_name: self.model.get_submodule(self.head_name)}
+        elif self._headless:
+            candidates = {}
         else:
             candidates = {name: m for name, m in self.model.named_modules() if _is_head_candidate(m)}
-        if not candidates:
+        if not candidates and self.uses_features:
             raise ValueError(
                 f"{type(self).__name__}: found no nn.Linear or 1×1 nn.Conv2d head in {type(self.model).__name__}; "
                 "pass head='<module name>' naming the layer that produces the logits"
@@ -113,19 +122,41 @@ class Detector:
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f"{type(self).__name__}: the model must return logits [B, C], got {shape}")
+        if self.head_name is None and not self.uses_features:
+            self.head_name = self._find_head(captured, logits, required=False)
+            if self.head_name is None:
+                self._headless = True
+                return logits, logits.new_zeros(logits.shape[0], 0)
         if self.head_name is None:
             self.head_name = self._find_head(captured, logits)
-        features, output = captured[self.head_name]
+        elif not self._head_checked and not self._produces(captured.get(self.head_name), logits):
+            module = self.model.get_submodule(self.head_name)
+            raise ValueError(
+                f"{type(self).__name__}: head {self.head_name!r} ({type(module).__name__}) does not produce the model's "
+                f"logits {tuple(logits.shape)} (its output differs, or it was not called): the last-layer scores need "
+                "logits = head(features)"
+            )
+        self._head_checked = True
+        features = captured[self.head_name][0]
         return logits, features.reshape(features.shape[0], -1)
 
-    def _find_head(self, captured, logits) -> str:
-        # The last candidate whose output equals the logits (flattened for a 1×1 conv).
+    @staticmethod
+    def _produces(pair, logits: torch.Tensor) -> bool:
+        """Whether a captured (input, output) pair's output equals the logits (flattened for a 1×1 conv)."""
+        if pair is None:
+            return False
+        output = pair[1]
+        if output.shape[0] != logits.shape[0] or output.numel() != logits.numel() or output.dtype != logits.dtype:
+            return False
+        return torch.allclose(output.reshape(logits.shape), logits, rtol=0, atol=0, equal_nan=True)
+
+    def _find_head(self, captured, logits, required: bool = True) -> Optional[str]:
+        # The last candidate whose output equals the logits.
         for name in reversed(list(captured)):
-            output = captured[name][1]
-            if output.shape[0] == logits.shape[0] and output.numel() == logits.numel():
-                reshaped = output.reshape(logits.shape)
-                if reshaped.dtype == logits.dtype and torch.allclose(reshaped, logits, rtol=0, atol=0, equal_nan=True):
-                    return name
+            if self._produces(captured[name], logits):
+                return name
+        if not required:
+            return None
         raise ValueError(
             f"{type(self).__name__}: no nn.Linear or 1×1 nn.Conv2d in {type(self.model).__name__} produces the "
             "logits directly; pass head='<module name>'"

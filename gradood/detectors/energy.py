@@ -11,6 +11,8 @@ from gradood.detectors._base import Detector
 
 
 class Energy(Detector):
+    uses_features = False
+
     def __init__(self, model: nn.Module, temperature: float = 1.0, head: Optional[str] = None):
         super().__init__(model, head)
         self.temperature = temperature

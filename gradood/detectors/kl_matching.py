@@ -15,6 +15,8 @@ from gradood.detectors._base import Data, Detector
 
 
 class KLMatching(Detector):
+    uses_features = False
+
     fitted = ("templates",)
 
     def __init__(self, model: nn.Module, mode: str = "min", head: Optional[str] = None):

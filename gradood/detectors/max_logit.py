@@ -7,5 +7,7 @@ from gradood.detectors._base import Detector
 
 
 class MaxLogit(Detector):
+    uses_features = False
+
     def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         return scores.spec_max_logit()

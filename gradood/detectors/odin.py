@@ -50,6 +50,8 @@ def odin_perturbation(
 
 
 class ODIN(Detector):
+    uses_features = False
+
     def __init__(
         self,
         model: nn.Module,
