@@ -122,13 +122,11 @@ class Detector:
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f"{type(self).__name__}: the model must return logits [B, C], got {shape}")
-        if self.head_name is None and not self.uses_features:
-            self.head_name = self._find_head(captured, logits, required=False)
-            if self.head_name is None:
+        if self.head_name is None:
+            self.head_name = self._find_head(captured, logits, required=self.uses_features)
+            if self.head_name is None:  # a detector of the logits alone, on a model without a head
                 self._headless = True
                 return logits, logits.new_zeros(logits.shape[0], 0)
-        if self.head_name is None:
-            self.head_name = self._find_head(captured, logits)
         elif not self._head_checked and not self._produces(captured.get(self.head_name), logits):
             module = self.model.get_submodule(self.head_name)
             raise ValueError(

@@ -96,13 +96,13 @@ class _Probe:
         self.names = names  # id(module) -> name
         self.stack: List[str] = []
         self.shapes: Dict[Key, Tuple[torch.Size, Tuple[str, ...], bool]] = {}  # shape, active modules, one tensor in
-        self.outside: Dict[str, Tuple[str, ...]] = {}  # layer -> modules active at every outside use
+        # layer -> (the first parameter used outside its forward, the modules active at every such use)
+        self.outside: Dict[str, Tuple[str, Tuple[str, ...]]] = {}
         self.owner: Dict[int, Tuple[str, str]] = {}  # id(parameter) -> (layer, full parameter name)
         for layer in layers:
             for own in layer.parameter_names:
                 full = f"{layer.name}.{own}" if layer.name else own
                 self.owner[id(layer.module.get_parameter(own))] = (layer.name, full)
-        self.first_outside_use: Dict[str, str] = {}  # layer -> the full name of a parameter used outside
 
     def enter(self, module, args) -> None:
         name = self.names[id(module)]
@@ -124,9 +124,8 @@ class _Probe:
         if layer in self.stack:
             return
         active = tuple(self.stack)
-        before = self.outside.get(layer)
-        self.outside[layer] = active if before is None else tuple(name for name in before if name in active)
-        self.first_outside_use.setdefault(layer, full)
+        first, before = self.outside.get(layer, (full, active))
+        self.outside[layer] = (first, tuple(name for name in before if name in active))
 
 
 def _run_probe(model: nn.Module, inputs: torch.Tensor, size: int, layers: Sequence) -> _Probe:
@@ -180,8 +179,7 @@ def probe_layout(where: str, model: nn.Module, inputs: torch.Tensor, layers: Seq
     """The layout of this pass (cached per model, input shape and layer selection);
     raises ValueError where a rule would give a wrong norm and no host applies."""
     key = (tuple(inputs.shape[1:]), inputs.dtype, inputs.device.type, use_fallback,
-           tuple((layer.name, id(layer.module), layer.parameter_names) for layer in layers),
-           tuple(map(id, model.modules())))
+           tuple((layer.name, layer.parameter_names) for layer in layers), tuple(map(id, model.modules())))
     cache = _CACHE.setdefault(model, OrderedDict())
     if key in cache:
         cache.move_to_end(key)
@@ -227,12 +225,12 @@ def _decide(where: str, layers: Sequence, probes: List[_Probe], use_fallback: bo
                          "sample. Exclude its parameters with `params`, or freeze them")
 
     for name in sorted(set(probes[0].outside) | set(probes[1].outside)):
-        both = probes[1].outside.get(name, ())
-        active = [module for module in probes[0].outside.get(name, ()) if module in both]
-        parameter = probes[0].first_outside_use.get(name) or probes[1].first_outside_use[name]
+        seen = [probe.outside[name] for probe in probes if name in probe.outside]
+        parameter = seen[0][0]
+        active = [module for module in seen[0][1] if all(module in modules for _, modules in seen)]
         layer = by_name[name]
         problem = (f"parameter {parameter!r} of {name or 'the model'} ({type(layer.module).__name__}) is used outside "
-                   f"that module's forward (inside {active[-1] or 'the model' if active else 'the model'}'s forward), so its "
+                   f"that module's forward (inside {(active[-1] if active else '') or 'the model'}'s forward), so its "
                    "per-sample gradient has a part the layer's rule does not see")
         host_for(name, active, problem)
 

@@ -164,7 +164,7 @@ def _hand_over(model: nn.Module, layers: List[_Layer], hosts: Dict[str, str]) ->
         if host is None:
             result.setdefault(layer.name, layer)
             continue
-        prefix = layer.name[len(host) + 1 :] + "." if host else (layer.name + "." if layer.name else "")
+        prefix = (layer.name[len(host) + 1 :] if host else layer.name) + "."  # the layer's name inside its host
         current = result.get(host) or by_name.get(host) or _Layer(host, modules[host], (), torch_func_rule)
         names = current.parameter_names + tuple(prefix + own for own in layer.parameter_names)
         result[host] = _Layer(host, current.module, names, torch_func_rule)
