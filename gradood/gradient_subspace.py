@@ -38,6 +38,7 @@ from typing import Callable, Dict, Iterable, Iterator, NamedTuple, Optional, Tup
 import torch
 from tqdm.auto import tqdm
 
+from gradood import model_io
 from gradood.persample.engine import PerSampleGradients, compute_dtype
 
 #: A function computing the per-sample gradients of one input batch.
@@ -52,10 +53,11 @@ def progress_bar(enabled: bool, label: str) -> tqdm:
 
 
 def iterate_batches(data: Iterable, limit: Optional[int]) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """(inputs, labels or None) from a tensor, a (inputs, labels) pair of tensors, or
-    an iterable of batches (tensors or (inputs, labels, ...) tuples, e.g. a
+    """(inputs, labels or None) from a tensor or a mapping of tensors, a (inputs,
+    labels) pair of tensors, or an iterable of batches (gradood.model_io: inputs,
+    (inputs, labels, ...) tuples or mappings with a labels entry, e.g. a
     DataLoader); at most `limit` samples (the last batch cut)."""
-    if isinstance(data, torch.Tensor):
+    if isinstance(data, torch.Tensor) or model_io.is_mapping(data):
         batches: Iterable = [data]
     elif isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
             and data[0].shape[:1] == data[1].shape[:1] and data[1].dim() == 1:
@@ -64,13 +66,14 @@ def iterate_batches(data: Iterable, limit: Optional[int]) -> Iterator[Tuple[torc
         batches = data
     seen = 0
     for batch in batches:
-        inputs, labels = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
-        if limit is not None:
-            inputs = inputs[: limit - seen]
+        inputs, labels = model_io.split_batch(batch)
+        size = model_io.check_inputs("the fit data", inputs)
+        if limit is not None and seen + size > limit:
+            keep = torch.arange(limit - seen)
+            inputs = model_io.select(inputs, keep)
             labels = None if labels is None else labels[: limit - seen]
-        if inputs.shape[0] == 0:
-            break
-        seen += inputs.shape[0]
+            size = limit - seen
+        seen += size
         yield inputs, labels
         if limit is not None and seen >= limit:
             break

@@ -22,35 +22,66 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradood import model_io
 from gradood._ops import TERM_NAMES, _COMBINE
 from gradood.detectors import KLMatching, ReAct
 from gradood.detectors._base import Detector
+from gradood.model_io import Inputs, LogitsFn
 from gradood.scores import ScoreSpec
 
 
 
-def _replace_with_identity(model: nn.Module, name: str) -> None:
+class _PlaceFeatures(nn.Module):
+    """Stands in for one of two averaged heads: its input v placed at its columns of
+    [v₁; v₂] (zeros elsewhere), so the model's mean of the two returns [v₁; v₂]/2."""
+
+    def __init__(self, before: int, after: int):
+        super().__init__()
+        self.before, self.after = before, after
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.pad(features, (self.before, self.after))
+
+
+class _Body(nn.Module):
+    """The model with its head replaced, called with keyword arguments and/or read
+    through the detector's logits extraction (models that take a tokenised batch
+    or return a ModelOutput)."""
+
+    def __init__(self, model: nn.Module, keywords: bool, logits: LogitsFn):
+        super().__init__()
+        self.model, self.keywords, self.logits_fn = model, keywords, logits
+
+    def forward(self, inputs):
+        output = self.model(**inputs) if self.keywords else self.model(inputs)
+        return model_io.logits_of("OODHead", output, self.logits_fn)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, nn.Identity())
+    setattr(parent, child, module)
 
 
 class OODHead(nn.Module):
     """forward(inputs) -> (logits [B, C], ID-score [B]), one forward pass.
 
     The detector must know its head: construct it with head="name", or let it
-    find the head on a call (score/fit), or pass example_inputs here.
+    find the head on a call (score/fit), or pass example_inputs here. Inputs may
+    be a mapping of keyword arguments when the model takes them (the head then
+    also runs under torch.export and torch.compile, not TorchScript).
     """
 
-    def __init__(self, model: nn.Module, detector: Detector, example_inputs: Optional[torch.Tensor] = None):
+    def __init__(self, model: nn.Module, detector: Detector, example_inputs: Optional[Inputs] = None):
         super().__init__()
         if detector.model is not model:
             raise ValueError("OODHead: the detector must wrap this model")
-        if detector.head_name is None:
+        if detector._head is None or detector.model_interface is None:
             if example_inputs is None:
-                raise ValueError("OODHead: the detector has not found the model's head yet; pass example_inputs")
+                raise ValueError("OODHead: the detector has not been called on this model yet; pass example_inputs")
             detector.forward_features(example_inputs)
-        if detector.head_name is None:
+        head = detector._head
+        if head is None:
             raise ValueError(
                 f"OODHead: no nn.Linear or 1×1 nn.Conv2d of {type(model).__name__} produces its logits, and OODHead "
                 "splits the model at that head; pass head='<module name>' to the detector, or score with the detector"
@@ -60,7 +91,15 @@ class OODHead(nn.Module):
         self.register_buffer("bias", bias.clone() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype,
                                                                                         device=weight.device))
         self.body = copy.deepcopy(model)
-        _replace_with_identity(self.body, detector.head_name)
+        if head.kind == "mean":  # the model's (head₁(v₁) + head₂(v₂))/2 becomes [v₁; v₂]/2
+            widths = [model.get_submodule(name).weight[0].numel() for name in head.names]
+            _replace(self.body, head.names[0], _PlaceFeatures(0, widths[1]))
+            _replace(self.body, head.names[1], _PlaceFeatures(widths[0], 0))
+        else:  # a token head's identity leaves the model's own pick of the token: that token's features
+            _replace(self.body, head.names[0], nn.Identity())
+        keywords, wrapped = detector.model_interface
+        if keywords or wrapped:
+            self.body = _Body(self.body, keywords, detector.logits_fn)
         self.body.eval()
         # An inference module: its own copy needs no gradients (the scores are not
         # differentiable; torch.compile then traces no backward graph).
@@ -93,7 +132,7 @@ class OODHead(nn.Module):
         self.temperature = float(spec.temperature)
         self.clip = float(spec.clip)
 
-    def forward(self, inputs: torch.Tensor):
+    def forward(self, inputs: torch.Tensor):  # or a mapping of keyword arguments, for a model that takes them
         features = self.body(inputs).flatten(1)
         logits = F.linear(features, self.weight, self.bias)
         if self.kind == "react":

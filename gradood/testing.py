@@ -7,6 +7,9 @@ works on a float64 copy of the layer, so the caller's module is never touched
 (no `.grad` written). Slow by design.
 
 peak_memory_bytes: the peak memory of one call, on CPU or CUDA.
+
+import_torchvision: torchvision's Python side on a machine whose torchvision
+wheel was built for another torch (a test-machine workaround; see there).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ORACLE_LOSSES", "autograd_lastlayer_grad_norm", "peak_memory_bytes"]
+__all__ = ["ORACLE_LOSSES", "autograd_lastlayer_grad_norm", "peak_memory_bytes", "import_torchvision"]
 
 #: Per-sample losses of the oracle. "all_ones_ce" is the official GradNorm
 #: code's loss, Σ_c -log softmax(f/T)_c (C times the KL-to-uniform gradient).
@@ -116,3 +119,37 @@ def peak_memory_bytes(function: Callable[[], object], device: str = "cpu") -> in
         running += size
         peak = max(peak, running)
     return peak
+
+
+def import_torchvision():
+    """torchvision, imported with its compiled operators skipped if they do not load.
+
+    A test-machine workaround: where the only torchvision wheel available was built
+    for a different torch (here a CUDA build beside a CPU torch), `import torchvision`
+    fails in torchvision._meta_registrations, which registers fake kernels for
+    operators (nms, roi_align, ...) whose library did not load. With that module
+    replaced by an empty one, the Python side — torchvision.models, torchvision.ops.misc,
+    and so timm — imports and runs; only the compiled operators are missing. On a
+    machine whose torchvision matches its torch this is a plain import. Raises
+    ImportError when torchvision is not installed."""
+    import sys
+    import types
+
+    try:
+        import torchvision
+
+        return torchvision
+    except ModuleNotFoundError as error:
+        if error.name == "torchvision":
+            raise
+        problem: Exception = error
+    except (ImportError, RuntimeError) as error:  # RuntimeError: "operator torchvision::nms does not exist"
+        problem = error
+    if "torchvision" not in str(problem):
+        raise problem
+    for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
+        del sys.modules[name]
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    import torchvision
+
+    return torchvision

@@ -1,9 +1,13 @@
 """The base class of every detector, and the capture of a classifier's head.
 
-A detector wraps any classifier `nn.Module` returning logits [B, C]. The last
-`nn.Linear` (or 1×1 `nn.Conv2d`) whose output is the logits is found with
-forward hooks on the first call; its input is the penultimate feature vector
-[B, D]. `head="name"` names the module instead. The user's model is never
+A detector wraps any classifier `nn.Module`: its inputs are a tensor or a
+mapping of keyword arguments (a tokenised batch), its output the logits [B, C],
+a `ModelOutput`/dict with `logits`, a tuple led by the logits, or anything a
+`logits=` callable maps to them (gradood.model_io). The head producing the
+logits and its input, the penultimate features [B, D], are found with forward
+hooks on the first call (gradood.detectors._head: one linear layer, a head run on
+every token of which one row per sample is the logits, or two averaged heads);
+`head="name"` (or a pair of names) names it instead. The user's model is never
 modified: hooks live only for one forward, no `.grad` is written, and the
 training mode is switched to eval for scoring and restored afterwards, also on
 exceptions.
@@ -17,19 +21,20 @@ from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from gradood import metrics, scores
+from gradood import metrics, model_io, scores
+from gradood.detectors import _head
+from gradood.detectors._head import HeadName
+from gradood.model_io import Inputs, LogitsFn
 
-Data = Union[torch.Tensor, Iterable]
+Data = Union[torch.Tensor, Iterable, Dict[str, Any]]
 
 
-def iterate_inputs(data: Data) -> Iterator[torch.Tensor]:
-    """Input batches from a tensor (one batch), or an iterable of batches that are
-    tensors or (inputs, targets, ...) tuples, such as a DataLoader."""
-    if isinstance(data, torch.Tensor):
-        yield data
-        return
-    for batch in data:
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+def iterate_inputs(data: Data) -> Iterator[Inputs]:
+    """Input batches from one batch (a tensor or a mapping of tensors), or an
+    iterable of batches that are inputs, (inputs, targets, ...) tuples or mappings
+    with a labels entry, such as a DataLoader (gradood.model_io)."""
+    for inputs, _ in model_io.iterate(data):
+        yield inputs
 
 
 @contextlib.contextmanager
@@ -44,12 +49,6 @@ def eval_mode(model: nn.Module):
             module.training = flag
 
 
-def _is_head_candidate(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
-
-
 class Detector:
     """Base class: subclasses implement `score_features` (forward-only detectors)
     or override `score`. Scores are ID-scores: higher = more in-distribution."""
@@ -60,110 +59,138 @@ class Detector:
     #: they also work on models whose logits no linear head produces (SqueezeNet).
     uses_features: bool = True
 
-    def __init__(self, model: nn.Module, head: Optional[str] = None):
+    def __init__(self, model: nn.Module, head: Optional[HeadName] = None, logits: LogitsFn = None):
+        name = type(self).__name__
         if not isinstance(model, nn.Module):
-            raise TypeError(f"{type(self).__name__}: model must be an nn.Module, got {type(model).__name__}")
+            raise TypeError(f"{name}: model must be an nn.Module, got {type(model).__name__}")
+        if logits is not None and not callable(logits):
+            raise TypeError(f"{name}: logits must be a callable mapping the model's output to logits, got "
+                            f"{type(logits).__name__}")
         self.model = model
-        self.head_name = head
-        self._head_checked = False  # a named head is checked to produce the logits on the first forward
+        self.logits_fn = logits
+        self.head_name: Optional[HeadName] = None
+        self._head: Optional[_head.Head] = None
+        self._named_head: Optional[Tuple[str, ...]] = None  # named by the user, its kind found on the first call
         self._headless = False  # no head produces the logits, and this detector needs none
+        self.model_interface: Optional[Tuple[bool, bool]] = None
         self.threshold: Optional[float] = None
-        if head is not None and head not in dict(model.named_modules()):
-            raise ValueError(f"{type(self).__name__}: the model has no module named {head!r}")
+        if head is not None:
+            names = (head,) if isinstance(head, str) else tuple(head)
+            if not 1 <= len(names) <= 2 or not all(isinstance(n, str) for n in names):
+                raise TypeError(f"{name}: head must be a module name or a pair of names (two averaged heads), got {head!r}")
+            modules = dict(model.named_modules())
+            for module_name in names:
+                if module_name not in modules:
+                    raise ValueError(f"{name}: the model has no module named {module_name!r}")
+            self._named_head = names
+            self.head_name = head if isinstance(head, str) else names
 
     # -- the head -----------------------------------------------------------------
 
     @property
     def head(self) -> nn.Module:
+        """The head module (the first of two averaged heads)."""
         if self.head_name is None:
             raise RuntimeError(f"{type(self).__name__}: the head is found on the first forward pass; score or fit first")
-        return self.model.get_submodule(self.head_name)
+        names = (self.head_name,) if isinstance(self.head_name, str) else self.head_name
+        return self.model.get_submodule(names[0])
 
     def head_weight_bias(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        head = self.head
-        weight = head.weight.detach().reshape(head.weight.shape[0], -1)
-        bias = None if head.bias is None else head.bias.detach()
-        return weight, bias
+        """(W [C, D], b [C] or None) of the head (for two averaged heads, the equivalent
+        single head: W = [W₁ W₂], b = (b₁ + b₂)/2; gradood.detectors._head)."""
+        if self._head is None:
+            raise RuntimeError(f"{type(self).__name__}: the head is found on the first forward pass; score or fit first")
+        return _head.weight_bias(self.model, self._head)
 
-    def forward_features(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_features(self, inputs: Inputs) -> Tuple[torch.Tensor, torch.Tensor]:
         """(logits [B, C], penultimate features [B, D]) from one forward pass, in eval
         mode and without autograd."""
         with torch.no_grad(), eval_mode(self.model):
             return self._forward_with_capture(inputs)
 
-    def _forward_with_capture(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(logits, features); features are [B, 0] for a detector that uses none on a
-        model without a linear head."""
-        captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-        if self.head_name is not None:  # the hot path: one hook, found by its path
-            candidates = {self.head_name: self.model.get_submodule(self.head_name)}
+    def model_logits(self, output: Any, batch: int) -> torch.Tensor:
+        """The logits [B, C] in the model's output (checked)."""
+        return model_io.checked_logits(type(self).__name__, output, batch, self.logits_fn)
+
+    def head_hooks(self, captured: _head.Captured) -> list:
+        """Forward hooks capturing (input, output) of the head (or of every candidate
+        while the head is unknown) into `captured`; returns their handles."""
+        if self._head is not None:
+            names = self._head.names
+        elif self._named_head is not None:
+            names = self._named_head
         elif self._headless:
-            candidates = {}
+            names = ()
         else:
-            candidates = {name: m for name, m in self.model.named_modules() if _is_head_candidate(m)}
-        if not candidates and self.uses_features:
-            raise ValueError(
-                f"{type(self).__name__}: found no nn.Linear or 1×1 nn.Conv2d head in {type(self.model).__name__}; "
-                "pass head='<module name>' naming the layer that produces the logits"
-            )
+            names = tuple(name for name, module in self.model.named_modules() if _head.is_candidate(module))
+            if not names and self.uses_features:
+                raise ValueError(
+                    f"{type(self).__name__}: found no nn.Linear or 1×1 nn.Conv2d head in {type(self.model).__name__}; "
+                    "pass head='<module name>' naming the layer that produces the logits"
+                )
 
         def hook(name):
             def capture(module, args, output):
-                captured[name] = (args[0], output)
+                if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                    captured[name] = (args[0], output)
 
             return capture
 
-        handles = [module.register_forward_hook(hook(name)) for name, module in candidates.items()]
+        return [self.model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+
+    def head_features(self, captured: _head.Captured, logits: torch.Tensor) -> torch.Tensor:
+        """The penultimate features [B, D] from a pass's captures: finds (or checks) the
+        head on the first call; [B, 0] for a detector that uses none on a model
+        without a head."""
+        where = type(self).__name__
+        if self._head is None and not self._headless:
+            if self._named_head is not None:
+                kind = _head.kind_of(self._named_head, captured, logits)
+                if kind is None:
+                    modules = ", ".join(f"{n!r} ({type(self.model.get_submodule(n)).__name__})" for n in self._named_head)
+                    raise ValueError(
+                        f"{where}: head {modules} does not produce the model's logits {tuple(logits.shape)} (its output "
+                        "differs, or it was not called): the last-layer scores need logits = head(features), or the "
+                        "mean of two named heads"
+                    )
+                self._head = _head.Head(self._named_head, kind)
+            else:
+                found = _head.find(captured, logits)
+                if found is None:
+                    if self.uses_features:
+                        raise ValueError(
+                            f"{where}: no nn.Linear or 1×1 nn.Conv2d in {type(self.model).__name__} produces the logits "
+                            "directly; pass head='<module name>' (searched: one layer producing them, one run on every "
+                            "token producing one row per sample, two layers whose outputs are averaged)"
+                        )
+                    self._headless = True
+                else:
+                    self._head = found
+                    self.head_name = found.name
+        if self._headless:
+            return logits.new_zeros(logits.shape[0], 0)
+        return _head.features(where, self._head, captured, logits)
+
+    def _forward_with_capture(self, inputs: Inputs) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features); features are [B, 0] for a detector that uses none on a
+        model without a linear head."""
+        batch = model_io.check_inputs(type(self).__name__, inputs)
+        captured: _head.Captured = {}
+        handles = self.head_hooks(captured)
         try:
-            logits = self.model(inputs)
+            output = model_io.call(self.model, inputs)
         finally:
             for handle in handles:
                 handle.remove()
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"{type(self).__name__}: the model must return logits [B, C], got {shape}")
-        if self.head_name is None:
-            self.head_name = self._find_head(captured, logits, required=self.uses_features)
-            if self.head_name is None:  # a detector of the logits alone, on a model without a head
-                self._headless = True
-                return logits, logits.new_zeros(logits.shape[0], 0)
-        elif not self._head_checked and not self._produces(captured.get(self.head_name), logits):
-            module = self.model.get_submodule(self.head_name)
-            raise ValueError(
-                f"{type(self).__name__}: head {self.head_name!r} ({type(module).__name__}) does not produce the model's "
-                f"logits {tuple(logits.shape)} (its output differs, or it was not called): the last-layer scores need "
-                "logits = head(features)"
-            )
-        self._head_checked = True
-        features = captured[self.head_name][0]
-        return logits, features.reshape(features.shape[0], -1)
-
-    @staticmethod
-    def _produces(pair, logits: torch.Tensor) -> bool:
-        """Whether a captured (input, output) pair's output equals the logits (flattened for a 1×1 conv)."""
-        if pair is None:
-            return False
-        output = pair[1]
-        if output.shape[0] != logits.shape[0] or output.numel() != logits.numel() or output.dtype != logits.dtype:
-            return False
-        return torch.allclose(output.reshape(logits.shape), logits, rtol=0, atol=0, equal_nan=True)
-
-    def _find_head(self, captured, logits, required: bool = True) -> Optional[str]:
-        # The last candidate whose output equals the logits.
-        for name in reversed(list(captured)):
-            if self._produces(captured[name], logits):
-                return name
-        if not required:
-            return None
-        raise ValueError(
-            f"{type(self).__name__}: no nn.Linear or 1×1 nn.Conv2d in {type(self.model).__name__} produces the "
-            "logits directly; pass head='<module name>'"
-        )
+        logits = self.model_logits(output, batch)
+        #: Whether the model took keyword arguments and returned something other than the logits (for OODHead).
+        self.model_interface = (model_io.is_mapping(inputs), not isinstance(output, torch.Tensor) or self.logits_fn is not None)
+        return logits, self.head_features(captured, logits)
 
     # -- scoring ----------------------------------------------------------------------
 
-    def score(self, inputs: torch.Tensor) -> torch.Tensor:
-        """ID-scores [B] of a batch of inputs."""
+    def score(self, inputs: Inputs) -> torch.Tensor:
+        """ID-scores [B] of a batch of inputs (a tensor, or a mapping of keyword arguments)."""
         logits, features = self.forward_features(inputs)
         return self.score_features(logits, features)
 
@@ -204,7 +231,7 @@ class Detector:
         self.threshold = metrics._tpr_threshold(f"{type(self).__name__}.calibrate", array, tpr)
         return self.threshold
 
-    def is_ood(self, inputs: torch.Tensor) -> torch.Tensor:
+    def is_ood(self, inputs: Inputs) -> torch.Tensor:
         """Boolean [B]: score below the calibrated threshold."""
         if self.threshold is None:
             raise RuntimeError(f"{type(self).__name__}: call calibrate(id_scores) first")
@@ -216,14 +243,22 @@ class Detector:
         state = {name: getattr(self, name) for name in self.fitted}
         state["threshold"] = self.threshold
         state["head_name"] = self.head_name
+        state["head_kind"] = None if self._head is None else self._head.kind
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> "Detector":
-        expected = set(self.fitted) | {"threshold", "head_name"}
+        expected = set(self.fitted) | {"threshold", "head_name", "head_kind"}
         if set(state) != expected:
             raise ValueError(f"{type(self).__name__}.load_state_dict: expected keys {sorted(expected)}, got {sorted(state)}")
+        state = dict(state)
+        kind, head_name = state.pop("head_kind"), state.pop("head_name")
         for name, value in state.items():
             setattr(self, name, value)
+        if head_name is not None:
+            names = (head_name,) if isinstance(head_name, str) else tuple(head_name)
+            if kind not in _head.KINDS or len(names) != (2 if kind == "mean" else 1):
+                raise ValueError(f"{type(self).__name__}.load_state_dict: head {head_name!r} of kind {kind!r} is invalid")
+            self._head, self.head_name = _head.Head(names, kind), head_name
         return self
 
     def to(self, device: Union[str, torch.device]) -> "Detector":

@@ -14,6 +14,8 @@ from torch import nn
 from gradood.detectors._base import Detector, eval_mode
 from gradood.persample import persample_grad_norms
 from gradood.persample.engine import ParamSelector
+from gradood.detectors._head import HeadName
+from gradood.model_io import Inputs, LogitsFn
 
 
 class FullGradNorm(Detector):
@@ -24,15 +26,16 @@ class FullGradNorm(Detector):
         params: ParamSelector = None,
         functional_params: Optional[str] = None,
         fallback: Optional[str] = None,
-        head: Optional[str] = None,
+        head: Optional[HeadName] = None,
+        logits: LogitsFn = None,
     ):
-        super().__init__(model, head)
+        super().__init__(model, head, logits)
         self.temperature, self.params, self.functional_params = temperature, params, functional_params
         self.fallback = fallback
 
-    def score(self, inputs: torch.Tensor) -> torch.Tensor:
+    def score(self, inputs: Inputs) -> torch.Tensor:
         with eval_mode(self.model):
             return persample_grad_norms(
                 self.model, inputs, "kl_uniform", self.temperature, params=self.params,
-                functional_params=self.functional_params, fallback=self.fallback,
+                functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn,
             ).norms

@@ -9,11 +9,13 @@ from torch import nn
 
 from gradood import scores
 from gradood.detectors._base import Detector
+from gradood.detectors._head import HeadName
+from gradood.model_io import LogitsFn
 
 
 class GradNorm(Detector):
-    def __init__(self, model: nn.Module, temperature: float = 1.0, scale: str = "paper", head: Optional[str] = None):
-        super().__init__(model, head)
+    def __init__(self, model: nn.Module, temperature: float = 1.0, scale: str = "paper", head: Optional[HeadName] = None, logits: LogitsFn = None):
+        super().__init__(model, head, logits)
         self.temperature = temperature
         self.scale = scale
 

@@ -14,7 +14,7 @@ position embedding, fallback="torch.func" for modules without a rule; see there)
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,8 @@ from gradood.detectors._base import Detector, eval_mode
 from gradood.detectors.odin import Std, check_perturbation, odin_perturbation
 from gradood.persample import persample_grad_norms
 from gradood.persample.engine import ParamSelector
+from gradood.detectors._head import HeadName
+from gradood.model_io import Inputs, LogitsFn
 
 
 class GRODIN(Detector):
@@ -39,20 +41,23 @@ class GRODIN(Detector):
         params: ParamSelector = None,
         functional_params: Optional[str] = None,
         fallback: Optional[str] = None,
-        head: Optional[str] = None,
+        perturb: Optional[Sequence[str]] = None,
+        head: Optional[HeadName] = None,
+        logits: LogitsFn = None,
     ):
-        super().__init__(model, head)
+        super().__init__(model, head, logits)
         check_perturbation(type(self).__name__, temperature, epsilon, eps_space, std)
         self.part = check_choice(type(self).__name__, "part", part, ("SG", "G"))
         self.temperature, self.epsilon, self.eps_space, self.std = temperature, epsilon, eps_space, std
         self.repredict, self.params, self.functional_params = repredict, params, functional_params
-        self.fallback = fallback
+        self.fallback, self.perturb = fallback, perturb
 
-    def score(self, inputs: torch.Tensor) -> torch.Tensor:
+    def score(self, inputs: Inputs) -> torch.Tensor:
         perturbed, original_labels = inputs, None
         if self.epsilon > 0:
             perturbed, original_labels = odin_perturbation(
-                self.model, inputs, self.temperature, self.epsilon, self.eps_space, self.std
+                self.model, inputs, self.temperature, self.epsilon, self.eps_space, self.std, self.logits_fn,
+                self.perturb, type(self).__name__,
             )
         # Without a perturbation the re-predicted label is the original one.
         keep_labels = original_labels is not None and not self.repredict
@@ -60,13 +65,13 @@ class GRODIN(Detector):
             if keep_labels:
                 result = persample_grad_norms(
                     self.model, perturbed, "ce", self.temperature, targets=original_labels, params=self.params,
-                    functional_params=self.functional_params, fallback=self.fallback,
+                    functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn,
                 )
                 labels = original_labels
             else:
                 result = persample_grad_norms(
                     self.model, perturbed, "ce_pred", self.temperature, params=self.params,
-                    functional_params=self.functional_params, fallback=self.fallback,
+                    functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn,
                 )
                 labels = result.logits.argmax(dim=1)
         if self.part == "SG":

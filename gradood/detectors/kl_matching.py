@@ -12,6 +12,8 @@ from torch import nn
 
 from gradood import scores
 from gradood.detectors._base import Data, Detector
+from gradood.detectors._head import HeadName
+from gradood.model_io import LogitsFn
 
 
 class KLMatching(Detector):
@@ -19,8 +21,8 @@ class KLMatching(Detector):
 
     fitted = ("templates",)
 
-    def __init__(self, model: nn.Module, mode: str = "min", head: Optional[str] = None):
-        super().__init__(model, head)
+    def __init__(self, model: nn.Module, mode: str = "min", head: Optional[HeadName] = None, logits: LogitsFn = None):
+        super().__init__(model, head, logits)
         self.mode = mode
         self.templates: Optional[torch.Tensor] = None
 

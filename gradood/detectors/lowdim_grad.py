@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from gradood import scores
+from gradood import model_io, scores
 from gradood.detectors._base import Data, Detector, eval_mode
 from gradood.detectors.rg import activation_percentile
 from gradood.gradient_subspace import (
@@ -49,6 +49,8 @@ from gradood.gradient_subspace import (
 )
 from gradood.knn import METRICS, knn_score, normalise_rows
 from gradood.persample.engine import ParamSelector, PerSampleGradients, persample_gradients
+from gradood.detectors._head import HeadName
+from gradood.model_io import Inputs, LogitsFn
 
 SUBSPACES = ("pca", "class")
 
@@ -76,9 +78,10 @@ class LowDimGrad(Detector):
         dtype: Optional[torch.dtype] = None,
         max_samples: Optional[int] = None,
         progress: bool = False,
-        head: Optional[str] = None,
+        head: Optional[HeadName] = None,
+        logits: LogitsFn = None,
     ):
-        super().__init__(model, head)
+        super().__init__(model, head, logits)
         name = type(self).__name__
         if subspace not in SUBSPACES:
             raise ValueError(f"{name}: subspace must be one of {SUBSPACES}, got {subspace!r}")
@@ -117,22 +120,25 @@ class LowDimGrad(Detector):
         parameter = next(self.model.parameters(), None)
         return parameter.device if parameter is not None else torch.device("cpu")
 
-    def _gradients(self, inputs: torch.Tensor, features: Optional[List[torch.Tensor]] = None) -> PerSampleGradients:
-        """Per-sample gradients of log Σ exp f (and, when asked, the head's input features)."""
-        handle = None
+    def _gradients(self, inputs: Inputs, features: Optional[List[torch.Tensor]] = None) -> PerSampleGradients:
+        """Per-sample gradients of log Σ exp f (and, when asked, the head's input
+        features, appended to `features`)."""
+        capture: tuple = ()
         if features is not None:
-            handle = self.head.register_forward_hook(lambda module, args, output: features.append(args[0].detach()))
-        try:
-            with eval_mode(self.model):
-                return persample_gradients(
-                    self.model, inputs.to(self._device()), "logsumexp", params=self.params,
-                    functional_params=self.functional_params, fallback=self.fallback,
-                )
-        finally:
-            if handle is not None:
-                handle.remove()
+            if self._head is None:  # found by one plain forward
+                self.forward_features(inputs)
+            capture = self._head.names
+        with eval_mode(self.model):
+            grads = persample_gradients(
+                self.model, model_io.to_device(inputs, self._device()), "logsumexp", params=self.params,
+                functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn,
+                capture=capture,
+            )
+        if features is not None:
+            features.append(self.head_features(grads.captured, grads.logits))
+        return grads
 
-    def low_dimensional_gradients(self, inputs: torch.Tensor) -> torch.Tensor:
+    def low_dimensional_gradients(self, inputs: Inputs) -> torch.Tensor:
         """G_low [B, K] of a batch (before the L2 normalisation of the KNN score)."""
         self._require_fitted()
         return self.subspace.project(self._gradients(inputs))
@@ -145,7 +151,7 @@ class LowDimGrad(Detector):
 
         def batches() -> Iterable:
             for inputs, labels in iterate_batches(id_data, self.max_samples):
-                yield inputs.to(device), labels
+                yield model_io.to_device(inputs, device), labels
 
         return batches
 
@@ -201,11 +207,11 @@ class LowDimGrad(Detector):
             report = progress_bar(self.progress, f"{name}.fit: ID bank")
             for inputs, _ in passes():
                 rows.append(normalise_rows(self.subspace.project(self._gradients(inputs))))
-                report.update(inputs.shape[0])
+                report.update(model_io.batch_size(inputs))
             report.close()
             self.bank = torch.cat(rows)
         if self.ensemble:
-            self.clip = activation_percentile(torch.cat([f.reshape(f.shape[0], -1) for f in features]), self.react_percentile)
+            self.clip = activation_percentile(torch.cat(features), self.react_percentile)
         self.fit_info = {
             "samples": moments.count,
             "dim": self.subspace.dim,
@@ -217,7 +223,7 @@ class LowDimGrad(Detector):
 
     # -- scoring ------------------------------------------------------------------------
 
-    def score_parts(self, inputs: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def score_parts(self, inputs: Inputs) -> Dict[str, torch.Tensor]:
         """Both terms from one pass: {"knn": [B]} and, when fitted with ensemble=True,
         {"react_energy": [B]}; score = knn + a · react_energy. A sweep over `a` needs
         these once, not a refit per value."""
@@ -228,12 +234,12 @@ class LowDimGrad(Detector):
         parts = {"knn": knn_score(low, self.bank.to(low.device), self.neighbours, self.metric)}
         if self.clip is not None:
             weight, bias = self.head_weight_bias()
-            v = features[0].reshape(features[0].shape[0], -1)
+            v = features[0]
             energy = scores.react(v, weight.to(v.dtype), None if bias is None else bias.to(v.dtype), self.clip)
             parts["react_energy"] = energy.to(parts["knn"].dtype)
         return parts
 
-    def score(self, inputs: torch.Tensor) -> torch.Tensor:
+    def score(self, inputs: Inputs) -> torch.Tensor:
         if self.ensemble and self.clip is None and self.subspace is not None:
             raise RuntimeError(f"{type(self).__name__}: fitted without ensemble; refit to use ensemble=True")
         parts = self.score_parts(inputs)

@@ -8,13 +8,15 @@ from torch import nn
 
 from gradood import scores
 from gradood.detectors._base import Detector
+from gradood.detectors._head import HeadName
+from gradood.model_io import LogitsFn
 
 
 class MSP(Detector):
     uses_features = False
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0, head: Optional[str] = None):
-        super().__init__(model, head)
+    def __init__(self, model: nn.Module, temperature: float = 1.0, head: Optional[HeadName] = None, logits: LogitsFn = None):
+        super().__init__(model, head, logits)
         self.temperature = temperature
 
     def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:

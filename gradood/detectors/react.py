@@ -11,13 +11,15 @@ from torch import nn
 from gradood import scores
 from gradood.detectors._base import Data, Detector
 from gradood.detectors.rg import activation_percentile
+from gradood.detectors._head import HeadName
+from gradood.model_io import LogitsFn
 
 
 class ReAct(Detector):
     fitted = ("clip",)
 
-    def __init__(self, model: nn.Module, percentile: float = 90.0, clip: Optional[float] = None, head: Optional[str] = None):
-        super().__init__(model, head)
+    def __init__(self, model: nn.Module, percentile: float = 90.0, clip: Optional[float] = None, head: Optional[HeadName] = None, logits: LogitsFn = None):
+        super().__init__(model, head, logits)
         self.percentile = percentile
         self.clip = clip
 

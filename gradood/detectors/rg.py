@@ -18,6 +18,8 @@ from torch import nn
 
 from gradood import scores
 from gradood.detectors._base import Data, Detector
+from gradood.detectors._head import HeadName
+from gradood.model_io import LogitsFn
 
 
 def activation_percentile(features: torch.Tensor, percentile: float) -> float:
@@ -34,9 +36,10 @@ class RG(Detector):
         clip: float = 1.0,
         temperature: float = 1.0,
         percentile: Optional[float] = None,
-        head: Optional[str] = None,
+        head: Optional[HeadName] = None,
+        logits: LogitsFn = None,
     ):
-        super().__init__(model, head)
+        super().__init__(model, head, logits)
         self.clip, self.temperature, self.percentile = clip, temperature, percentile
 
     def fit(self, id_data: Data) -> "RG":
@@ -57,9 +60,10 @@ class RGAdditive(Detector):
         clip: float = 1.0,
         a: float = 0.6,
         percentile: Optional[float] = None,
-        head: Optional[str] = None,
+        head: Optional[HeadName] = None,
+        logits: LogitsFn = None,
     ):
-        super().__init__(model, head)
+        super().__init__(model, head, logits)
         self.clip, self.a, self.percentile = clip, a, percentile
         self.alpha: Optional[float] = None
 

@@ -9,6 +9,8 @@ from torch import nn
 
 from gradood import scores
 from gradood.detectors._base import Detector
+from gradood.detectors._head import HeadName
+from gradood.model_io import LogitsFn
 
 
 class UV(Detector):
@@ -19,9 +21,10 @@ class UV(Detector):
         v: str = "l1",
         clip: Optional[float] = None,
         temperature: float = 1.0,
-        head: Optional[str] = None,
+        head: Optional[HeadName] = None,
+        logits: LogitsFn = None,
     ):
-        super().__init__(model, head)
+        super().__init__(model, head, logits)
         self.u, self.v, self.clip, self.temperature = u, v, clip, temperature
 
     def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:

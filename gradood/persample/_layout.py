@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from gradood import model_io
+from gradood.model_io import Inputs
 from gradood.persample._rules import CompositeRule, batch_may_move
 from gradood.persample.fallback import torch_func_rule
 
@@ -128,7 +130,7 @@ class _Probe:
         self.outside[layer] = (first, tuple(name for name in before if name in active))
 
 
-def _run_probe(model: nn.Module, inputs: torch.Tensor, size: int, layers: Sequence) -> _Probe:
+def _run_probe(model: nn.Module, inputs: Inputs, size: int, layers: Sequence) -> _Probe:
     names = {}
     for name, module in model.named_modules():
         names.setdefault(id(module), name)
@@ -144,9 +146,9 @@ def _run_probe(model: nn.Module, inputs: torch.Tensor, size: int, layers: Sequen
                 record = functools.partial(probe.piece, layer.name)
                 layer.module.forward = functools.partial(layer.rule.forward, layer.module, record)
                 overridden.append(layer.module)
-        batch = inputs[torch.arange(size, device=inputs.device) % inputs.shape[0]]
+        batch = model_io.select(inputs, torch.arange(size) % model_io.batch_size(inputs))
         with torch.enable_grad(), _ParameterUses(set(probe.owner), probe.use):  # as the pass: a forward may differentiate
-            model(batch)
+            model_io.call(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -175,10 +177,10 @@ def _layout_problem(shapes: Sequence[torch.Size]) -> str:
             "LayerNorm, RMSNorm, Embedding — may have it anywhere)")
 
 
-def probe_layout(where: str, model: nn.Module, inputs: torch.Tensor, layers: Sequence, use_fallback: bool) -> Layout:
-    """The layout of this pass (cached per model, input shape and layer selection);
+def probe_layout(where: str, model: nn.Module, inputs: Inputs, layers: Sequence, use_fallback: bool) -> Layout:
+    """The layout of this pass (cached per model, input signature and layer selection);
     raises ValueError where a rule would give a wrong norm and no host applies."""
-    key = (tuple(inputs.shape[1:]), inputs.dtype, inputs.device.type, use_fallback,
+    key = (model_io.signature(inputs), use_fallback,
            tuple((layer.name, layer.parameter_names) for layer in layers), tuple(map(id, model.modules())))
     cache = _CACHE.setdefault(model, OrderedDict())
     if key in cache:

@@ -12,12 +12,14 @@ Pythagoras: s_i² = Σ_layers ‖∇_{θ_l} ℓ_i‖².
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from gradood import model_io
 from gradood._checks import check_positive
+from gradood.model_io import Inputs, LogitsFn
 from gradood.persample import attention, conv, embedding, linear, norm  # noqa: F401  (register the rules)
 from gradood.persample._grads import DenseLayerGradients, LayerGradients, grad_rule_for
 from gradood.persample._layout import probe_layout
@@ -287,6 +289,11 @@ def _record_piece(recorder: _Recorder, name: str, piece: str, layer_input: torch
     return recorder.record((name, piece), layer_input, output)
 
 
+def _capture(captured: dict, name: str, module: nn.Module, args: tuple, output) -> None:
+    if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+        captured[name] = (args[0].detach(), output.detach())
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype per-sample reductions run in: float32 for half-precision models."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -306,12 +313,13 @@ class _Pass(NamedTuple):
     layers: List[_Layer]
     consumed: Dict[str, object]
     functional: List[Tuple[_Functional, torch.Tensor]]
+    captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _run_pass(
     where: str,
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     loss: Loss,
     temperature: float,
     targets: Optional[torch.Tensor],
@@ -319,6 +327,8 @@ def _run_pass(
     functional_params: Optional[str],
     fallback: Optional[str],
     consume: Callable[[_Layer, Dict[Optional[str], tuple]], object],
+    logits_fn: LogitsFn = None,
+    capture: Sequence[str] = (),
 ) -> _Pass:
     """Validates the arguments, runs the forward and the input-gradient backward with
     parameters frozen and the layers hooked, and restores the model (also on errors).
@@ -327,15 +337,12 @@ def _run_pass(
     which replays its module)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"{where}: inputs must be a tensor, got {type(inputs).__name__}")
-    if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"{where}: inputs must be a non-empty batch [B, ...], got shape {tuple(inputs.shape)}")
+    batch = model_io.check_inputs(where, inputs)
     if not callable(loss) and loss not in LOSSES:
         raise ValueError(f"{where}: loss must be one of {LOSSES} or a callable, got {loss!r}")
     temperature = check_positive(where, "temperature", temperature)
-    if loss == "ce" and (targets is None or targets.shape != (inputs.shape[0],)):
-        raise ValueError(f"{where}: loss='ce' needs targets of shape [{inputs.shape[0]}]")
+    if loss == "ce" and (targets is None or targets.shape != (batch,)):
+        raise ValueError(f"{where}: loss='ce' needs targets of shape [{batch}]")
     _refuse_sample_mixing(model, where)
     if functional_params not in (None, "broadcast"):
         raise ValueError(f"{where}: functional_params must be None or 'broadcast', got {functional_params!r}")
@@ -351,7 +358,7 @@ def _run_pass(
         where,
         lambda name, pieces: consume(by_name[name], pieces),
         deferred=[layer.name for layer in layers if layer.rule is torch_func_rule],
-        batch=inputs.shape[0],
+        batch=batch,
         batch_dims=layout.batch_dims,
     )
     handles, overridden, substituted = [], [], []
@@ -377,7 +384,7 @@ def _run_pass(
         for item in functional:  # per-sample copies in place of broadcast parameters
             saved_parameters.setdefault(id(item.module), (item.module, dict(item.module._parameters)))
             del item.module._parameters[item.short_name]
-            copies = item.parameter.detach().expand(inputs.shape[0], *item.parameter.shape[1:]).clone()
+            copies = item.parameter.detach().expand(batch, *item.parameter.shape[1:]).clone()
             item.module.__dict__[item.short_name] = copies.requires_grad_()
             substituted.append((item, copies))
         for layer in layers:
@@ -388,16 +395,17 @@ def _run_pass(
             else:
                 hook = _record_single_input if layer.rule is torch_func_rule else _record_output
                 handles.append(layer.module.register_forward_hook(functools.partial(hook, recorder, layer.name)))
+        captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in capture:  # after the recorder's hooks: they see the outputs the graph continues from
+            handles.append(model.get_submodule(name).register_forward_hook(functools.partial(_capture, captured, name)))
         for parameter in requires_grad:
             parameter.requires_grad_(False)
         with torch.enable_grad():
-            logits = model(inputs.detach())  # gradients w.r.t. parameters only, never the input
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
-                shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise ValueError(f"{where}: the model must return logits [B, C], got {shape}")
+            output = model_io.call(model, model_io.detach(inputs))  # gradients w.r.t. parameters only, never the input
+            logits = model_io.checked_logits(where, output, batch, logits_fn)
             losses = per_sample_loss(logits, loss, temperature, targets)
-            if losses.shape != (inputs.shape[0],):
-                raise ValueError(f"{where}: the loss must be per sample, shape [{inputs.shape[0]}], got {tuple(losses.shape)}")
+            if losses.shape != (batch,):
+                raise ValueError(f"{where}: the loss must be per sample, shape [{batch}], got {tuple(losses.shape)}")
             leaves = [leaf for _, leaf in recorder.leaves] + [copies for _, copies in substituted]
             recorder.backward_started = True
             all_grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True) if leaves else []
@@ -410,7 +418,7 @@ def _run_pass(
     functional_pairs = [
         (item, torch.zeros_like(copies) if grad is None else grad) for (item, copies), grad in zip(substituted, functional_grads)
     ]
-    return _Pass(logits.detach(), layers, recorder.results, functional_pairs)
+    return _Pass(logits.detach(), layers, recorder.results, functional_pairs, captured)
 
 
 def _half_pieces_as_float32(pieces: Dict[Optional[str], tuple]) -> Dict[Optional[str], tuple]:
@@ -420,7 +428,7 @@ def _half_pieces_as_float32(pieces: Dict[Optional[str], tuple]) -> Dict[Optional
 
 def persample_grad_norms(
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     loss: Loss = "ce_pred",
     temperature: float = 1.0,
     targets: Optional[torch.Tensor] = None,
@@ -428,6 +436,7 @@ def persample_grad_norms(
     per_layer: bool = False,
     functional_params: Optional[str] = None,
     fallback: Optional[str] = None,
+    logits: LogitsFn = None,
 ) -> PerSampleGradNorms:
     """‖∇_θ ℓ(x_i)‖₂ over the selected trainable parameters θ, for each sample.
 
@@ -471,14 +480,15 @@ def persample_grad_norms(
             rule_result = layer.rule(layer.module, *pieces[None])
         return sum(rule_result.squared_norms[name] for name in layer.parameter_names), rule_result.method
 
-    result = _run_pass(_WHERE, model, inputs, loss, temperature, targets, params, functional_params, fallback, layer_norms)
+    result = _run_pass(_WHERE, model, inputs, loss, temperature, targets, params, functional_params, fallback, layer_norms,
+                       logits)
     logits = result.logits
     norm_dtype = compute_dtype(logits.dtype)
     columns, names, methods = [], [], []
     for layer in result.layers:
         names.append(layer.name)
         if layer.name not in result.consumed:  # never called: its parameters get no gradient
-            columns.append(logits.new_zeros(inputs.shape[0], dtype=norm_dtype))
+            columns.append(logits.new_zeros(logits.shape[0], dtype=norm_dtype))
             methods.append("unused")
             continue
         squared, method = result.consumed[layer.name]
@@ -513,8 +523,11 @@ class PerSampleGradients:
     names (model.named_parameters()); direction and result blocks are flattened,
     [K or L, numel]. Computed in float32 for half-precision models."""
 
-    def __init__(self, logits: torch.Tensor, layers: List[Tuple[Dict[str, str], LayerGradients]], shapes: Dict[str, torch.Size]):
+    def __init__(self, logits: torch.Tensor, layers: List[Tuple[Dict[str, str], LayerGradients]], shapes: Dict[str, torch.Size],
+                 captured: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None):
         self.logits = logits
+        #: (input, output) of the modules named in `capture`, from the pass (detached).
+        self.captured = captured or {}
         self._layers = layers  # (the layer's own name -> full name, its gradients)
         self.shapes = shapes
         self.names: Tuple[str, ...] = tuple(shapes)
@@ -580,19 +593,22 @@ class PerSampleGradients:
 
 def persample_gradients(
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: Inputs,
     loss: Loss = "ce_pred",
     temperature: float = 1.0,
     targets: Optional[torch.Tensor] = None,
     params: ParamSelector = None,
     functional_params: Optional[str] = None,
     fallback: Optional[str] = None,
+    logits: LogitsFn = None,
+    capture: Sequence[str] = (),
 ) -> PerSampleGradients:
     """The per-sample gradients ∇_θ ℓ(x_i) of the selected parameters from one
     forward and one backward pass, as a PerSampleGradients operator: projections
     onto directions, weighted sums over samples and batch moments, computed layer
     by layer from each layer's input and output gradient. Arguments, model
-    requirements and guarantees as persample_grad_norms."""
+    requirements and guarantees as persample_grad_norms; `capture` names modules
+    whose (input, output) in the pass are kept in the result's `captured`."""
     where = "gradood.persample_gradients"
 
     def layer_gradients(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> LayerGradients:
@@ -603,7 +619,8 @@ def persample_gradients(
             return torch_func_grads(layer.module, *pieces[None], layer.parameter_names)
         return grad_rule_for(layer.module)(layer.module, *pieces[None])
 
-    result = _run_pass(where, model, inputs, loss, temperature, targets, params, functional_params, fallback, layer_gradients)
+    result = _run_pass(where, model, inputs, loss, temperature, targets, params, functional_params, fallback,
+                       layer_gradients, logits, capture)
     layers: List[Tuple[Dict[str, str], LayerGradients]] = []
     shapes: Dict[str, torch.Size] = {}
     dtype = compute_dtype(result.logits.dtype)
@@ -615,7 +632,7 @@ def persample_gradients(
         grads = result.consumed.get(layer.name)
         if grads is None:
             numels = {own: module_parameters[own].numel() for own in full_names}
-            layers.append((full_names, _ZeroGradients(inputs.shape[0], numels, result.logits.to(dtype))))
+            layers.append((full_names, _ZeroGradients(result.logits.shape[0], numels, result.logits.to(dtype))))
             continue
         layers.append((full_names, grads.restrict(tuple(full_names))))
     for item, grad in result.functional:
@@ -623,4 +640,4 @@ def persample_gradients(
         flat = _float32_if_half(grad).reshape(grad.shape[0], -1)
         gradients = DenseLayerGradients(grad.shape[0], {"value": flat.shape[1]}, lambda s, e, flat=flat: {"value": flat[s:e]})
         layers.append(({"value": item.name}, gradients))
-    return PerSampleGradients(result.logits, layers, shapes)
+    return PerSampleGradients(result.logits, layers, shapes, result.captured)

@@ -1,0 +1,151 @@
+"""The classifier head of a model: the layer(s) whose output the logits are, and
+the penultimate features the last-layer closed forms need.
+
+Three kinds, each recognised only by exact equality with the model's logits
+(never guessed):
+
+- "linear": one nn.Linear (or 1×1 nn.Conv2d) whose output is the logits [B, C];
+  the features are its input [B, D].
+- "token": a head run on every position of a sequence, [B, T, C], whose logits
+  are one position per sample (Hugging Face's GPT-2/Llama-style sequence
+  classifiers pick the last non-padding token after the head). The features are
+  the head's input at the position whose output row equals the sample's logits.
+  A sample for which no position, or several positions with different inputs,
+  match is an error.
+- "mean": two heads whose outputs are averaged, f = (W₁v₁ + b₁ + W₂v₂ + b₂)/2
+  (timm's and Hugging Face's distilled DeiT, LeViT in eval mode). This is one
+  linear head with weight W = [W₁ W₂], features v = [v₁; v₂]/2 and bias
+  b = (b₁ + b₂)/2: ∇_W ℓ = (∂ℓ/∂f) vᵀ is exactly the joint gradient of both
+  heads' weights, so every last-layer closed form of the model is the one of
+  that head (the bias terms are those of the single bias b).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+#: (input, output) of each candidate module in one forward pass.
+Captured = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+HeadName = Union[str, Tuple[str, str]]
+
+KINDS = ("linear", "token", "mean")
+
+
+class Head(NamedTuple):
+    names: Tuple[str, ...]  # one module, or two for "mean"
+    kind: str
+
+    @property
+    def name(self) -> HeadName:
+        return self.names[0] if len(self.names) == 1 else self.names
+
+
+def is_candidate(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _flat_output(output: torch.Tensor, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """A candidate's output as [B, C] when it has the logits' batch and numel (a 1×1 conv's [B, C, 1, 1])."""
+    if output.shape[0] != logits.shape[0] or output.numel() != logits.numel() or output.dtype != logits.dtype:
+        return None
+    return output.reshape(logits.shape)
+
+
+def _token_positions(output: torch.Tensor, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """For a [B, T, C] output: per sample, the positions whose row equals the logits ([B, T] bool), or None."""
+    if output.dim() != 3 or output.shape[0] != logits.shape[0] or output.shape[2] != logits.shape[1] \
+            or output.dtype != logits.dtype:
+        return None
+    expected = logits[:, None, :]
+    matches = ((output == expected) | (output.isnan() & expected.isnan())).all(2)
+    return matches if bool(matches.any(1).all()) else None
+
+
+def produces(head: Head, captured: Captured, logits: torch.Tensor) -> bool:
+    """Whether these head modules produced exactly these logits in this pass."""
+    if any(name not in captured for name in head.names):
+        return False
+    if head.kind == "token":
+        return _token_positions(captured[head.names[0]][1], logits) is not None
+    outputs = [_flat_output(captured[name][1], logits) for name in head.names]
+    if any(output is None for output in outputs):
+        return False
+    if head.kind == "linear":
+        return _same(outputs[0], logits)
+    return _same((outputs[0] + outputs[1]) / 2, logits)
+
+
+def kind_of(names: Sequence[str], captured: Captured, logits: torch.Tensor) -> Optional[str]:
+    """The kind of head these named modules form in this pass, or None."""
+    kinds = ("mean",) if len(names) == 2 else ("linear", "token")
+    for kind in kinds:
+        if produces(Head(tuple(names), kind), captured, logits):
+            return kind
+    return None
+
+
+def find(captured: Captured, logits: torch.Tensor) -> Optional[Head]:
+    """The last candidate whose output is the logits; else the last one run on every
+    token whose output holds each sample's logits; else a pair of candidates whose
+    mean is the logits. None if none of these."""
+    names = list(captured)
+    for kind in ("linear", "token"):
+        for name in reversed(names):
+            if produces(Head((name,), kind), captured, logits):
+                return Head((name,), kind)
+    shaped = [name for name in names if _flat_output(captured[name][1], logits) is not None]
+    for second in reversed(range(len(shaped))):
+        for first in reversed(range(second)):
+            pair = Head((shaped[first], shaped[second]), "mean")
+            if produces(pair, captured, logits):
+                return pair
+    return None
+
+
+def features(where: str, head: Head, captured: Captured, logits: torch.Tensor) -> torch.Tensor:
+    """The penultimate features [B, D] of the head (see the module docstring)."""
+    if head.kind == "linear":
+        inputs = captured[head.names[0]][0]
+        return inputs.reshape(inputs.shape[0], -1)
+    if head.kind == "mean":
+        first, second = (captured[name][0] for name in head.names)
+        return torch.cat([first.reshape(first.shape[0], -1), second.reshape(second.shape[0], -1)], 1) / 2
+    inputs, output = captured[head.names[0]]
+    matches = _token_positions(output, logits)
+    if matches is None:
+        raise ValueError(f"{where}: head {head.names[0]!r} is run on every token, but for some sample no token's "
+                         "output equals the logits")
+    position = matches.to(torch.int64).argmax(1)  # the first matching token
+    picked = inputs[torch.arange(inputs.shape[0], device=inputs.device), position.to(inputs.device)]
+    several = matches.sum(1) > 1
+    if bool(several.any()):  # tokens with equal outputs must have equal inputs, or the features are ambiguous
+        for sample in several.nonzero().flatten().tolist():
+            rows = inputs[sample, matches[sample].to(inputs.device)]
+            if not bool((rows == rows[:1]).all()):
+                raise ValueError(
+                    f"{where}: head {head.names[0]!r} is run on every token, and in sample {sample} several tokens "
+                    "with different inputs give the logits, so the pooled token is ambiguous; pass a model that "
+                    "returns the pooled token's logits from a head applied to it"
+                )
+    return picked
+
+
+def weight_bias(model: nn.Module, head: Head) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(W [C, D], b [C] or None) of the (equivalent single) head."""
+    modules = [model.get_submodule(name) for name in head.names]
+    weights = [m.weight.detach().reshape(m.weight.shape[0], -1) for m in modules]
+    biases = [None if m.bias is None else m.bias.detach() for m in modules]
+    if head.kind != "mean":
+        return weights[0], biases[0]
+    present = [b for b in biases if b is not None]
+    bias = None if not present else sum(present) / 2
+    return torch.cat(weights, 1), bias
