@@ -204,3 +204,26 @@ def test_every_forward_only_detector_runs_on_hugging_face_models(name):
         assert detector._head.kind == "mean"
     head = gradood.OODHead(model, D.Energy(model), example_inputs=inputs)
     torch.testing.assert_close(head(inputs)[1], torch.logsumexp(logits, 1), rtol=1e-5, atol=1e-5)
+
+
+def _timm_models():
+    from test_persample_zoo_layers import TIMM_MODELS
+
+    return {name: TIMM_MODELS[name] for name in ("bit", "vit", "convnext")}
+
+
+@pytest.mark.parametrize("name", ["hf-vit", "hf-bert", "hf-gpt2", "timm-bit", "timm-vit", "timm-convnext"])
+def test_full_network_detectors_run_without_options_on_hugging_face_and_timm_models(name):
+    if name.startswith("hf-"):
+        build, batch = HF_MODELS[name[3:]]
+        model, inputs = build(), batch()
+    else:
+        build, size, _ = _timm_models()[name[5:]]
+        model, inputs = build().eval(), torch.randn(4, 3, size, size)
+    grodin = D.GRODIN(model).score(inputs)
+    full = D.FullGradNorm(model).score(inputs)
+    expected = gradood.persample_grad_norms(model, inputs, loss="ce_pred").norms
+    torch.testing.assert_close(grodin, -expected)
+    assert torch.isfinite(full).all() and (full > 0).all()
+    lowdim = D.LowDimGrad(model, dim=2, iterations=2).fit(inputs)
+    assert torch.isfinite(lowdim.score(inputs)).all()

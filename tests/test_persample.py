@@ -422,26 +422,29 @@ def test_train_mode_dropout_is_refused():
         persample_grad_norms(model, torch.randn(3, 4))
 
 
-def test_parameters_without_a_rule_are_named():
-    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 2)).eval()
-    with pytest.raises(ValueError, match=r"parameter '1.weight' belongs to 1 \(PReLU\), which has no per-sample norm rule"):
-        persample_grad_norms(model, torch.randn(3, 4))
-    result = persample_grad_norms(model, torch.randn(3, 4), params=lambda name, p: not name.startswith("1."))
-    assert result.norms.shape == (3,)
+def test_parameters_of_modules_without_a_rule_are_exact_op_by_op():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 2)).double().eval()
+    inputs = torch.randn(3, 4, dtype=torch.float64)
+    result = persample_grad_norms(model, inputs, per_layer=True)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)
+    assert dict(zip(result.layer_names, result.methods))["1.weight"] == "op-vjp"
+    result = persample_grad_norms(model, inputs, params=lambda name, p: not name.startswith("1."))
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs, names=["0.weight", "0.bias", "2.weight", "2.bias"]))
 
 
-def test_functionally_used_parameters_are_named():
+def test_functionally_used_parameters_are_exact_op_by_op():
     class WithPositionEmbedding(nn.Module):
         def __init__(self):
             super().__init__()
-            self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+            self.pos_embed = nn.Parameter(torch.randn(1, 3, 4))
             self.head = nn.Linear(4, 2)
 
         def forward(self, x):
             return self.head((x + self.pos_embed).mean(1))
 
-    with pytest.raises(ValueError, match=r"parameter 'pos_embed' belongs to the model \(WithPositionEmbedding\)"):
-        persample_grad_norms(WithPositionEmbedding(), torch.randn(2, 3, 4))
+    model, inputs = WithPositionEmbedding().double(), torch.randn(2, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(persample_grad_norms(model, inputs).norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)
 
 
 def test_an_unused_layer_in_a_bfloat16_model_counts_zero():
@@ -459,12 +462,31 @@ def test_an_unused_layer_in_a_bfloat16_model_counts_zero():
     assert result.methods[1] == "unused" and torch.equal(result.per_layer[:, 1], torch.zeros(2))
 
 
-def test_reused_modules_are_refused():
-    layer = nn.Linear(4, 4)
-    model = nn.Sequential(layer, nn.ReLU(), layer)
-    with pytest.raises(RuntimeError, match="called twice in one forward"):
-        persample_grad_norms(model, torch.randn(3, 4))
+class _Reused(nn.Module):
+    """One Linear, one Conv2d and one LayerNorm, each called twice (as ALBERT's shared layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.linear, self.head = nn.Conv2d(2, 2, 3, padding=1), nn.LayerNorm(8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):  # [B, 2, 2, 2]
+        x = torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1)
+        x = self.norm(torch.tanh(self.linear(self.norm(x))))
+        return self.head(torch.tanh(self.linear(x)))
+
+
+def test_reused_modules_match_the_loop():
+    torch.manual_seed(4)
+    model, inputs = _Reused().double().eval(), torch.randn(5, 2, 2, 2, dtype=torch.float64)
+    result = persample_grad_norms(model, inputs, per_layer=True)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)
+    methods = dict(zip(result.layer_names, result.methods))
+    assert methods["conv"] == methods["norm"] == "reused" and methods["linear"] != "reused"  # concatenated positions
     assert all(not m._forward_hooks for m in model.modules())
+    from gradood.persample import persample_gradients
+    from test_persample_gradients import _check_operator, _loop_grads
+
+    _check_operator(persample_gradients(model, inputs, loss="logsumexp"), _loop_grads(model, inputs))
 
 
 def test_top_level_name():
@@ -474,10 +496,13 @@ def test_top_level_name():
     torch.testing.assert_close(gradood.persample_grad_norms(model, inputs).norms, persample_grad_norms(model, inputs).norms)
 
 
-def test_functional_parameters_are_named_unless_opted_in():
-    model, inputs = _vit()
-    with pytest.raises(ValueError, match=r"parameter 'cls_token' belongs to the model \(_TinyViT\).*functional_params='broadcast'"):
-        persample_grad_norms(model, inputs)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_class_token_and_position_embedding_are_exact_without_options(batch_first):
+    model, inputs = _vit(batch_first)
+    result = persample_grad_norms(model, inputs, per_layer=True)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-6, atol=1e-12)
+    methods = dict(zip(result.layer_names, result.methods))
+    assert methods["cls_token"] == "op-vjp" and methods["pos_embed"] == "op-add"  # a concatenation, an addition
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -584,13 +609,13 @@ def test_cuda_float32_matches_the_float64_loop(name):
     torch.testing.assert_close(norms.double().cpu(), expected, rtol=1e-4, atol=1e-6)
 
 
-def test_torch_func_fallback_for_modules_without_a_rule():
+def test_torch_func_fallback_is_not_used_where_ops_suffice():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.PReLU(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double().eval()
     inputs = torch.randn(5, 2, 6, 6, dtype=torch.float64)
     result = persample_grad_norms(model, inputs, fallback="torch.func", per_layer=True)
     torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-6, atol=1e-12)
-    assert result.methods[result.layer_names.index("1")] == "torch.func"
+    assert result.methods[result.layer_names.index("1.weight")] == "op-vjp"
     assert all(not m._forward_hooks for m in model.modules())
 
 
@@ -604,25 +629,21 @@ def test_torch_func_fallback_covers_parameters_of_the_model_itself():
     assert "forward" not in model.attention.__dict__
 
 
-def test_torch_func_fallback_needs_a_single_input_module():
-    class TwoInputs(nn.Module):
+def test_torch_func_fallback_needs_a_module_taking_the_batch_as_one_tensor():
+    class Folded(nn.Module):
         def __init__(self):
             super().__init__()
             self.scale = nn.Parameter(torch.ones(3))
-
-        def forward(self, x, y):
-            return x * self.scale + y
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mix = TwoInputs()
             self.head = nn.Linear(3, 2)
 
-        def forward(self, x):
-            return self.head(self.mix(x, x))
+        def forward(self, x, y):  # the batch folded into the rows where scale meets it
+            return self.head((x.reshape(-1, 3) * self.scale).reshape(x.shape).mean(1) + y)
 
-    with pytest.raises(ValueError, match=r"fallback='torch.func' needs mix \(TwoInputs\) to take one tensor"):
-        persample_grad_norms(Model(), torch.randn(2, 3), fallback="torch.func")
+    inputs = {"x": torch.randn(2, 4, 3), "y": torch.randn(2, 3)}
+    with pytest.raises(ValueError, match=r"combines the parameters \['scale'\] with the batch.*no module around it "
+                                         "takes the batch as one tensor"):
+        persample_grad_norms(Folded(), inputs, fallback="torch.func")
     with pytest.raises(ValueError, match="fallback must be None or 'torch.func'"):
-        persample_grad_norms(Model(), torch.randn(2, 3), fallback="vmap")
+        persample_grad_norms(Folded(), inputs, fallback="vmap")
+
+

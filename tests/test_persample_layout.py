@@ -1,8 +1,10 @@
 """The per-sample engine's layout probe (gradood/persample/_layout.py): models
 whose layers do not see one sample per row, or whose parameters reach the loss
-outside their module's forward, give the loop's norms (sequence-first layers, the
-torch.func fallback) or a clear error — never a wrong number. Before the probe,
-each model below gave wrong norms silently or failed with an unrelated error."""
+outside their module's forward, give the loop's norms (sequence-first layers,
+parameters handled op by op, the torch.func fallback) or a clear error — never a
+wrong number. Before the probe, each model below gave wrong norms silently or
+failed with an unrelated error; before the op-by-op handling
+(gradood/persample/_direct.py) most needed fallback='torch.func'."""
 
 from __future__ import annotations
 
@@ -113,44 +115,33 @@ def _double(model, inputs):
     return model.double().eval(), inputs.double() if inputs.is_floating_point() else inputs
 
 
-def test_a_child_weight_used_by_its_parent_is_an_error_without_the_fallback():
-    model, inputs = _double(_Swinlike(own_parameter=False), torch.randn(4, 5))
-    with pytest.raises(ValueError, match=r"parameter 'attn.proj.weight' of attn.proj \(Linear\) is used outside that "
-                                         r"module's forward \(inside attn's forward\).*fallback='torch.func'.*replaying attn"):
-        persample_grad_norms(model, inputs)
-
-
-@pytest.mark.parametrize("own_parameter", [True, False])  # the parent is a fallback layer already, or becomes one
-def test_a_child_weight_used_by_its_parent_is_replayed_with_the_parent(own_parameter):
+@pytest.mark.parametrize("own_parameter", [True, False])
+@pytest.mark.parametrize("fallback", [None, "torch.func"])  # the fallback is not needed, so not used
+def test_a_child_weight_used_by_its_parent_is_exact_op_by_op(own_parameter, fallback):
     model, inputs = _double(_Swinlike(own_parameter), torch.randn(4, 5))
-    result = persample_grad_norms(model, inputs, fallback="torch.func", per_layer=True)
+    result = persample_grad_norms(model, inputs, per_layer=True, fallback=fallback)
     torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)
     assert "attn.proj" not in result.layer_names  # it used to be here, as "unused", with zero norms
-    assert dict(zip(result.layer_names, result.methods))["attn"] == "torch.func"
-    gradients = persample_gradients(model, inputs, loss="logsumexp", fallback="torch.func")
+    methods = dict(zip(result.layer_names, result.methods))
+    assert methods["attn.proj.weight"] == "direct" and "torch.func" not in methods.values()  # the linear rule's
+    gradients = persample_gradients(model, inputs, loss="logsumexp", fallback=fallback)
     _check_operator(gradients, _loop_grads(model, inputs))
 
 
-@pytest.mark.parametrize("fallback", [None, "torch.func"])
-def test_a_tied_weight(fallback):
+def test_a_tied_weight():
     model, inputs = _double(_Tied(), torch.randn(4, 6))
-    if fallback is None:
-        with pytest.raises(ValueError, match=r"'a.weight' of a \(Linear\) is used outside that module's forward "
-                                             r"\(inside the model's forward\)"):
-            persample_grad_norms(model, inputs)
-        return
-    result = persample_grad_norms(model, inputs, fallback=fallback)
+    result = persample_grad_norms(model, inputs)
     torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)
+    _check_operator(persample_gradients(model, inputs, loss="logsumexp"), _loop_grads(model, inputs))
 
 
 @pytest.mark.parametrize("rows", [3, 4])  # 4 = the batch size, where the shapes alone cannot tell
 def test_a_layer_applied_to_a_shared_table(rows):
     model, inputs = _double(_SharedTable(rows), torch.randn(4, 6))
-    with pytest.raises(ValueError, match=r"table \(Linear\): its input, \(%d, 2\) at batch sizes 2 and 3 alike, does not "
-                                         r"depend on the batch.*replaying the model" % rows):
-        persample_grad_norms(model, inputs)
-    result = persample_grad_norms(model, inputs, fallback="torch.func")
+    result = persample_grad_norms(model, inputs, per_layer=True)
     torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)
+    assert dict(zip(result.layer_names, result.methods))["table.weight"] == "op-add"  # x + table(coords).mean(0)
+    _check_operator(persample_gradients(model, inputs, loss="logsumexp"), _loop_grads(model, inputs))
 
 
 @pytest.mark.parametrize("length", [4, 5])  # 4 = the batch size
@@ -162,16 +153,19 @@ def test_sequence_first_layers_match_the_loop(length):
     _check_operator(persample_gradients(model, inputs, loss="logsumexp"), _loop_grads(model, inputs))
 
 
-@pytest.mark.parametrize("model,match", [
-    (_FoldedBatch(), r"a \(Linear\): its input has shape \(10, 4\) at batch size 2 and \(15, 4\) at 3: the rules need one "
-                     r"batch dimension"),
-    (_BatchLast(), r"norm \(BatchNorm1d\): its input has shape \(5, 4, 2\) at batch size 2 and \(5, 4, 3\) at 3"),
-])
-def test_a_layer_without_one_leading_batch_dimension_is_an_error(model, match):
-    model, inputs = _double(model, torch.randn(4, 5, 4))
-    with pytest.raises(ValueError, match=match):
+def test_a_folded_batch_is_an_error_or_replayed_with_the_fallback():
+    model, inputs = _double(_FoldedBatch(), torch.randn(4, 5, 4))
+    with pytest.raises(ValueError, match=r"linear \(in a\) combines the parameters \['a.bias', 'a.weight'\] with the "
+                                         r"batch, but it has no batch dimension in its output.*fallback='torch.func'"):
         persample_grad_norms(model, inputs)
-    result = persample_grad_norms(model, inputs, fallback="torch.func")  # replays the model for that layer
+    result = persample_grad_norms(model, inputs, fallback="torch.func", per_layer=True)  # replays the model for it
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)
+    assert dict(zip(result.layer_names, result.methods))[""] == "torch.func"
+
+
+def test_a_batch_last_norm_layer_is_exact_op_by_op():
+    model, inputs = _double(_BatchLast(), torch.randn(4, 5, 4))
+    result = persample_grad_norms(model, inputs)
     torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)
 
 
@@ -180,13 +174,12 @@ def test_metadata_reads_of_a_child_weight_are_not_uses():
     torch.testing.assert_close(persample_grad_norms(model, inputs).norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)
 
 
-def test_old_style_weight_norm_is_named_and_replayed_with_the_fallback():
+@pytest.mark.parametrize("fallback", [None, "torch.func"])
+def test_old_style_weight_norm_is_exact_op_by_op(fallback):
     with pytest.warns(FutureWarning):
         first = nn.utils.weight_norm(nn.Linear(6, 6))
     model, inputs = _double(nn.Sequential(first, nn.ReLU(), nn.Linear(6, 3)), torch.randn(4, 6))
-    with pytest.raises(ValueError, match=r"0 \(Linear\) has parameters its rule does not know \(weight_g, weight_v"):
-        persample_grad_norms(model, inputs)
-    result = persample_grad_norms(model, inputs, fallback="torch.func", per_layer=True)
+    result = persample_grad_norms(model, inputs, fallback=fallback, per_layer=True)
     norms = []
     for i in range(inputs.shape[0]):  # the loop, without the deepcopy weight_norm does not support
         model.zero_grad(set_to_none=True)
@@ -195,7 +188,7 @@ def test_old_style_weight_norm_is_named_and_replayed_with_the_fallback():
         norms.append(sum(p.grad.square().sum() for p in model.parameters()).sqrt())
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(result.norms, torch.stack(norms), rtol=1e-10, atol=0)
-    assert result.layer_names == ("0", "2")  # the module itself, not the whole model, is replayed
+    assert set(result.layer_names) == {"2", "0.weight_g", "0.weight_v", "0.bias"}
 
 
 def test_the_probe_runs_once_per_model_and_input_shape_and_leaves_no_trace():
@@ -203,11 +196,11 @@ def test_the_probe_runs_once_per_model_and_input_shape_and_leaves_no_trace():
     calls = []
     model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     persample_grad_norms(model, inputs)
-    assert calls == [2, 3, 4]  # two probe batches, then the pass
+    assert calls == [2, 3, 3, 1, 1, 1, 4]  # two probe batches, the single-sample check (3 and 3 × 1), the pass
     persample_grad_norms(model, inputs[:3])
-    assert calls == [2, 3, 4, 3]
+    assert calls == [2, 3, 3, 1, 1, 1, 4, 3]
     persample_grad_norms(model, torch.randint(0, 11, (4, 7)))  # another trailing shape
-    assert calls[4:] == [2, 3, 4]
+    assert calls[8:] == [2, 3, 3, 1, 1, 1, 4]
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 1  # the test's
     assert all("forward" not in m.__dict__ for m in model.modules())
 

@@ -23,7 +23,7 @@ t (Σ_t g_tᵀ M_k a_t) costs T·K·p·d.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, Tuple, Type
+from typing import Callable, Dict, Iterator, Tuple
 
 import torch
 from torch import nn
@@ -141,12 +141,13 @@ class DenseLayerGradients(LayerGradients):
 
 GradRule = Callable[[nn.Module, torch.Tensor, torch.Tensor], LayerGradients]
 
-_GRAD_RULES: Dict[Type[nn.Module], GradRule] = {}
+_GRAD_RULES: Dict[object, GradRule] = {}  # by class or qualified class name
 
 
-def register_grad_rule(*module_types: Type[nn.Module]):
+def register_grad_rule(*module_types):
     """Registers the decorated function (module, input, grad_output) -> LayerGradients
-    as the per-sample gradient rule of these module classes (exact classes)."""
+    as the per-sample gradient rule of these module classes (exact classes, or
+    qualified class names)."""
 
     def decorate(rule: GradRule) -> GradRule:
         for module_type in module_types:
@@ -157,7 +158,10 @@ def register_grad_rule(*module_types: Type[nn.Module]):
 
 
 def grad_rule_for(module: nn.Module):
-    return _GRAD_RULES.get(type(module))
+    found = _GRAD_RULES.get(type(module))
+    if found is not None:
+        return found
+    return _GRAD_RULES.get(f"{type(module).__module__}.{type(module).__qualname__}")
 
 
 def outer_product_sums(activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:

@@ -2,28 +2,34 @@
 rows are the batch's samples, and every selected parameter reaches the loss
 through its own module's forward only.
 
-Both are found by running the model on two probe batches, of 2 and 3 samples (copies of the first inputs), with every module's calls and
-every use of a selected parameter watched:
+Both are found by running the model on two probe batches, of 2 and 3 samples
+(copies of the first inputs), with every module's calls watched by hooks and
+every op on a parameter by gradood.persample._direct.ProbeTracker:
 
 - The batch dimension of each layer's input is the one dimension that is 2 in
   the first probe and 3 in the second, all others being equal. Dimension 0 is
   what the rules expect; a features-last layer (Linear, LayerNorm, RMSNorm,
   Embedding) may have it elsewhere (a sequence-first transformer's [T, B, E]),
-  and the pass moves it to the front. An input with no batch dimension (a
-  layer applied to a table shared by all samples, such as Swin V2's relative
-  position MLP) or with the batch in two places does not fit the rules.
+  and the pass moves it to the front; one whose input has a leading dimension
+  of 1 at both sizes (BERT's position ids, shared by the batch) is *broadcast*:
+  the pass expands its input and output to the batch, so each sample's output
+  gradient is its own. Any other layer without a batch-first input (one applied
+  to a table all samples share, such as Swin V2's relative position MLP, or a
+  conv fed a batch-last tensor) has its parameters handled as direct parameters.
 - A parameter used by an op while its module's forward is not running (a
   parent calling F.linear with a child's weight, as torchvision's Swin
   attention does, or a weight tied to a second use) has a gradient part that
-  its module's rule never sees.
+  its module's rule never sees: its layer's parameters become direct too.
 
-Either would give a wrong norm, so each is an error naming the layer or the
-parameter, or, with fallback="torch.func", the layer is handed to the innermost
-module around it that takes the batch as one batch-first tensor: that module is
-replayed by torch.func per sample, for its own parameters and the handed-over
-ones. The result depends on the model's modules, the input's trailing shape, dtype
-and device and the selected layers only; it is computed once per combination
-and kept with the model (weakly)."""
+Direct parameters (gradood/persample/_direct.py) get their per-sample gradients
+op by op. Where that is impossible (an op mixing the batch, a data-dependent
+forward) it is an error naming the parameter, or, with fallback="torch.func",
+the parameter's module is replayed per sample by torch.func; a composite layer
+(MultiheadAttention) with such a problem is handed to the innermost module
+around it that takes the batch as one batch-first tensor. The result depends on
+the model's modules, the input's signature and the selected layers only; it is
+computed once per combination and kept with the model (weakly).
+"""
 
 from __future__ import annotations
 
@@ -34,10 +40,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tu
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from gradood import model_io
 from gradood.model_io import Inputs
+from gradood.persample._direct import ProbeTracker, Source, Step, plan_steps
 from gradood.persample._rules import CompositeRule, batch_may_move
 from gradood.persample.fallback import torch_func_rule
 
@@ -48,44 +54,27 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDic
 Key = Tuple[str, Optional[str]]  # (layer, piece)
 
 
-class Layout(NamedTuple):
+class Layout:
     """batch_dims: the batch dimension of each (layer, piece)'s input and output
     where it is not 0; hosts: layer name -> the module (by name) whose torch.func
-    replay covers that layer's parameters instead of its rule."""
+    replay covers that layer's parameters instead of its rule; broadcast: layers
+    whose input has a leading dimension of 1 shared by the batch; direct: the names
+    of the parameters handled op by op, and direct_layers the rule layers whose
+    parameters became direct; steps: the pass's ops on them; replayed: module name
+    -> its own parameters replayed with torch.func (fallback="torch.func").
+    verified: whether the single-sample check of the probe batch has passed."""
 
-    batch_dims: Dict[Key, int]
-    hosts: Dict[str, str]
+    def __init__(self, batch_dims: Dict[Key, int], hosts: Dict[str, str], broadcast: Set[Key], direct: Set[str],
+                 direct_layers: Set[str], steps: List[Step], replayed: Dict[str, Tuple[str, ...]]):
+        self.batch_dims, self.hosts, self.broadcast = batch_dims, hosts, frozenset(broadcast)
+        self.direct, self.direct_layers, self.steps = frozenset(direct), frozenset(direct_layers), steps
+        self.replayed = replayed
+        self.verified = False
 
 
 def _inside(inner: str, outer: str) -> bool:
     """Whether module `inner` is `outer` or lies inside it (names from named_modules)."""
     return outer == "" or inner == outer or inner.startswith(outer + ".")
-
-
-def _has_tensor(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    return isinstance(value, (list, tuple)) and any(isinstance(item, torch.Tensor) for item in value)
-
-
-class _ParameterUses(TorchFunctionMode):
-    """Calls on_use(parameter id) for every op that takes a watched parameter (or
-    a list holding one) and returns a tensor: metadata reads (size, dim, dtype)
-    are not uses."""
-
-    def __init__(self, watched: Set[int], on_use: Callable[[int], None]):
-        super().__init__()
-        self.watched, self.on_use = watched, on_use
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        if _has_tensor(result):
-            for value in (*args, *kwargs.values()):
-                for item in value if isinstance(value, (list, tuple)) else (value,):
-                    if isinstance(item, torch.Tensor) and id(item) in self.watched:
-                        self.on_use(id(item))
-        return result
 
 
 class _Probe:
@@ -100,11 +89,16 @@ class _Probe:
         self.shapes: Dict[Key, Tuple[torch.Size, Tuple[str, ...], bool]] = {}  # shape, active modules, one tensor in
         # layer -> (the first parameter used outside its forward, the modules active at every such use)
         self.outside: Dict[str, Tuple[str, Tuple[str, ...]]] = {}
-        self.owner: Dict[int, Tuple[str, str]] = {}  # id(parameter) -> (layer, full parameter name)
+        self.owner: Dict[str, str] = {}  # full parameter name -> its rule layer
+        self.watched: Dict[int, str] = {}  # id(parameter) -> full name, for every selected parameter
         for layer in layers:
             for own in layer.parameter_names:
                 full = f"{layer.name}.{own}" if layer.name else own
-                self.owner[id(layer.module.get_parameter(own))] = (layer.name, full)
+                self.owner[full] = layer.name
+                self.watched[id(layer.module.get_parameter(own))] = full
+        self.records: list = []
+        self.layer_names = {layer.name for layer in layers}
+        self.tracker: Optional[ProbeTracker] = None
 
     def enter(self, module, args) -> None:
         name = self.names[id(module)]
@@ -115,27 +109,29 @@ class _Probe:
             self.shapes[(name, None)] = (first.shape, tuple(self.stack[:-1]), one_tensor)
 
     def leave(self, module, args, output) -> None:
-        self.stack.pop()
+        name = self.stack.pop()
+        if self.tracker is not None and name in self.layer_names:
+            self.tracker.layer_output(output, name)
 
     def piece(self, layer: str, piece: str, layer_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         self.shapes.setdefault((layer, piece), (layer_input.shape, tuple(self.stack), False))
         return output
 
-    def use(self, parameter_id: int) -> None:
-        layer, full = self.owner[parameter_id]
-        if layer in self.stack:
+    def use(self, parameter: str, active: Tuple[str, ...], via: frozenset) -> None:
+        layer = self.owner.get(parameter)
+        if layer is None or layer in active or layer in via:
             return
-        active = tuple(self.stack)
-        first, before = self.outside.get(layer, (full, active))
+        first, before = self.outside.get(layer, (parameter, active))
         self.outside[layer] = (first, tuple(name for name in before if name in active))
 
 
-def _run_probe(model: nn.Module, inputs: Inputs, size: int, layers: Sequence) -> _Probe:
+def _run_probe(model: nn.Module, inputs: Inputs, size: int, layers: Sequence, sources: Sequence[Source]) -> _Probe:
     names = {}
     for name, module in model.named_modules():
         names.setdefault(id(module), name)
     names.update({id(layer.module): layer.name for layer in layers})  # a reused module: the layer's own name
     probe = _Probe(layers, names)
+    probe.watched.update({id(source.parameter): source.name for source in sources})
     handles, overridden = [], []
     try:
         for module in model.modules():
@@ -147,9 +143,13 @@ def _run_probe(model: nn.Module, inputs: Inputs, size: int, layers: Sequence) ->
                 layer.module.forward = functools.partial(layer.rule.forward, layer.module, record)
                 overridden.append(layer.module)
         batch = model_io.select(inputs, torch.arange(size) % model_io.batch_size(inputs))
-        with torch.enable_grad(), _ParameterUses(set(probe.owner), probe.use):  # as the pass: a forward may differentiate
+        tracker = ProbeTracker(probe.watched, list(model_io.tensors(batch).values()), probe.stack, probe.use)
+        probe.tracker = tracker
+        with torch.enable_grad(), tracker:  # as the pass: a forward may differentiate
             model_io.call(model, batch)
+        probe.records = tracker.records
     finally:
+        probe.tracker = None
         for handle in handles:
             handle.remove()
         for module in overridden:
@@ -177,17 +177,18 @@ def _layout_problem(shapes: Sequence[torch.Size]) -> str:
             "LayerNorm, RMSNorm, Embedding — may have it anywhere)")
 
 
-def probe_layout(where: str, model: nn.Module, inputs: Inputs, layers: Sequence, use_fallback: bool) -> Layout:
-    """The layout of this pass (cached per model, input signature and layer selection);
-    raises ValueError where a rule would give a wrong norm and no host applies."""
-    key = (model_io.signature(inputs), use_fallback,
+def probe_layout(where: str, model: nn.Module, inputs: Inputs, layers: Sequence, sources: Sequence[Source],
+                 use_fallback: bool) -> Layout:
+    """The layout of this pass (cached per model, input signature and parameter
+    selection); raises ValueError where no exact way is found."""
+    key = (model_io.signature(inputs), use_fallback, tuple(source.name for source in sources),
            tuple((layer.name, layer.parameter_names) for layer in layers), tuple(map(id, model.modules())))
     cache = _CACHE.setdefault(model, OrderedDict())
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
     try:
-        probes = [_run_probe(model, inputs, size, layers) for size in _PROBE_SIZES]
+        probes = [_run_probe(model, inputs, size, layers, sources) for size in _PROBE_SIZES]
     except ValueError:  # a rule refusing a module (gradood's message)
         raise
     except Exception as error:
@@ -195,18 +196,26 @@ def probe_layout(where: str, model: nn.Module, inputs: Inputs, layers: Sequence,
             f"{where}: running the model on probe batches of {_PROBE_SIZES[0]} and {_PROBE_SIZES[1]} samples (to find "
             f"each layer's batch dimension) failed: {type(error).__name__}: {error}"
         ) from error
-    layout = _decide(where, layers, probes, use_fallback)
+    layout = _decide(where, layers, sources, probes, use_fallback)
     cache[key] = layout
     while len(cache) > _CACHE_PER_MODEL:
         cache.popitem(last=False)
     return layout
 
 
-def _decide(where: str, layers: Sequence, probes: List[_Probe], use_fallback: bool) -> Layout:
+def _is_broadcast(shapes: Sequence[torch.Size]) -> bool:
+    """A leading dimension of 1 at both probe sizes, the rest equal: one input shared by the batch."""
+    first, second = shapes
+    return first == second and len(first) >= 1 and first[0] == 1
+
+
+def _decide(where: str, layers: Sequence, sources: Sequence[Source], probes: List[_Probe], use_fallback: bool) -> Layout:
     by_name = {layer.name: layer for layer in layers}
     rule_layers = {layer.name for layer in layers if layer.rule is not torch_func_rule}
     batch_dims: Dict[Key, int] = {}
     hosts: Dict[str, str] = {}
+    broadcast: Set[Key] = set()
+    direct_layers: Set[str] = set()
 
     def host_for(layer: str, active: Sequence[str], problem: str) -> None:
         """Hands `layer` to the innermost module of `active` around it that can be
@@ -227,11 +236,13 @@ def _decide(where: str, layers: Sequence, probes: List[_Probe], use_fallback: bo
                          "sample. Exclude its parameters with `params`, or freeze them")
 
     for name in sorted(set(probes[0].outside) | set(probes[1].outside)):
-        seen = [probe.outside[name] for probe in probes if name in probe.outside]
-        parameter = seen[0][0]
-        active = [module for module in seen[0][1] if all(module in modules for _, modules in seen)]
         layer = by_name[name]
-        problem = (f"parameter {parameter!r} of {name or 'the model'} ({type(layer.module).__name__}) is used outside "
+        if not isinstance(layer.rule, CompositeRule):
+            direct_layers.add(name)  # every use of its parameters op by op
+            continue
+        seen = [probe.outside[name] for probe in probes if name in probe.outside]
+        active = [module for module in seen[0][1] if all(module in modules for _, modules in seen)]
+        problem = (f"parameter {seen[0][0]!r} of {name or 'the model'} ({type(layer.module).__name__}) is used outside "
                    f"that module's forward (inside {(active[-1] if active else '') or 'the model'}'s forward), so its "
                    "per-sample gradient has a part the layer's rule does not see")
         host_for(name, active, problem)
@@ -239,23 +250,60 @@ def _decide(where: str, layers: Sequence, probes: List[_Probe], use_fallback: bo
     keys = set(probes[0].shapes) & set(probes[1].shapes)
     for key in sorted(keys, key=lambda k: (k[0], k[1] or "")):
         name, piece = key
-        if name not in by_name or name in hosts:
+        if name not in by_name or name in hosts or name in direct_layers:
             continue
         layer = by_name[name]
         if piece is None and isinstance(layer.rule, CompositeRule):  # its pieces are checked
             continue
         seen = [probe.shapes[key] for probe in probes]
-        dim = _batch_dim([s[0] for s in seen])
+        shapes = [s[0] for s in seen]
+        dim = _batch_dim(shapes)
         if dim == 0:
             continue
-        if dim is not None and piece is None and batch_may_move(layer.module):
-            batch_dims[key] = dim
+        if piece is None and batch_may_move(layer.module):
+            if dim is not None:
+                batch_dims[key] = dim
+                continue
+            if _is_broadcast(shapes):
+                broadcast.add(key)
+                continue
+        if piece is None and layer.rule is not torch_func_rule:
+            direct_layers.add(name)
             continue
         what = f"{name or 'the model'} ({type(layer.module).__name__}{', piece ' + piece if piece else ''})"
         active = [m for m in seen[0][1] if m in seen[1][1]]
-        host_for(name, active, f"{what}: {_layout_problem([s[0] for s in seen])}")
+        host_for(name, active, f"{what}: {_layout_problem(shapes)}")
 
     for name in list(hosts):  # a host that is itself handed over: follow to the outermost
         while hosts[name] in hosts:
             hosts[name] = hosts[hosts[name]]
-    return Layout(batch_dims, hosts)
+
+    owners = {source.name: (source.module_name, source.short_name) for source in sources}
+    for name in direct_layers:
+        for own in by_name[name].parameter_names:
+            owners[f"{name}.{own}" if name else own] = (name, own)
+    direct = set(owners)
+    replayed: Dict[str, Tuple[str, ...]] = {}
+
+    def replay_host(parameter: str, message: str, stack: Tuple[str, ...]) -> str:
+        """The parameter's module, or the innermost module around the op that takes
+        the batch as one batch-first tensor, to replay it per sample."""
+        module_name = owners[parameter][0]
+        candidates = [module_name] + [m for m in reversed(stack) if _inside(module_name, m) and m != module_name]
+        for candidate in candidates:
+            seen = [probe.shapes.get((candidate, None)) for probe in probes]
+            if all(s is not None and s[2] for s in seen) and _batch_dim([s[0] for s in seen]) == 0:
+                return candidate
+        raise ValueError(f"{message}; no module around it takes the batch as one tensor to replay it per sample")
+
+    steps, problems = plan_steps(where, [probe.records for probe in probes], direct, _PROBE_SIZES)
+    while problems:
+        if not use_fallback:
+            raise ValueError(next(iter(problems.values()))[0])
+        for parameter, (message, stack) in problems.items():  # replayed per sample instead
+            host = replay_host(parameter, message, stack)
+            relative = parameter[len(host) + 1 :] if host else parameter
+            replayed[host] = replayed.get(host, ()) + (relative,)
+            direct.discard(parameter)
+        steps, problems = plan_steps(where, [probe.records for probe in probes], direct, _PROBE_SIZES)
+    return Layout(batch_dims, hosts, broadcast, direct, direct_layers, steps, replayed)

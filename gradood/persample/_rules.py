@@ -8,7 +8,7 @@ gradient beyond a bounded chunk, never a summed `.grad`.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Type
+from typing import Callable, Dict, NamedTuple, Type, Union
 
 import torch
 from torch import nn
@@ -24,8 +24,12 @@ class RuleResult(NamedTuple):
 
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], RuleResult]
 
-_RULES: Dict[Type[nn.Module], Rule] = {}
-_COMPOSITE_RULES: Dict[Type[nn.Module], "CompositeRule"] = {}
+#: A module class, or the qualified name of one ("timm.layers.std_conv.StdConv2d") for
+#: third-party classes, matched when that package is loaded without importing it here.
+ModuleType = Union[Type[nn.Module], str]
+
+_RULES: Dict[ModuleType, Rule] = {}
+_COMPOSITE_RULES: Dict[ModuleType, "CompositeRule"] = {}
 
 
 class CompositeRule:
@@ -53,9 +57,20 @@ class CompositeRule:
 _CHUNK_ELEMENTS = 1 << 26
 
 
-def register_rule(*module_types: Type[nn.Module]):
+def qualified_name(module_type: type) -> str:
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def lookup(registry: dict, module: nn.Module):
+    """A registry's entry for this module's exact class, by class or by qualified name."""
+    found = registry.get(type(module))
+    return found if found is not None else registry.get(qualified_name(type(module)))
+
+
+def register_rule(*module_types: ModuleType):
     """Registers the decorated function as the norm rule of these module classes
-    (exact classes: a subclass with a different forward needs its own rule)."""
+    (exact classes, or qualified class names: a subclass with a different forward
+    needs its own rule)."""
 
     def decorate(rule: Rule) -> Rule:
         for module_type in module_types:
@@ -65,7 +80,7 @@ def register_rule(*module_types: Type[nn.Module]):
     return decorate
 
 
-def register_composite_rule(*module_types: Type[nn.Module]):
+def register_composite_rule(*module_types: ModuleType):
     """Registers the decorated CompositeRule class for these module classes."""
 
     def decorate(rule_class):
@@ -78,7 +93,7 @@ def register_composite_rule(*module_types: Type[nn.Module]):
 
 def rule_for(module: nn.Module):
     """The rule of this module's exact class: a function, a CompositeRule, or None."""
-    return _RULES.get(type(module)) or _COMPOSITE_RULES.get(type(module))
+    return lookup(_RULES, module) or lookup(_COMPOSITE_RULES, module)
 
 
 def prefers_ghost(positions: int, in_features: int, out_features: int) -> bool:
@@ -109,8 +124,13 @@ def sum_of_outer_products_sq_norm(activations: torch.Tensor, grads: torch.Tensor
 # Features-last module types: their rules see positions then features, so the
 # batch may sit in any dimension of the input (a sequence-first [T, B, E]); the
 # engine moves it to the front. Others (conv, batch and group norm) need it first.
-_BATCH_MAY_MOVE = {nn.Linear, nn.LayerNorm, nn.Embedding} | ({nn.RMSNorm} if hasattr(nn, "RMSNorm") else set())
+_BATCH_MAY_MOVE: set = {nn.Linear, nn.LayerNorm, nn.Embedding} | ({nn.RMSNorm} if hasattr(nn, "RMSNorm") else set())
+
+
+def features_last(*module_types: ModuleType) -> None:
+    """Declares these classes features-last: their rule sees positions then features."""
+    _BATCH_MAY_MOVE.update(module_types)
 
 
 def batch_may_move(module: nn.Module) -> bool:
-    return type(module) in _BATCH_MAY_MOVE
+    return type(module) in _BATCH_MAY_MOVE or qualified_name(type(module)) in _BATCH_MAY_MOVE

@@ -11,6 +11,7 @@ Pythagoras: s_i² = Σ_layers ‖∇_{θ_l} ℓ_i‖².
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -20,9 +21,14 @@ from torch import nn
 from gradood import model_io
 from gradood._checks import check_positive
 from gradood.model_io import Inputs, LogitsFn
-from gradood.persample import attention, conv, embedding, linear, norm  # noqa: F401  (register the rules)
+from gradood.persample import attention, conv, embedding, linear, norm, std_conv, transformers_conv1d  # noqa: F401  (rules)
+from gradood.persample._direct import PassTracker, Source
+from gradood.persample._direct_grads import DirectGradients, contributions
 from gradood.persample._grads import DenseLayerGradients, LayerGradients, grad_rule_for
 from gradood.persample._layout import probe_layout
+from gradood.persample import _verify
+from gradood.persample._consume import DIRECT_LINEAR, layer_gradients, layer_norms
+from gradood.persample._reuse import use_key
 from gradood.persample._rules import CompositeRule, rule_for
 from gradood.persample.fallback import torch_func_grads, torch_func_rule
 from gradood.persample.losses import LOSSES, Loss, per_sample_loss
@@ -43,6 +49,7 @@ class PerSampleGradNorms(NamedTuple):
     per_layer: Optional[torch.Tensor]
     layer_names: Tuple[str, ...]
     methods: Tuple[str, ...]
+    parameters: Tuple[Tuple[str, ...], ...] = ()  # the full names of each layer's parameters
 
 
 class _Functional(NamedTuple):
@@ -99,57 +106,70 @@ def _select(model: nn.Module, params: ParamSelector, where: str) -> Dict[str, nn
 
 
 def _layers(
-    model: nn.Module, selected: Dict[str, nn.Parameter], functional_params: Optional[str], fallback: Optional[str], where: str
-) -> Tuple[List[_Layer], List[_Functional]]:
-    owners: Dict[int, Tuple[str, nn.Module, str]] = {}
+    model: nn.Module, selected: Dict[str, nn.Parameter], functional_params: Optional[str], where: str
+) -> Tuple[List[_Layer], List[_Functional], List[Source]]:
+    """The hooked layers (modules with a rule, for their selected parameters), the
+    broadcast-substituted parameters (functional_params="broadcast"), and the direct
+    parameters: those of modules without a rule, of modules whose parameters a hook
+    or parametrisation changes (old-style weight_norm), and those two modules share."""
+    owners: Dict[int, List[Tuple[str, nn.Module, str]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for short_name, parameter in module._parameters.items():
-            if parameter is None:
-                continue
-            if id(parameter) in owners and owners[id(parameter)][1] is not module:
-                raise ValueError(
-                    f"{where}: parameter {module_name + '.' + short_name!r} is shared by two modules "
-                    f"({owners[id(parameter)][0] or 'the model'} and {module_name}); per-sample norms of shared "
-                    "parameters are not supported"
-                )
-            owners[id(parameter)] = (module_name, module, short_name)
+            if parameter is not None:
+                uses = owners.setdefault(id(parameter), [])
+                if all(owner[1] is not module for owner in uses):
+                    uses.append((module_name, module, short_name))
     for module_name, module in model.named_modules():
         if isinstance(rule_for(module), CompositeRule):  # e.g. MultiheadAttention's out_proj
             for short_name, parameter in module.named_parameters():
-                owners[id(parameter)] = (module_name, module, short_name)
+                owners[id(parameter)] = [(module_name, module, short_name)]
     by_module: Dict[int, _Layer] = {}
     functional: List[_Functional] = []
+    sources: List[Source] = []
     for full_name, parameter in selected.items():
-        module_name, module, short_name = owners[id(parameter)]
+        module_name, module, short_name = owners[id(parameter)][0]
         rule = rule_for(module)
-        unknown = [name for name in module._parameters if name not in ("weight", "bias")]
+        known = getattr(rule, "parameters", ("weight", "bias"))
+        unknown = [name for name in module._parameters if name not in known]
         if rule is not None and not isinstance(rule, CompositeRule) and unknown:  # e.g. torch.nn.utils.weight_norm
-            if fallback != "torch.func":
-                raise ValueError(
-                    f"{where}: {module_name} ({type(module).__name__}) has parameters its rule does not know "
-                    f"({', '.join(unknown)}; the rule knows weight and bias): a hook or parametrisation (e.g. "
-                    "torch.nn.utils.weight_norm) changes how the module uses its parameters. Pass "
-                    "fallback='torch.func' to replay it per sample, or exclude them with `params`"
-                )
             rule = None
-        if rule is None and fallback == "torch.func":
-            rule = torch_func_rule
+        if len(owners[id(parameter)]) > 1:  # shared by two modules: every use op by op
+            rule = None
         if rule is None:
             if functional_params == "broadcast" and parameter.dim() >= 1 and parameter.shape[0] == 1:
                 functional.append(_Functional(full_name, module, short_name, parameter))
-                continue
-            raise ValueError(
-                f"{where}: parameter {full_name!r} belongs to {module_name or 'the model'} "
-                f"({type(module).__name__}), which has no per-sample norm rule (supported: Linear, Conv1d, Conv2d, "
-                "BatchNorm, LayerNorm, GroupNorm, RMSNorm, Embedding, MultiheadAttention). Exclude it with `params`, "
-                "or freeze it; a parameter of leading size 1 that the model broadcasts over the batch (a class "
-                "token, a position embedding) is handled with functional_params='broadcast', any module "
-                "with fallback='torch.func'."
-            )
+            else:
+                sources.append(Source(full_name, module_name, module, short_name, parameter))
+            continue
         layer = by_module.get(id(module))
         names = (layer.parameter_names if layer else ()) + (short_name,)
         by_module[id(module)] = _Layer(module_name, module, names, rule)
-    return list(by_module.values()), functional
+    return list(by_module.values()), functional, sources
+
+
+def _apply_layout(model: nn.Module, layers: List[_Layer], sources: List[Source], layout) -> Tuple[List[_Layer], List[Source]]:
+    """The layers and direct parameters of the pass: direct layers' parameters join the
+    direct ones, hosts take over handed-over layers, and the modules of parameters the
+    layout replays with torch.func become torch.func layers."""
+    modules = dict(model.named_modules())
+    sources = list(sources)
+    kept = []
+    for layer in layers:
+        if layer.name not in layout.direct_layers:
+            kept.append(layer)
+            continue
+        for own in layer.parameter_names:
+            full = f"{layer.name}.{own}" if layer.name else own
+            sources.append(Source(full, layer.name, layer.module, own, layer.module.get_parameter(own)))
+    layers = _hand_over(model, kept, layout.hosts)
+    if layout.replayed:
+        by_name = {layer.name: layer for layer in layers}
+        for module_name, names in layout.replayed.items():
+            current = by_name.get(module_name)
+            own = (current.parameter_names if current else ()) + tuple(names)
+            by_name[module_name] = _Layer(module_name, modules[module_name], own, torch_func_rule)
+        layers = list(by_name.values())
+    return layers, [source for source in sources if source.name in layout.direct]
 
 
 def _hand_over(model: nn.Module, layers: List[_Layer], hosts: Dict[str, str]) -> List[_Layer]:
@@ -204,9 +224,10 @@ class _Recorder:
     error)."""
 
     def __init__(self, where: str, consume: Callable[[str, Dict[Optional[str], tuple]], object], deferred: Iterable[str],
-                 batch: int, batch_dims: Dict[Tuple[str, Optional[str]], int]):
+                 batch: int, batch_dims: Dict[Tuple[str, Optional[str]], int], broadcast: Iterable = ()):
         self.where = where
         self.batch, self.batch_dims = batch, batch_dims
+        self.broadcast = set(broadcast)  # (layer, piece) whose input has a leading 1 shared by the batch
         self.consume = consume
         self.deferred = set(deferred)  # layers consumed only after the pass (they replay their module)
         self.layers: Dict[str, Dict[Optional[str], _PieceRecord]] = {}  # layers not consumed yet, by piece
@@ -214,15 +235,22 @@ class _Recorder:
         self.results: Dict[str, object] = {}
         self.backward_started = False
 
-    def record(self, key: Tuple[str, Optional[str]], layer_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    def record(self, key: Tuple[str, Optional[str]], layer_input: torch.Tensor, output: torch.Tensor,
+               batch_dim: Optional[int] = None) -> torch.Tensor:
         layer, piece = key
         pieces = self.layers.setdefault(layer, {})
-        if piece in pieces:
-            raise RuntimeError(
-                f"{self.where}: {layer} was called twice in one forward; per-sample norms of reused modules are "
-                "not supported"
-            )
-        batch_dim = self.batch_dims.get(key, 0)
+        if layer in self.results:
+            raise RuntimeError(f"{self.where}: {layer} was called again after its gradient was consumed")
+        if batch_dim is None:
+            batch_dim = self.batch_dims.get(key, 0)
+        if key in self.broadcast:  # a leading 1 shared by the batch: each sample gets its own copy
+            layer_input = layer_input.expand(self.batch, *layer_input.shape[1:])
+            output = output.expand(self.batch, *output.shape[1:])
+        use = 0
+        while use_key(piece, use) in pieces:  # a layer called again: its own piece (gradood/persample/_reuse.py)
+            use += 1
+        key = (layer, use_key(piece, use))
+        piece = key[1]
         if layer_input.dim() <= batch_dim or layer_input.shape[batch_dim] != self.batch:
             raise ValueError(
                 f"{self.where}: {layer} was called on a tensor of shape {tuple(layer_input.shape)}, whose dimension "
@@ -294,6 +322,11 @@ def _capture(captured: dict, name: str, module: nn.Module, args: tuple, output) 
         captured[name] = (args[0].detach(), output.detach())
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    floating = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    return floating
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype per-sample reductions run in: float32 for half-precision models."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -314,6 +347,8 @@ class _Pass(NamedTuple):
     consumed: Dict[str, object]
     functional: List[Tuple[_Functional, torch.Tensor]]
     captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+    sources: List[Source]  # the direct parameters
+    direct: DirectGradients
 
 
 def _run_pass(
@@ -329,6 +364,8 @@ def _run_pass(
     consume: Callable[[_Layer, Dict[Optional[str], tuple]], object],
     logits_fn: LogitsFn = None,
     capture: Sequence[str] = (),
+    squared_only: bool = True,
+    verify: Optional[Callable[[object], None]] = None,
 ) -> _Pass:
     """Validates the arguments, runs the forward and the input-gradient backward with
     parameters frozen and the layers hooked, and restores the model (also on errors).
@@ -348,19 +385,39 @@ def _run_pass(
         raise ValueError(f"{where}: functional_params must be None or 'broadcast', got {functional_params!r}")
     if fallback not in (None, "torch.func"):
         raise ValueError(f"{where}: fallback must be None or 'torch.func', got {fallback!r}")
-    layers, functional = _layers(model, _select(model, params, where), functional_params, fallback, where)
-    layout = probe_layout(where, model, inputs, layers, fallback == "torch.func")
-    layers = _hand_over(model, layers, layout.hosts)
+    layers, functional, sources = _layers(model, _select(model, params, where), functional_params, where)
+    layout = probe_layout(where, model, inputs, layers, sources, fallback == "torch.func")
+    layers, sources = _apply_layout(model, layers, sources, layout)
+    if verify is not None and not layout.verified:
+        layout.verified = True  # the check's own passes run with this layout
+        try:
+            verify(layout)
+        except BaseException:
+            layout.verified = False
+            raise
 
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    direct = DirectGradients(sources, batch, contributions(layout.steps), squared_only, compute_dtype(_model_dtype(model)))
+    direct_linear = {source.name: _Layer(source.name, source.module, (source.short_name,), DIRECT_LINEAR)
+                     for source in sources}
     by_name = {layer.name: layer for layer in layers}
+    by_name.update(direct_linear)
     recorder = _Recorder(
         where,
         lambda name, pieces: consume(by_name[name], pieces),
         deferred=[layer.name for layer in layers if layer.rule is torch_func_rule],
         batch=batch,
         batch_dims=layout.batch_dims,
+        broadcast=layout.broadcast,
     )
+
+    def linear_piece(name: str, step: int, x: torch.Tensor, output: torch.Tensor, batch_dim: int) -> torch.Tensor:
+        return direct.linear_piece(name, x, output, batch_dim,
+                                   lambda a, out, dim: recorder.record((name, f"op{step}"), a, out, batch_dim=dim))
+
+    proxies = {id(source.parameter): direct.proxies[source.name] for source in sources}
+    tracker = PassTracker(where, layout.steps, {id(proxy): name for name, proxy in direct.proxies.items()},
+                          direct.sink, linear_piece)
     handles, overridden, substituted = [], [], []
     saved_parameters: Dict[int, Tuple[nn.Module, dict]] = {}  # each module's table, as it was
 
@@ -369,9 +426,9 @@ def _run_pass(
             handle.remove()
         for module in overridden:
             module.__dict__.pop("forward", None)  # back to the class's forward
-        for item, _ in substituted:
-            item.module.__dict__.pop(item.short_name, None)
         for module, table in saved_parameters.values():
+            for short_name in table:
+                module.__dict__.pop(short_name, None)
             module._parameters.clear()
             module._parameters.update(table)  # the same objects, in the same order
         for parameter, flag in requires_grad.items():
@@ -380,13 +437,21 @@ def _run_pass(
         overridden.clear()
         saved_parameters.clear()
 
+    def substitute(module: nn.Module, short_name: str, value: torch.Tensor) -> None:
+        saved_parameters.setdefault(id(module), (module, dict(module._parameters)))
+        del module._parameters[short_name]
+        module.__dict__[short_name] = value
+
     try:
         for item in functional:  # per-sample copies in place of broadcast parameters
-            saved_parameters.setdefault(id(item.module), (item.module, dict(item.module._parameters)))
-            del item.module._parameters[item.short_name]
-            copies = item.parameter.detach().expand(batch, *item.parameter.shape[1:]).clone()
-            item.module.__dict__[item.short_name] = copies.requires_grad_()
+            copies = item.parameter.detach().expand(batch, *item.parameter.shape[1:]).clone().requires_grad_()
+            substitute(item.module, item.short_name, copies)
             substituted.append((item, copies))
+        if proxies:  # direct parameters: a proxy leaf in every module holding them
+            for module in model.modules():
+                for short_name, parameter in list(module._parameters.items()):
+                    if parameter is not None and id(parameter) in proxies:
+                        substitute(module, short_name, proxies[id(parameter)])
         for layer in layers:
             if isinstance(layer.rule, CompositeRule):
                 record = functools.partial(_record_piece, recorder, layer.name)
@@ -401,24 +466,27 @@ def _run_pass(
         for parameter in requires_grad:
             parameter.requires_grad_(False)
         with torch.enable_grad():
-            output = model_io.call(model, model_io.detach(inputs))  # gradients w.r.t. parameters only, never the input
+            with tracker if sources else contextlib.nullcontext():  # no op is watched without direct parameters
+                output = model_io.call(model, model_io.detach(inputs))  # gradients w.r.t. parameters only, never the input
+            tracker.finish()
             logits = model_io.checked_logits(where, output, batch, logits_fn)
             losses = per_sample_loss(logits, loss, temperature, targets)
             if losses.shape != (batch,):
                 raise ValueError(f"{where}: the loss must be per sample, shape [{batch}], got {tuple(losses.shape)}")
-            leaves = [leaf for _, leaf in recorder.leaves] + [copies for _, copies in substituted]
-            recorder.backward_started = True
+            # Proxies are differentiated against too, so that every meeting lies on the backward's path.
+            leaves = [leaf for _, leaf in recorder.leaves] + [copies for _, copies in substituted] + direct.leaves()
+            recorder.backward_started = tracker.backward_started = True
             all_grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True) if leaves else []
             for (key, _), grad in zip(recorder.leaves, all_grads):
                 recorder.give(key, grad)
-            functional_grads = all_grads[len(recorder.leaves) :]
+            functional_grads = all_grads[len(recorder.leaves) : len(recorder.leaves) + len(substituted)]
     finally:
         restore()  # the model as it was before the deferred layers run (the torch.func fallback replays modules)
     recorder.finish_rest()
     functional_pairs = [
         (item, torch.zeros_like(copies) if grad is None else grad) for (item, copies), grad in zip(substituted, functional_grads)
     ]
-    return _Pass(logits.detach(), layers, recorder.results, functional_pairs, captured)
+    return _Pass(logits.detach(), layers, recorder.results, functional_pairs, captured, sources, direct)
 
 
 def _half_pieces_as_float32(pieces: Dict[Optional[str], tuple]) -> Dict[Optional[str], tuple]:
@@ -437,6 +505,7 @@ def persample_grad_norms(
     functional_params: Optional[str] = None,
     fallback: Optional[str] = None,
     logits: LogitsFn = None,
+    verify: bool = True,
 ) -> PerSampleGradNorms:
     """‖∇_θ ℓ(x_i)‖₂ over the selected trainable parameters θ, for each sample.
 
@@ -469,24 +538,18 @@ def persample_grad_norms(
     it, or, with fallback="torch.func", is replayed per sample with the innermost
     module around it that takes the batch as one batch-first tensor.
     """
-    def layer_norms(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> Tuple[torch.Tensor, str]:
-        """The layer's per-sample squared norm [B], summed over its selected parameters, and its method."""
-        pieces = _half_pieces_as_float32(pieces)
-        if isinstance(layer.rule, CompositeRule):
-            rule_result = layer.rule.norms(layer.module, pieces)
-        elif layer.rule is torch_func_rule:
-            rule_result = torch_func_rule(layer.module, *pieces[None], layer.parameter_names)
-        else:
-            rule_result = layer.rule(layer.module, *pieces[None])
-        return sum(rule_result.squared_norms[name] for name in layer.parameter_names), rule_result.method
+    def norms_of(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> Tuple[torch.Tensor, str]:
+        return layer_norms(layer, _half_pieces_as_float32(pieces))
 
-    result = _run_pass(_WHERE, model, inputs, loss, temperature, targets, params, functional_params, fallback, layer_norms,
-                       logits)
+    result = _run_pass(_WHERE, model, inputs, loss, temperature, targets, params, functional_params, fallback, norms_of,
+                       logits, verify=None if not verify else functools.partial(
+                           _verify.check_norms, _WHERE, model, inputs, params, functional_params, fallback, logits))
     logits = result.logits
     norm_dtype = compute_dtype(logits.dtype)
-    columns, names, methods = [], [], []
+    columns, names, methods, owned = [], [], [], []
     for layer in result.layers:
         names.append(layer.name)
+        owned.append(tuple(f"{layer.name}.{own}" if layer.name else own for own in layer.parameter_names))
         if layer.name not in result.consumed:  # never called: its parameters get no gradient
             columns.append(logits.new_zeros(logits.shape[0], dtype=norm_dtype))
             methods.append("unused")
@@ -496,9 +559,20 @@ def persample_grad_norms(
         methods.append(method)
     for item, grad in result.functional:
         names.append(item.name)
+        owned.append((item.name,))
         grad = _float32_if_half(grad)
         columns.append(grad.reshape(grad.shape[0], -1).square().sum(1).to(norm_dtype))
         methods.append("direct")
+    for source in result.sources:
+        names.append(source.name)
+        owned.append((source.name,))
+        method = result.direct.method(source.name)
+        if method == "linear":
+            squared, method = result.consumed.get(source.name, (result.direct.squared_norms(source.name), "unused"))
+        else:
+            squared = result.direct.squared_norms(source.name)
+        columns.append(squared.to(norm_dtype))
+        methods.append(method)
     squared = torch.stack(columns, dim=1)
     return PerSampleGradNorms(
         norms=squared.sum(1).sqrt(),
@@ -506,6 +580,7 @@ def persample_grad_norms(
         per_layer=squared if per_layer else None,
         layer_names=tuple(names),
         methods=tuple(methods),
+        parameters=tuple(owned),
     )
 
 
@@ -602,6 +677,7 @@ def persample_gradients(
     fallback: Optional[str] = None,
     logits: LogitsFn = None,
     capture: Sequence[str] = (),
+    verify: bool = True,
 ) -> PerSampleGradients:
     """The per-sample gradients ∇_θ ℓ(x_i) of the selected parameters from one
     forward and one backward pass, as a PerSampleGradients operator: projections
@@ -611,16 +687,12 @@ def persample_gradients(
     whose (input, output) in the pass are kept in the result's `captured`."""
     where = "gradood.persample_gradients"
 
-    def layer_gradients(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> LayerGradients:
-        pieces = _half_pieces_as_float32(pieces)
-        if isinstance(layer.rule, CompositeRule):
-            return layer.rule.grads(layer.module, pieces)
-        if layer.rule is torch_func_rule:
-            return torch_func_grads(layer.module, *pieces[None], layer.parameter_names)
-        return grad_rule_for(layer.module)(layer.module, *pieces[None])
+    def gradients_of(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> LayerGradients:
+        return layer_gradients(layer, _half_pieces_as_float32(pieces))
 
     result = _run_pass(where, model, inputs, loss, temperature, targets, params, functional_params, fallback,
-                       layer_gradients, logits, capture)
+                       gradients_of, logits, capture, squared_only=False, verify=None if not verify else functools.partial(
+                           _verify.check_gradients, where, model, inputs, params, functional_params, fallback, logits))
     layers: List[Tuple[Dict[str, str], LayerGradients]] = []
     shapes: Dict[str, torch.Size] = {}
     dtype = compute_dtype(result.logits.dtype)
@@ -640,4 +712,10 @@ def persample_gradients(
         flat = _float32_if_half(grad).reshape(grad.shape[0], -1)
         gradients = DenseLayerGradients(grad.shape[0], {"value": flat.shape[1]}, lambda s, e, flat=flat: {"value": flat[s:e]})
         layers.append(({"value": item.name}, gradients))
+    for source in result.sources:
+        shapes[source.name] = source.parameter.shape
+        if result.direct.method(source.name) == "linear" and source.name in result.consumed:
+            layers.append(({source.short_name: source.name}, result.consumed[source.name]))
+        else:
+            layers.append(({"value": source.name}, result.direct.gradients(source.name)))
     return PerSampleGradients(result.logits, layers, shapes, result.captured)

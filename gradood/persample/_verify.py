@@ -1,0 +1,150 @@
+"""The single-sample check of a layout: once per model and input signature (with
+the layout probe), the engine's per-sample results for a probe batch of up to 3
+of the given samples are compared with plain autograd run on each of those
+samples alone.
+
+It catches, in one comparison, whatever makes a layer's rows not its samples or
+a rule not the layer's derivative: a model that mixes samples (statistics over
+the batch), reorders them inside its forward, a forward hook of the user's that
+replaces a layer's output, a module whose forward differs from what its rule
+assumes, a meeting op whose rows depend on other samples. The loss is a fixed
+random linear function of the logits (seeded), so no softmax saturation hides a
+layer. Tolerances are relative to each layer's own squared norm, with a floor
+of 1% of the sample's whole squared norm: 1e-3 in float32, 1e-7 in float64,
+5e-2 in half precision.
+
+What it does not catch: behaviour that depends on the data and does not show on
+the probe samples (a branch taken only for other inputs). `verify=False` skips
+the check (for a model already checked, or a benchmark of the pass alone).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from gradood import model_io
+
+_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-3}
+_HALF_TOLERANCE = 5e-2
+_FLOOR = 1e-2
+_PROBE = 3
+
+
+def _projection(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ℓ(f) = ⟨r, f⟩ with r fixed by a seeded generator (one per class count)."""
+    cache: Dict[int, torch.Tensor] = {}
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        count = logits.shape[1]
+        if count not in cache:
+            generator = torch.Generator().manual_seed(1234 + count)
+            cache[count] = torch.randn(count, generator=generator, dtype=torch.float64)
+        return logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32) @ \
+            cache[count].to(logits.device, torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
+    return loss
+
+
+def _probe_batch(inputs):
+    count = min(_PROBE, model_io.batch_size(inputs))
+    return model_io.select(inputs, torch.arange(count)), count
+
+
+def single_sample_gradients(model: nn.Module, inputs, count: int, names: Sequence[str], logits_fn,
+                            loss) -> List[Dict[str, Optional[torch.Tensor]]]:
+    """For each of the first `count` samples alone, the gradient of loss w.r.t. each named
+    parameter (None where it gets none); the model's flags restored, no .grad written."""
+    parameters = dict(model.named_parameters())
+    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    out = []
+    try:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        chosen = [parameters[name] for name in names]
+        for parameter in chosen:
+            parameter.requires_grad_(True)
+        for index in range(count):
+            sample = model_io.select(inputs, torch.tensor([index]))
+            with torch.enable_grad():
+                logits = model_io.checked_logits("the single-sample check", model_io.call(model, sample), 1, logits_fn)
+                grads = torch.autograd.grad(loss(logits).sum(), chosen, allow_unused=True)
+            out.append(dict(zip(names, grads)))
+    finally:
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+    return out
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return _TOLERANCE.get(dtype, _HALF_TOLERANCE)
+
+
+def _explain(where: str, problems: List[str]) -> ValueError:
+    return ValueError(
+        f"{where}: the single-sample check failed: the per-sample gradients this pass computes for a probe batch "
+        f"differ from autograd run on each sample alone, for {'; '.join(problems[:3])}"
+        f"{' and more' if len(problems) > 3 else ''}. The model mixes or reorders the samples of a batch (statistics "
+        "over the batch dimension, a sort), a forward hook replaces a layer's output, or a module computes something "
+        "its rule does not assume. Use model.eval(), remove the hook, or exclude the parameters with `params`; "
+        "fallback='torch.func' replays modules without a rule per sample"
+    )
+
+
+def check_norms(where: str, model: nn.Module, inputs, params, functional_params, fallback, logits_fn, layout) -> None:
+    from gradood.persample.engine import persample_grad_norms  # the engine calls this module
+
+    batch, count = _probe_batch(inputs)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    loss = _projection(dtype)
+    ours = persample_grad_norms(model, batch, loss=loss, params=params, per_layer=True,
+                                functional_params=functional_params, fallback=fallback, logits=logits_fn)
+    names = [name for group in ours.parameters for name in group]
+    reference = single_sample_gradients(model, batch, count, names, logits_fn, loss)
+    tolerance = _tolerance(dtype)
+    problems = []
+    for index, grads in enumerate(reference):
+        per_layer = [sum(float(grads[n].double().square().sum()) for n in group if grads[n] is not None)
+                     for group in ours.parameters]
+        total = sum(per_layer)
+        for layer, group, expected in zip(ours.layer_names, ours.parameters, per_layer):
+            got = float(ours.per_layer[index, ours.layer_names.index(layer)])
+            if abs(got - expected) > tolerance * (expected + _FLOOR * total):
+                problems.append(f"{layer or 'the model'} (sample {index}: {got:.6g} against {expected:.6g})")
+    if problems:
+        raise _explain(where, problems)
+
+
+def check_gradients(where: str, model: nn.Module, inputs, params, functional_params, fallback, logits_fn,
+                    layout) -> None:
+    from gradood.persample.engine import persample_gradients
+
+    batch, count = _probe_batch(inputs)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    loss = _projection(dtype)
+    ours = persample_gradients(model, batch, loss=loss, params=params, functional_params=functional_params,
+                               fallback=fallback, logits=logits_fn)
+    names = list(ours.names)
+    reference = single_sample_gradients(model, batch, count, names, logits_fn, loss)
+    generator = torch.Generator().manual_seed(4321)
+    tolerance = _tolerance(dtype)
+    problems = []
+    for name in names:  # each parameter projected on 3 random directions
+        numel = int(torch.Size(ours.shapes[name]).numel())
+        directions = {other: torch.zeros(3, int(torch.Size(shape).numel()), dtype=torch.float64)
+                      for other, shape in ours.shapes.items()}
+        directions[name] = torch.randn(3, numel, generator=generator, dtype=torch.float64)
+        compute = ours.logits.dtype if ours.logits.dtype == torch.float64 else torch.float32
+        device = ours.logits.device
+        got = ours.project({k: v.to(device, compute) for k, v in directions.items()}).double().cpu()
+        for index, grads in enumerate(reference):
+            grad = grads[name]
+            flat = torch.zeros(numel, dtype=torch.float64) if grad is None else grad.detach().double().cpu().reshape(-1)
+            expected = directions[name] @ flat
+            scale = float(flat.norm()) * float(directions[name].norm(dim=1).max())
+            if float((got[index] - expected).abs().max()) > tolerance * (float(expected.abs().max()) + _FLOOR * scale):
+                problems.append(f"{name} (sample {index})")
+    if problems:
+        raise _explain(where, problems)
