@@ -291,9 +291,8 @@ def test_errors():
         LowDimGrad(model).score(inputs)
     with pytest.raises(NotImplementedError, match="use score"):
         LowDimGrad(model).score_features(torch.zeros(2, 3), torch.zeros(2, 6))
-    fitted = LowDimGrad(model, dim=2, neighbours=20).fit(inputs)
-    with pytest.raises(ValueError, match="k must be an integer in"):
-        fitted.score(inputs[:2])
+    with pytest.raises(ValueError, match="neighbours=20 needs at least that many fit samples"):
+        LowDimGrad(model, dim=2, neighbours=20).fit(inputs)  # found at fit, not at every score
     plain = LowDimGrad(model, dim=2).fit(inputs)
     plain.ensemble = True
     with pytest.raises(RuntimeError, match="fitted without ensemble"):
@@ -385,3 +384,15 @@ def test_a_model_without_a_linear_head_works_unless_the_ensemble_needs_one():
     assert torch.isfinite(LowDimGrad(model, subspace="class").fit((inputs, labels)).score(inputs[:4])).all()
     with pytest.raises(ValueError, match="found no nn.Linear"):
         LowDimGrad(model, dim=3, ensemble=True).fit(inputs)
+
+
+def test_fewer_fit_samples_than_neighbours_is_an_error_at_fit():
+    from gradood.detectors import LowDimGrad
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).eval()
+    detector = LowDimGrad(model, dim=2, neighbours=5)
+    with pytest.raises(ValueError, match="neighbours=5 needs at least that many fit samples, got 4"):
+        detector.fit(torch.randn(4, 4))
+    with pytest.raises(RuntimeError, match="call fit"):
+        detector.score(torch.randn(2, 4))

@@ -225,5 +225,5 @@ def test_full_network_detectors_run_without_options_on_hugging_face_and_timm_mod
     expected = gradood.persample_grad_norms(model, inputs, loss="ce_pred").norms
     torch.testing.assert_close(grodin, -expected)
     assert torch.isfinite(full).all() and (full > 0).all()
-    lowdim = D.LowDimGrad(model, dim=2, iterations=2).fit(inputs)
+    lowdim = D.LowDimGrad(model, dim=2, iterations=2, neighbours=2).fit(inputs)
     assert torch.isfinite(lowdim.score(inputs)).all()

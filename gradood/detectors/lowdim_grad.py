@@ -210,6 +210,10 @@ class LowDimGrad(Detector):
                 report.update(model_io.batch_size(inputs))
             report.close()
             self.bank = torch.cat(rows)
+        if self.bank.shape[0] < self.neighbours:
+            self.subspace = self.bank = None
+            raise ValueError(f"{name}.fit: neighbours={self.neighbours} needs at least that many fit samples, got "
+                             f"{moments.count}; lower neighbours or fit on more data")
         if self.ensemble:
             self.clip = activation_percentile(torch.cat(features), self.react_percentile)
         self.fit_info = {
