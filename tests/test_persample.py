@@ -636,8 +636,8 @@ def test_torch_func_fallback_needs_a_module_taking_the_batch_as_one_tensor():
             self.scale = nn.Parameter(torch.ones(3))
             self.head = nn.Linear(3, 2)
 
-        def forward(self, x, y):  # the batch folded into the rows where scale meets it
-            return self.head((x.reshape(-1, 3) * self.scale).reshape(x.shape).mean(1) + y)
+        def forward(self, x, y):  # scale meets a sum over the batch: no sample's own rows
+            return self.head(torch.einsum("btc,c->tc", x, self.scale).mean(0) + y)
 
     inputs = {"x": torch.randn(2, 4, 3), "y": torch.randn(2, 3)}
     with pytest.raises(ValueError, match=r"combines the parameters \['scale'\] with the batch.*no module around it "

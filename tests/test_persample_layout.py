@@ -153,14 +153,28 @@ def test_sequence_first_layers_match_the_loop(length):
     _check_operator(persample_gradients(model, inputs, loss="logsumexp"), _loop_grads(model, inputs))
 
 
-def test_a_folded_batch_is_an_error_or_replayed_with_the_fallback():
+class _FoldedWrongOrder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):  # [B, T, 4]; the Linear sees [T·B, 4], position-major
+        rows = self.a(x.transpose(0, 1).reshape(-1, 4))
+        return self.head(rows.reshape(x.shape[1], x.shape[0], 4).mean(0))
+
+
+def test_a_folded_batch_is_unfolded_sample_major():
     model, inputs = _double(_FoldedBatch(), torch.randn(4, 5, 4))
-    with pytest.raises(ValueError, match=r"linear \(in a\) combines the parameters \['a.bias', 'a.weight'\] with the "
-                                         r"batch, but it has no batch dimension in its output.*fallback='torch.func'"):
-        persample_grad_norms(model, inputs)
-    result = persample_grad_norms(model, inputs, fallback="torch.func", per_layer=True)  # replays the model for it
+    result = persample_grad_norms(model, inputs, per_layer=True)
     torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)
-    assert dict(zip(result.layer_names, result.methods))[""] == "torch.func"
+    assert dict(zip(result.layer_names, result.methods))["a"] == "materialise"  # the Linear rule, on [B, 5, 4]
+    _check_operator(persample_gradients(model, inputs, loss="logsumexp"), _loop_grads(model, inputs))
+
+
+def test_a_batch_folded_in_another_order_is_an_error():
+    model, inputs = _double(_FoldedWrongOrder(), torch.randn(4, 5, 4))
+    with pytest.raises(ValueError, match="single-sample check failed.*a "):
+        persample_grad_norms(model, inputs)
 
 
 def test_a_batch_last_norm_layer_is_exact_op_by_op():

@@ -159,6 +159,16 @@ class ProbeTracker(TorchFunctionMode):
         return result
 
 
+def folded_factor(first: Optional[torch.Size], second: Optional[torch.Size], sizes: Tuple[int, int]) -> int:
+    """k when dimension 0 is sizes[0]·k then sizes[1]·k (k ≥ 2), all others equal: the
+    batch folded with k rows per sample (timm's Swin windows, [B·windows, N, C]),
+    taken sample-major (the single-sample check verifies the order); 1 otherwise."""
+    if first is None or second is None or len(first) != len(second) or not first or first[1:] != second[1:]:
+        return 1
+    k, rest = divmod(first[0], sizes[0])
+    return k if k >= 2 and rest == 0 and second[0] == sizes[1] * k else 1
+
+
 def _scaling_dim(first: Optional[torch.Size], second: Optional[torch.Size], sizes: Tuple[int, int]) -> Optional[int]:
     """The one dimension that is sizes[0] then sizes[1], all others equal; None otherwise."""
     if first is None or second is None or len(first) != len(second):
@@ -178,6 +188,8 @@ class Step(NamedTuple):
     output_dim: Optional[int]
     sources: Tuple[frozenset, ...]  # per argument, the direct parameters it derives from
     stack: Tuple[str, ...]
+    folds: Tuple[int, ...] = ()  # per argument, k > 1 where dimension 0 holds k rows per sample (then dims[i] = 0)
+    output_fold: int = 1
 
 
 def plan_steps(where: str, probes: Sequence[List[OpRecord]], direct: Set[str],
@@ -200,7 +212,12 @@ def plan_steps(where: str, probes: Sequence[List[OpRecord]], direct: Set[str],
         kinds = tuple("const" if k in ("param", "derived") and not owned[i] else k for i, k in enumerate(a.kinds))
         meeting = "batch" in kinds
         dims = tuple(_scaling_dim(sa, sb, sizes) for sa, sb in zip(a.shapes, b.shapes))
+        folds = tuple(folded_factor(sa, sb, sizes) if d is None else 1 for sa, sb, d in zip(a.shapes, b.shapes, dims))
+        dims = tuple(0 if k > 1 else d for d, k in zip(dims, folds))
         output_dim = _scaling_dim(a.output_shapes[0], b.output_shapes[0], sizes) if meeting else None
+        output_fold = folded_factor(a.output_shapes[0], b.output_shapes[0], sizes) if meeting and output_dim is None else 1
+        if output_fold > 1:
+            output_dim = 0
         if meeting:
             problem = None
             if len(a.output_shapes) != 1:
@@ -209,6 +226,8 @@ def plan_steps(where: str, probes: Sequence[List[OpRecord]], direct: Set[str],
                 problem = f"has no batch dimension in its output (shape {tuple(a.output_shapes[0])})"
             elif any(k == "batch" and d is None for k, d in zip(kinds, dims)):
                 problem = "takes a tensor whose batch dimension could not be found (a batch folded into another dimension?)"
+            elif any(k == "derived" and f > 1 for k, f in zip(kinds, folds)):
+                problem = "takes a parameter-derived tensor folded with the batch"
             if problem:
                 names = sorted(frozenset().union(*owned))
                 module = (a.stack[-1] if a.stack else "") or "the model"
@@ -219,15 +238,18 @@ def plan_steps(where: str, probes: Sequence[List[OpRecord]], direct: Set[str],
                 )
                 for name in names:
                     problems.setdefault(name, (message, a.stack))
-        steps.append(Step(a.name, meeting, kinds, dims, output_dim, owned, a.stack))
+        steps.append(Step(a.name, meeting, kinds, dims, output_dim, owned, a.stack, folds, output_fold))
     return steps, problems
 
 
 # -- the pass ----------------------------------------------------------------------------
 
 
-def _keep_batch(grad: torch.Tensor, dim: int) -> torch.Tensor:
-    """[B, *shape with 1 at dim]: each sample's slice with its batch dimension kept."""
+def _keep_batch(grad: torch.Tensor, dim: int, fold: int = 1) -> torch.Tensor:
+    """[B, *shape with 1 at dim]: each sample's slice with its batch dimension kept
+    (for a folded batch, [B, k, ...]: the sample's k rows in its place)."""
+    if fold > 1:
+        return grad.reshape(grad.shape[0] // fold, fold, *grad.shape[1:])
     return grad.movedim(dim, 0).unsqueeze(dim + 1)
 
 
@@ -254,7 +276,7 @@ class PassTracker(TorchFunctionMode):
 
     def __init__(self, where: str, steps: List[Step], proxies: Dict[int, str],
                  sink: Callable[[torch.Tensor, torch.Tensor, frozenset, str], None],
-                 linear_piece: Callable[[str, int, torch.Tensor, torch.Tensor, int], torch.Tensor]):
+                 linear_piece: Callable[[str, int, torch.Tensor, torch.Tensor, int, int], torch.Tensor]):
         super().__init__()
         self.where, self.steps, self.proxies = where, steps, proxies
         self.sink, self.linear_piece = sink, linear_piece
@@ -299,14 +321,14 @@ class PassTracker(TorchFunctionMode):
         """F.linear(x, W, b) with a direct W: a linear piece, then b added as its own meeting."""
         x, weight = leaves[0], leaves[1]
         (name,) = step.sources[1]
-        output = self.linear_piece(name, self.position - 1, x, F.linear(x, weight), step.dims[0])
+        output = self.linear_piece(name, self.position - 1, x, F.linear(x, weight), step.dims[0], step.folds[0])
         bias = leaves[2] if len(leaves) > 2 else None
         if bias is None:
             return output
         result = output + bias
         if step.kinds[2] in ("param", "derived"):
-            self._hook(result, lambda grad: [(bias, reduce_to(_keep_batch(grad, step.output_dim), bias.shape),
-                                              step.sources[2])], "op-add")
+            self._hook(result, lambda grad: [(bias, reduce_to(_keep_batch(grad, step.output_dim, step.output_fold),
+                                                                 bias.shape), step.sources[2])], "op-add")
         return result
 
     def _meeting(self, func, args, kwargs, leaves, spec, step: Step) -> torch.Tensor:
@@ -327,18 +349,20 @@ class PassTracker(TorchFunctionMode):
             operand = leaves[index]
             negate = (step.name in _NEGATED_SECOND and index == 1) or (step.name == "__rsub__" and index == 0)
             sign = -1.0 if negate else 1.0
-            self._hook(result, lambda grad: [(operand, sign * reduce_to(_keep_batch(grad, step.output_dim),
-                                                                        operand.shape), step.sources[index])], "op-add")
+            self._hook(result, lambda grad: [(operand, sign * reduce_to(
+                _keep_batch(grad, step.output_dim, step.output_fold), operand.shape), step.sources[index])], "op-add")
             return result
         if step.name in _MULTIPLICATIVE and not kwargs and len(operands) == 1 and len(leaves) == 2 \
                 and step.dims[operands[0]] is None and leaves[operands[0]].dim() <= result.dim():
             index = operands[0]
             operand, other = leaves[index], leaves[1 - index]
-            if step.kinds[1 - index] == "batch" and other.dim() == result.dim() and step.dims[1 - index] == step.output_dim:
+            if step.kinds[1 - index] == "batch" and other.dim() == result.dim() and step.dims[1 - index] == step.output_dim \
+                    and step.folds[1 - index] == step.output_fold and other.shape == result.shape:
                 # x ⊙ D: sample i's cotangent of D is g_i ⊙ x_i summed to D's shape (x saved as the op saves it)
                 saved_other = before.get(1 - index, other.detach())
-                self._hook(result, lambda grad: [(operand, reduce_to(_keep_batch(grad * saved_other, step.output_dim),
-                                                                     operand.shape), step.sources[index])], "op-mul")
+                self._hook(result, lambda grad: [(operand, reduce_to(
+                    _keep_batch(grad * saved_other, step.output_dim, step.output_fold), operand.shape),
+                    step.sources[index])], "op-mul")
                 return result
         saved = [before.get(i, leaf.detach()) if isinstance(leaf, torch.Tensor) and step.kinds[i] == "batch" else leaf
                  for i, leaf in enumerate(leaves)]
@@ -363,18 +387,23 @@ def replay_vjp(func, leaves: list, spec, step: Step, grad: torch.Tensor) -> Cota
     """Per-sample cotangents of the derived operands of one meeting: torch.func.vmap
     over the samples of the op's VJP, with every batch tensor (and every derived
     operand that holds the batch, like a class token expanded to [B, 1, D]) sliced
-    to one sample, batch dimension kept with size 1. The cotangent of an operand
-    holding the batch is placed at its sample's slice of a zero tensor of its shape."""
+    to one sample, batch dimension kept with size 1 (a folded batch: the sample's k
+    rows). The cotangent of an operand holding the batch is placed at its sample's
+    slice of a zero tensor of its shape."""
     sliced = [i for i, kind in enumerate(step.kinds) if kind == "batch" or (kind in ("param", "derived")
                                                                             and step.dims[i] is not None)]
     operands = [i for i, kind in enumerate(step.kinds) if kind in ("param", "derived")]
+    folds = step.folds or (1,) * len(step.kinds)
     clone = _in_place(func)
+
+    def restore(value: torch.Tensor, i: int) -> torch.Tensor:  # one sample's slice as a batch of one (or of k rows)
+        return value if folds[i] > 1 else value.unsqueeze(step.dims[i])
 
     def one_sample(sample_values, fixed_operands, sample_grad):
         def run(*operand_values):
             values = list(leaves)
             for i, value in zip(sliced, sample_values):
-                value = value.unsqueeze(step.dims[i])
+                value = restore(value, i)
                 values[i] = value.clone() if clone and step.kinds[i] == "batch" else value
             for i, value in zip(operands, operand_values):
                 values[i] = value
@@ -382,15 +411,17 @@ def replay_vjp(func, leaves: list, spec, step: Step, grad: torch.Tensor) -> Cota
             return func(*call_args, **call_kwargs)
 
         lookup = dict(zip(sliced, sample_values))
-        primals = [lookup[i].unsqueeze(step.dims[i]) if i in lookup else fixed_operands[operands.index(i)]
-                   for i in operands]
+        primals = [restore(lookup[i], i) if i in lookup else fixed_operands[operands.index(i)] for i in operands]
         _, vjp = torch.func.vjp(run, *primals)
-        return vjp(sample_grad.unsqueeze(step.output_dim))
+        return vjp(sample_grad if step.output_fold > 1 else sample_grad.unsqueeze(step.output_dim))
 
-    sample_values = [leaves[i].detach() for i in sliced]
+    def unfold(tensor: torch.Tensor, fold: int) -> torch.Tensor:
+        return tensor.reshape(tensor.shape[0] // fold, fold, *tensor.shape[1:]) if fold > 1 else tensor
+
+    sample_values = [unfold(leaves[i].detach(), folds[i]) for i in sliced]
     fixed = [leaves[i].detach() for i in operands]
-    per_sample = torch.func.vmap(one_sample, in_dims=([step.dims[i] for i in sliced], None, step.output_dim))(
-        sample_values, fixed, grad)
+    in_dims = ([0 if folds[i] > 1 else step.dims[i] for i in sliced], None, step.output_dim)
+    per_sample = torch.func.vmap(one_sample, in_dims=in_dims)(sample_values, fixed, unfold(grad, step.output_fold))
     out: Cotangents = []
     for i, value in zip(operands, per_sample):
         operand = leaves[i]

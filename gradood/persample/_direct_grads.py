@@ -91,20 +91,25 @@ class DirectGradients:
             return [None if per_sample[0][k] is None else torch.stack([grads[k] for grads in per_sample])
                     for k in range(len(proxies))]
 
-    def linear_piece(self, name: str, inputs: torch.Tensor, output: torch.Tensor, batch_dim: int,
-                     record: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    def linear_piece(self, name: str, inputs: torch.Tensor, output: torch.Tensor, batch_dim: int, fold: int,
+                     record: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
         """F.linear(x, W) with a direct W: the recorder's linear piece when it is W's
         only use (the linear rule's norms), else Σ_t g_t x_tᵀ added per sample."""
         if self.counts.get(name, 0) == 1:
             self.methods[name] = "linear"
             self.single.discard(name)
-            return record(inputs, output, batch_dim)
+            return record(inputs, output, batch_dim, fold)
         self.methods[name] = "op-vjp"
         saved = inputs.detach()
 
+        def per_sample(tensor: torch.Tensor) -> torch.Tensor:
+            if fold > 1:
+                return tensor.reshape(tensor.shape[0] // fold, fold, *tensor.shape[1:])
+            return tensor.movedim(batch_dim, 0)
+
         def on_grad(grad):
-            activations = saved.movedim(batch_dim, 0)
-            grads = grad.movedim(batch_dim, 0)
+            activations = per_sample(saved)
+            grads = per_sample(grad)
             activations = activations.reshape(activations.shape[0], -1, activations.shape[-1])
             grads = grads.reshape(grads.shape[0], -1, grads.shape[-1])
             rows = max(1, _CHUNK_ELEMENTS // max(1, self.numels[name]))

@@ -43,7 +43,7 @@ from torch import nn
 
 from gradood import model_io
 from gradood.model_io import Inputs
-from gradood.persample._direct import ProbeTracker, Source, Step, plan_steps
+from gradood.persample._direct import ProbeTracker, Source, Step, folded_factor, plan_steps
 from gradood.persample._rules import CompositeRule, batch_may_move
 from gradood.persample.fallback import torch_func_rule
 
@@ -65,8 +65,9 @@ class Layout:
     verified: whether the single-sample check of the probe batch has passed."""
 
     def __init__(self, batch_dims: Dict[Key, int], hosts: Dict[str, str], broadcast: Set[Key], direct: Set[str],
-                 direct_layers: Set[str], steps: List[Step], replayed: Dict[str, Tuple[str, ...]]):
-        self.batch_dims, self.hosts, self.broadcast = batch_dims, hosts, frozenset(broadcast)
+                 direct_layers: Set[str], steps: List[Step], replayed: Dict[str, Tuple[str, ...]],
+                 folds: Dict[Key, int]):
+        self.batch_dims, self.hosts, self.broadcast, self.folds = batch_dims, hosts, frozenset(broadcast), folds
         self.direct, self.direct_layers, self.steps = frozenset(direct), frozenset(direct_layers), steps
         self.replayed = replayed
         self.verified = False
@@ -215,6 +216,7 @@ def _decide(where: str, layers: Sequence, sources: Sequence[Source], probes: Lis
     batch_dims: Dict[Key, int] = {}
     hosts: Dict[str, str] = {}
     broadcast: Set[Key] = set()
+    folds: Dict[Key, int] = {}
     direct_layers: Set[str] = set()
 
     def host_for(layer: str, active: Sequence[str], problem: str) -> None:
@@ -267,6 +269,10 @@ def _decide(where: str, layers: Sequence, sources: Sequence[Source], probes: Lis
             if _is_broadcast(shapes):
                 broadcast.add(key)
                 continue
+            fold = folded_factor(shapes[0], shapes[1], _PROBE_SIZES)
+            if fold > 1:  # a batch folded with k rows per sample (Swin's windows): unfolded to [B, k, ...]
+                folds[key] = fold
+                continue
         if piece is None and layer.rule is not torch_func_rule:
             direct_layers.add(name)
             continue
@@ -306,4 +312,4 @@ def _decide(where: str, layers: Sequence, sources: Sequence[Source], probes: Lis
             replayed[host] = replayed.get(host, ()) + (relative,)
             direct.discard(parameter)
         steps, problems = plan_steps(where, [probe.records for probe in probes], direct, _PROBE_SIZES)
-    return Layout(batch_dims, hosts, broadcast, direct, direct_layers, steps, replayed)
+    return Layout(batch_dims, hosts, broadcast, direct, direct_layers, steps, replayed, folds)

@@ -198,13 +198,19 @@ class _PieceRecord:
     shape, dtype and device (for a zero gradient where the loss does not depend on
     it), and its output gradient once the backward has produced it."""
 
-    __slots__ = ("input", "version", "output_like", "grad", "batch_dim")
+    __slots__ = ("input", "version", "output_like", "grad", "batch_dim", "fold")
 
-    def __init__(self, layer_input: torch.Tensor, output: torch.Tensor, batch_dim: int):
-        self.input, self.version = layer_input.detach().movedim(batch_dim, 0), layer_input._version
+    def __init__(self, layer_input: torch.Tensor, output: torch.Tensor, batch_dim: int, fold: int = 1):
+        self.batch_dim = batch_dim  # of the input and the output (features-last layers), moved to the front
+        self.fold = fold  # k > 1: dimension 0 holds k rows per sample (a folded batch), unfolded to [B, k, ...]
+        self.input, self.version = self.per_sample(layer_input.detach()), layer_input._version
         self.output_like = dict(size=output.shape, dtype=output.dtype, device=output.device)
         self.grad: Optional[torch.Tensor] = None
-        self.batch_dim = batch_dim  # of the input and the output (features-last layers), moved to the front
+
+    def per_sample(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.fold > 1:
+            return tensor.reshape(tensor.shape[0] // self.fold, self.fold, *tensor.shape[1:])
+        return tensor.movedim(self.batch_dim, 0)
 
 
 class _Recorder:
@@ -224,9 +230,10 @@ class _Recorder:
     error)."""
 
     def __init__(self, where: str, consume: Callable[[str, Dict[Optional[str], tuple]], object], deferred: Iterable[str],
-                 batch: int, batch_dims: Dict[Tuple[str, Optional[str]], int], broadcast: Iterable = ()):
+                 batch: int, batch_dims: Dict[Tuple[str, Optional[str]], int], broadcast: Iterable = (),
+                 folds: Optional[Dict[Tuple[str, Optional[str]], int]] = None):
         self.where = where
-        self.batch, self.batch_dims = batch, batch_dims
+        self.batch, self.batch_dims, self.folds = batch, batch_dims, folds or {}
         self.broadcast = set(broadcast)  # (layer, piece) whose input has a leading 1 shared by the batch
         self.consume = consume
         self.deferred = set(deferred)  # layers consumed only after the pass (they replay their module)
@@ -236,13 +243,15 @@ class _Recorder:
         self.backward_started = False
 
     def record(self, key: Tuple[str, Optional[str]], layer_input: torch.Tensor, output: torch.Tensor,
-               batch_dim: Optional[int] = None) -> torch.Tensor:
+               batch_dim: Optional[int] = None, fold: Optional[int] = None) -> torch.Tensor:
         layer, piece = key
         pieces = self.layers.setdefault(layer, {})
         if layer in self.results:
             raise RuntimeError(f"{self.where}: {layer} was called again after its gradient was consumed")
         if batch_dim is None:
             batch_dim = self.batch_dims.get(key, 0)
+        if fold is None:
+            fold = self.folds.get(key, 1)
         if key in self.broadcast:  # a leading 1 shared by the batch: each sample gets its own copy
             layer_input = layer_input.expand(self.batch, *layer_input.shape[1:])
             output = output.expand(self.batch, *output.shape[1:])
@@ -251,12 +260,12 @@ class _Recorder:
             use += 1
         key = (layer, use_key(piece, use))
         piece = key[1]
-        if layer_input.dim() <= batch_dim or layer_input.shape[batch_dim] != self.batch:
+        if layer_input.dim() <= batch_dim or layer_input.shape[batch_dim] != self.batch * fold:
             raise ValueError(
                 f"{self.where}: {layer} was called on a tensor of shape {tuple(layer_input.shape)}, whose dimension "
                 f"{batch_dim} is not the batch of {self.batch}: its rows are not the samples"
             )
-        pieces[piece] = _PieceRecord(layer_input, output, batch_dim)
+        pieces[piece] = _PieceRecord(layer_input, output, batch_dim, fold)
         if not output.requires_grad:  # the start of the chain we differentiate
             leaf = output.detach().requires_grad_()
             self.leaves.append((key, leaf))
@@ -275,7 +284,7 @@ class _Recorder:
         if pieces is None or pieces[piece].grad is not None:  # consumed already
             return
         record = pieces[piece]
-        record.grad = (torch.zeros(**record.output_like) if grad is None else grad).movedim(record.batch_dim, 0)
+        record.grad = record.per_sample(torch.zeros(**record.output_like) if grad is None else grad)
         if layer not in self.deferred and all(record.grad is not None for record in pieces.values()):
             self.finish(layer)
 
@@ -409,11 +418,12 @@ def _run_pass(
         batch=batch,
         batch_dims=layout.batch_dims,
         broadcast=layout.broadcast,
+        folds=layout.folds,
     )
 
-    def linear_piece(name: str, step: int, x: torch.Tensor, output: torch.Tensor, batch_dim: int) -> torch.Tensor:
-        return direct.linear_piece(name, x, output, batch_dim,
-                                   lambda a, out, dim: recorder.record((name, f"op{step}"), a, out, batch_dim=dim))
+    def linear_piece(name: str, step: int, x: torch.Tensor, output: torch.Tensor, batch_dim: int, fold: int):
+        return direct.linear_piece(name, x, output, batch_dim, fold, lambda a, out, dim, k: recorder.record(
+            (name, f"op{step}"), a, out, batch_dim=dim, fold=k))
 
     proxies = {id(source.parameter): direct.proxies[source.name] for source in sources}
     tracker = PassTracker(where, layout.steps, {id(proxy): name for name, proxy in direct.proxies.items()},
