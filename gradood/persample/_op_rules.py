@@ -90,6 +90,7 @@ def norm_cotangents(name: str, args: tuple, kwargs: dict, leaves: list, step) ->
     if not isinstance(x, torch.Tensor) or step.kinds[positions.get(id(x), -1)] != "batch" \
             or step.dims[positions[id(x)]] != 0:
         return None
+    fold = step.folds[positions[id(x)]] if step.folds else 1  # k rows per sample: their sums
     wanted: List[Tuple[str, torch.Tensor, frozenset]] = []
     for role in ("weight", "bias"):
         tensor = arguments.get(role)
@@ -114,8 +115,9 @@ def norm_cotangents(name: str, args: tuple, kwargs: dict, leaves: list, step) ->
             inputs, shift, scale = statistics(saved)
             g = grad.reshape(batch, -1, inputs.shape[1]).transpose(1, 2)
         d_weight, d_bias = torch.ops.gradood.norm_affine_grads(g, inputs, shift, scale)
-        per_role = {"weight": d_weight, "bias": d_bias}
-        return [(tensor, per_role[role].reshape(batch, *tensor.shape), sources)
+        samples = batch // fold
+        per_role = {"weight": d_weight.reshape(samples, fold, -1).sum(1), "bias": d_bias.reshape(samples, fold, -1).sum(1)}
+        return [(tensor, per_role[role].reshape(samples, *tensor.shape), sources)
                 for role, tensor, sources in wanted]
 
     return cotangents
