@@ -71,3 +71,46 @@ def test_a_passing_check_runs_once_per_model_and_signature():
     for _ in range(2):
         persample_grad_norms(model, torch.randn(6, 4, dtype=torch.float64))
     assert calls == [2, 3, 3, 1, 1, 1, 6, 6]
+
+
+class _TransposedAfterBatchNorm(nn.Module):
+    """A BatchNorm2d whose output reaches the loss through flatten(2).transpose(1, 2),
+    so its output gradient arrives strided channels-last (timm's EfficientFormer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Linear(6, 3)
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-1, 1)
+            self.norm.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        tokens = self.norm(self.conv(x)).flatten(2).transpose(1, 2)  # [B, N, C]
+        return self.head(torch.tanh(tokens).mean(1))
+
+
+def test_batch_norm_with_a_channels_last_output_gradient_is_exact():
+    """torch's CPU batch_norm backward is wrong at batch size 1 for a contiguous input
+    with a strided channels-last output gradient; the engine hands it a contiguous one."""
+    from gradood.persample._workarounds import batch_norm_gradient_layout
+
+    torch.manual_seed(0)
+    model = _TransposedAfterBatchNorm().double().eval()
+    inputs = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    expected = []
+    for index in range(4):  # the loop, with the bias gradient checked against its closed form Σ g
+        model.zero_grad(set_to_none=True)
+        grads = {}
+        def keep(module, args, output):
+            output.register_hook(lambda grad: grads.update(g=grad))
+
+        model.norm.register_forward_hook(keep)
+        with batch_norm_gradient_layout(model):
+            logits = model(inputs[index : index + 1])
+            torch.nn.functional.cross_entropy(logits, logits.argmax(1)).backward()
+        model.norm._forward_hooks.clear()
+        torch.testing.assert_close(model.norm.bias.grad, grads["g"].sum((0, 2, 3)))
+        expected.append(sum(p.grad.square().sum() for p in model.parameters()).sqrt())
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(persample_grad_norms(model, inputs).norms, torch.stack(expected), rtol=1e-10, atol=0)
+    torch.testing.assert_close(persample_grad_norms(model, inputs[:1]).norms, expected[0][None], rtol=1e-10, atol=0)

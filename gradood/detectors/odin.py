@@ -24,6 +24,7 @@ from gradood import model_io, scores
 from gradood._checks import check_choice, check_positive
 from gradood.detectors._base import Detector, eval_mode
 from gradood.detectors._head import HeadName
+from gradood.persample._workarounds import batch_norm_gradient_layout
 from gradood.model_io import Inputs, LogitsFn
 
 Std = Union[None, float, Sequence[float], torch.Tensor]
@@ -72,7 +73,7 @@ def odin_perturbation(
     entries = model_io.tensors(inputs)
     leaves = {name: entries[name].detach().clone().requires_grad_() for name in names}
     x = leaves[""] if isinstance(inputs, torch.Tensor) else {**inputs, **leaves}
-    with torch.enable_grad(), eval_mode(model):
+    with torch.enable_grad(), eval_mode(model), batch_norm_gradient_layout(model):
         output_logits = model_io.checked_logits(where, model_io.call(model, x), batch, logits)
         predicted = output_logits.argmax(dim=1)
         loss = F.cross_entropy(output_logits / temperature, predicted, reduction="sum")  # per-sample terms add

@@ -43,6 +43,7 @@ from torch import nn
 
 from gradood import model_io
 from gradood.model_io import Inputs
+from gradood.persample._caches import empty_tensor_caches
 from gradood.persample._direct import ProbeTracker, Source, Step, folded_factor, plan_steps
 from gradood.persample._rules import CompositeRule, batch_may_move
 from gradood.persample.fallback import torch_func_rule
@@ -146,7 +147,7 @@ def _run_probe(model: nn.Module, inputs: Inputs, size: int, layers: Sequence, so
         batch = model_io.select(inputs, torch.arange(size) % model_io.batch_size(inputs))
         tracker = ProbeTracker(probe.watched, list(model_io.tensors(batch).values()), probe.stack, probe.use)
         probe.tracker = tracker
-        with torch.enable_grad(), tracker:  # as the pass: a forward may differentiate
+        with torch.enable_grad(), tracker, empty_tensor_caches(model):  # as the pass: a forward may differentiate
             model_io.call(model, batch)
         probe.records = tracker.records
     finally:

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from gradood import model_io
+from gradood.persample._caches import empty_tensor_caches
+from gradood.persample._workarounds import batch_norm_gradient_layout
 
 _TOLERANCE = {torch.float64: (1e-7, 1e-7), torch.float32: (1e-3, 1e-4)}
 _HALF_TOLERANCE = (5e-2, 1e-2)
@@ -69,7 +71,7 @@ def single_sample_gradients(model: nn.Module, inputs, count: int, names: Sequenc
             parameter.requires_grad_(True)
         for index in range(count):
             sample = model_io.select(inputs, torch.tensor([index]))
-            with torch.enable_grad():
+            with torch.enable_grad(), empty_tensor_caches(model), batch_norm_gradient_layout(model):
                 logits = model_io.checked_logits("the single-sample check", model_io.call(model, sample), 1, logits_fn)
                 grads = torch.autograd.grad(loss(logits).sum(), chosen, allow_unused=True)
             out.append(dict(zip(names, grads)))

@@ -27,6 +27,8 @@ from gradood.persample._direct_grads import DirectGradients, contributions
 from gradood.persample._grads import DenseLayerGradients, LayerGradients, grad_rule_for
 from gradood.persample._layout import probe_layout
 from gradood.persample import _verify
+from gradood.persample._caches import empty_tensor_caches
+from gradood.persample._workarounds import batch_norm_gradient_layout
 from gradood.persample._consume import DIRECT_LINEAR, layer_gradients, layer_norms
 from gradood.persample._reuse import use_key
 from gradood.persample._rules import CompositeRule, rule_for
@@ -476,7 +478,8 @@ def _run_pass(
         for parameter in requires_grad:
             parameter.requires_grad_(False)
         with torch.enable_grad():
-            with tracker if sources else contextlib.nullcontext():  # no op is watched without direct parameters
+            with tracker if sources else contextlib.nullcontext(), empty_tensor_caches(model), \
+                    batch_norm_gradient_layout(model):  # watched ops, no caches, a PyTorch bug avoided
                 output = model_io.call(model, model_io.detach(inputs))  # gradients w.r.t. parameters only, never the input
             tracker.finish()
             logits = model_io.checked_logits(where, output, batch, logits_fn)
