@@ -9,7 +9,9 @@ the batch), reorders them inside its forward, a forward hook of the user's that
 replaces a layer's output, a module whose forward differs from what its rule
 assumes, a meeting op whose rows depend on other samples. The loss is a fixed
 random linear function of the logits (seeded), so no softmax saturation hides a
-layer. A layer fails when its squared norm is off by more than rtol of its own
+layer. The check runs on a float64 copy of the model (for models up to 2^27
+parameters that deepcopy; others in their own dtype), so the round-off of a
+badly conditioned float32 or half model is not taken for an error. A layer fails when its squared norm is off by more than rtol of its own
 value plus atol of the sample's whole squared norm: (rtol, atol) = (1e-7, 1e-7)
 in float64, (1e-3, 1e-4) in float32, (5e-2, 1e-2) in half precision. The atol
 term is the round-off of models whose conditioning amplifies it (a LayerNorm over
@@ -22,6 +24,7 @@ the check (for a model already checked, or a benchmark of the pass alone).
 
 from __future__ import annotations
 
+from copy import deepcopy
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,6 +37,7 @@ from gradood.persample._workarounds import batch_norm_gradient_layout
 _TOLERANCE = {torch.float64: (1e-7, 1e-7), torch.float32: (1e-3, 1e-4)}
 _HALF_TOLERANCE = (5e-2, 1e-2)
 _PROBE = 3
+_COPY_LIMIT = 1 << 27  # parameters: a float64 copy of larger models costs too much memory
 
 
 def _projection(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -96,13 +100,25 @@ def _explain(where: str, problems: List[str]) -> ValueError:
     )
 
 
+def _in_float64(model: nn.Module, batch):
+    """(model, batch, dtype) for the check: a float64 copy where that is affordable."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if dtype == torch.float64 or sum(p.numel() for p in model.parameters()) > _COPY_LIMIT:
+        return model, batch, dtype
+    try:
+        copy = deepcopy(model).double()
+    except Exception:  # noqa: BLE001  (a module that does not deepcopy, e.g. old-style weight_norm)
+        return model, batch, dtype
+    return copy, model_io.map_tensors(batch, lambda t: t.double() if t.is_floating_point() else t), torch.float64
+
+
 def check_norms(where: str, model: nn.Module, inputs, params, functional_params, fallback, logits_fn, layout) -> None:
     from gradood.persample.engine import persample_grad_norms  # the engine calls this module
 
     batch, count = _probe_batch(inputs)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    model, batch, dtype = _in_float64(model, batch)
     loss = _projection(dtype)
-    ours = persample_grad_norms(model, batch, loss=loss, params=params, per_layer=True,
+    ours = persample_grad_norms(model, batch, loss=loss, params=params, per_layer=True, verify=False,
                                 functional_params=functional_params, fallback=fallback, logits=logits_fn)
     names = [name for group in ours.parameters for name in group]
     reference = single_sample_gradients(model, batch, count, names, logits_fn, loss)
@@ -125,10 +141,10 @@ def check_gradients(where: str, model: nn.Module, inputs, params, functional_par
     from gradood.persample.engine import persample_gradients
 
     batch, count = _probe_batch(inputs)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    model, batch, dtype = _in_float64(model, batch)
     loss = _projection(dtype)
     ours = persample_gradients(model, batch, loss=loss, params=params, functional_params=functional_params,
-                               fallback=fallback, logits=logits_fn)
+                               fallback=fallback, logits=logits_fn, verify=False)
     names = list(ours.names)
     reference = single_sample_gradients(model, batch, count, names, logits_fn, loss)
     generator = torch.Generator().manual_seed(4321)
