@@ -108,7 +108,8 @@ class OODHead(nn.Module):
         # What forward computes: one lastlayer_score call ("spec"), ReAct (react_energy) or KL matching.
         self.kind = "spec"
         self.mode = "min"
-        self.register_buffer("log_templates", torch.zeros(0, dtype=weight.dtype, device=weight.device))
+        self.register_buffer("log_templates", torch.zeros(0, dtype=torch.float32, device=weight.device))
+        self.register_buffer("missing_templates", torch.zeros(0, dtype=torch.float32, device=weight.device))
         spec = detector.lastlayer_spec(weight.shape[0])
         if isinstance(detector, ReAct):
             detector._require_fitted()
@@ -117,7 +118,10 @@ class OODHead(nn.Module):
         elif isinstance(detector, KLMatching):
             detector._require_fitted()
             self.kind, self.mode = "kl_matching", detector.mode
-            self.log_templates = detector.templates.to(weight.dtype).log()
+            missing = detector.templates.isnan().any(dim=1)
+            templates = detector.templates.to(torch.float32).masked_fill(missing[:, None], 1.0)
+            self.log_templates = templates.log().to(weight.device)
+            self.missing_templates = torch.where(missing, float("inf"), 0.0).to(weight.device, torch.float32)
             spec = ScoreSpec("energy")
         elif spec is None:
             raise ValueError(
@@ -137,10 +141,11 @@ class OODHead(nn.Module):
         logits = F.linear(features, self.weight, self.bias)
         if self.kind == "react":
             score = torch.ops.gradood.react_energy(features, self.weight, self.bias, self.clip)
-        elif self.kind == "kl_matching":
-            log_probs = torch.log_softmax(logits, dim=1)
+        elif self.kind == "kl_matching":  # in float32, a class without a template left out (gradood.reference)
+            log_probs = torch.log_softmax(logits.float(), dim=1)
             probs = log_probs.exp()
-            divergences = (probs * log_probs).sum(dim=1, keepdim=True) - probs @ self.log_templates.t()
+            divergences = torch.xlogy(probs, probs).sum(dim=1, keepdim=True) - probs @ self.log_templates.t()
+            divergences = divergences + self.missing_templates
             if self.mode == "min":
                 score = -divergences.amin(dim=1)
             else:

@@ -360,7 +360,10 @@ def kl_matching(logits: torch.Tensor, templates: torch.Tensor, mode: str = "min"
     p = softmax(f), d_k = templates[k] the mean softmax of ID validation
     samples predicted as class k ([K, C]; K = C for mode="predicted").
     KL(p ‖ d) = Σ_j p_j (log p_j - log d_j), with 0 · log 0 = 0; templates are
-    mean softmax vectors, so strictly positive.
+    mean softmax vectors, so strictly positive. A class that no fit sample was
+    predicted as has no template (a NaN row): it takes no part in the minimum,
+    and under mode="predicted" a sample predicted as it scores −inf (no evidence
+    that it is in-distribution). Computed in float32 (float64 for float64 inputs).
     The divergence is OOD-high, so the ID-score is its negation.
     """
     where = "gradood.reference.kl_matching"
@@ -377,12 +380,19 @@ def kl_matching(logits: torch.Tensor, templates: torch.Tensor, mode: str = "min"
             f"{where}: mode='predicted' needs one template per class, [{num_classes}, {num_classes}], "
             f"got shape {tuple(templates.shape)}"
         )
-    check_same_dtype_device(where, "templates", templates, logits)
+    if templates.device != logits.device:
+        raise ValueError(f"{where}: templates must be on the device of logits ({logits.device}), got {templates.device}")
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits, templates = logits.to(compute), templates.to(compute)
+    missing = templates.isnan().any(dim=1)
+    if bool(missing.all()):
+        raise ValueError(f"{where}: every template is missing (NaN): fit on data the model predicts some class for")
     log_probs = torch.log_softmax(logits, dim=1)
     probs = log_probs.exp()
     # KL(p ‖ d_k) = Σ_j p_j log p_j - Σ_j p_j log d_k,j   -> [B, K]
     neg_entropy = torch.xlogy(probs, probs).sum(dim=1, keepdim=True)
-    divergences = neg_entropy - probs @ templates.log().T
+    divergences = neg_entropy - probs @ templates.masked_fill(missing[:, None], 1.0).log().T
+    divergences = divergences.masked_fill(missing[None, :], float("inf"))
     if mode == "min":
         return -divergences.amin(dim=1)
     return -divergences.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)

@@ -93,9 +93,31 @@ def test_kl_matching_templates_are_mean_softmax_per_predicted_class():
     detector = D.KLMatching(model).fit(inputs)
     probs, predicted = torch.softmax(logits, 1), logits.argmax(1)
     for k in range(5):
-        expected = probs[predicted == k].mean(0) if (predicted == k).any() else torch.full((5,), 0.2, dtype=torch.float64)
-        torch.testing.assert_close(detector.templates[k], expected)
+        expected = probs[predicted == k].mean(0) if (predicted == k).any() else torch.full((5,), float("nan"), dtype=torch.float64)
+        torch.testing.assert_close(detector.templates[k], expected, equal_nan=True)
     torch.testing.assert_close(detector.score(inputs), reference.kl_matching(logits, detector.templates))
+
+
+def test_kl_matching_leaves_classes_without_a_template_out():
+    """The review's case: identity model, class 2 never predicted on the fit data. A uniform
+    template for it gave the uniform input [0, 0, 0] the highest ID-score (−0.0)."""
+    model = nn.Identity()
+    fit = torch.tensor([[6.0, 0, 0], [5.0, 0, 0], [0, 6.0, 0], [0, 5.0, 0]])
+    detector = D.KLMatching(model).fit(fit)
+    confident, uniform = detector.score(torch.tensor([[5.5, 0, 0], [0.0, 0, 0]]))
+    assert confident > uniform
+    assert torch.isnan(detector.templates[2]).all()
+    predicted = D.KLMatching(model, mode="predicted").fit(fit)
+    assert predicted.score(torch.tensor([[0.0, 0, 7.0]])).item() == float("-inf")
+
+
+def test_kl_matching_of_half_precision_logits_is_float32():
+    model = nn.Identity()
+    fit = torch.randn(50, 10) * 3
+    detector = D.KLMatching(model).fit(fit)
+    half = detector.score(fit.to(torch.bfloat16))
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, detector.score(fit.to(torch.bfloat16).float()))
 
 
 def _official_odin(model, inputs, temperature, epsilon, std):
@@ -325,7 +347,7 @@ def test_bad_hyperparameters_are_named():
         D.ODIN(model, eps_space="pixel")
     with pytest.raises(ValueError, match="part must be one of 'SG', 'G'"):
         D.GRODIN(model, part="S")
-    with pytest.raises(ValueError, match="epsilon must be a real number >= 0"):
+    with pytest.raises(ValueError, match="epsilon must be a finite real number >= 0"):
         D.GRODIN(model, epsilon=-1.0)
     with pytest.raises(ValueError, match="temperature must be finite and > 0"):
         D.ODIN(model, temperature=0.0)
@@ -375,3 +397,35 @@ def test_every_detector_runs_on_torchvision_models_on_cuda(arch):
         detector.fit(fit_data)
         scores = detector.score(inputs)
         assert scores.shape == (4,) and bool(torch.isfinite(scores).all()), type(detector).__name__
+
+
+def test_rg_with_a_percentile_refuses_to_score_before_fit():
+    model, inputs = _model()
+    detector = D.RG(model, percentile=90)
+    with pytest.raises(RuntimeError, match="call fit"):
+        detector.score(inputs)
+    with pytest.raises(RuntimeError, match="call fit"):
+        gradood.OODHead(model, detector, example_inputs=inputs)
+    assert torch.isfinite(detector.fit(inputs).score(inputs)).all()
+
+
+@pytest.mark.parametrize("make,kwargs,match", [
+    (D.ODIN, {"epsilon": float("nan")}, "epsilon must be a finite"),
+    (D.ODIN, {"epsilon": float("inf")}, "epsilon must be a finite"),
+    (D.GRODIN, {"epsilon": float("nan")}, "epsilon must be a finite"),
+    (D.ODIN, {"eps_space": "pixel", "std": 0.0}, "std must hold finite values > 0"),
+    (D.ODIN, {"eps_space": "pixel", "std": (0.2, float("nan"), 0.3)}, "std must hold finite values > 0"),
+    (D.RG, {"percentile": 150}, r"percentile must be a number in \[0, 100\]"),
+    (D.RGAdditive, {"percentile": -1}, r"percentile must be a number in \[0, 100\]"),
+])
+def test_invalid_perturbation_and_percentile_arguments_are_refused_at_construction(make, kwargs, match):
+    model, _ = _model()
+    with pytest.raises(ValueError, match=match):
+        make(model, **kwargs)
+
+
+def test_a_std_of_the_wrong_length_is_named():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    detector = D.ODIN(model, eps_space="pixel", std=(0.2, 0.3))
+    with pytest.raises(ValueError, match="std has 2 values but the input has 3 channels"):
+        detector.score(torch.randn(2, 3, 6, 6))

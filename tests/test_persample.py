@@ -647,3 +647,17 @@ def test_torch_func_fallback_needs_a_module_taking_the_batch_as_one_tensor():
         persample_grad_norms(Folded(), inputs, fallback="vmap")
 
 
+
+
+def test_layers_called_with_keyword_arguments_match_the_loop():
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.norm, self.head = nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(input=self.norm(input=torch.tanh(self.a(input=x))))
+
+    torch.manual_seed(0)
+    model, inputs = Keywords().double().eval(), torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(persample_grad_norms(model, inputs).norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)

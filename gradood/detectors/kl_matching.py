@@ -1,7 +1,10 @@
 """KL matching (Hendrycks et al. 2022): −min_k KL(p ‖ d_k) (mode="min", as OpenOOD)
 or −KL(p ‖ d_ŷ) (mode="predicted", as pytorch-ood), with d_k the mean softmax of
-the ID samples predicted as class k, fitted on ID data (classes never predicted
-get the uniform template). ID-high."""
+the ID samples predicted as class k, fitted on ID data. A class no fit sample is
+predicted as has no template (a NaN row): it is left out of the minimum, and in
+mode="predicted" a sample predicted as it scores −inf. (A uniform template would
+be the posterior of a maximally uncertain input and give OOD-like inputs the
+highest score.) Computed in float32. ID-high."""
 
 from __future__ import annotations
 
@@ -33,10 +36,10 @@ class KLMatching(Detector):
         predicted = logits.argmax(1)
         sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device).index_add_(0, predicted, probs)
         counts = torch.bincount(predicted, minlength=num_classes).unsqueeze(1).double()
-        uniform = torch.full_like(sums, 1.0 / num_classes)
-        self.templates = torch.where(counts > 0, sums / counts.clamp_min(1), uniform)
+        self.templates = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
         return self
 
     def score_features(self, logits, features=None):
         self._require_fitted()
-        return scores.kl_matching(logits, self.templates.to(logits.dtype), self.mode)
+        templates = self.templates.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        return scores.kl_matching(logits, templates, self.mode)

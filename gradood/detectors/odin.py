@@ -14,6 +14,7 @@ an error.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,11 +33,22 @@ Std = Union[None, float, Sequence[float], torch.Tensor]
 
 def check_perturbation(where: str, temperature: float, epsilon: float, eps_space: str, std: Std) -> None:
     check_positive(where, "temperature", temperature)
-    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or epsilon < 0:
-        raise ValueError(f"{where}: epsilon must be a real number >= 0, got {epsilon!r}")
+    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not math.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"{where}: epsilon must be a finite real number >= 0, got {epsilon!r}")
     check_choice(where, "eps_space", eps_space, ("input", "pixel"))
     if eps_space == "pixel" and std is None:
         raise ValueError(f"{where}: eps_space='pixel' needs std, the per-channel normalisation std")
+    if std is not None:
+        values = torch.as_tensor(std, dtype=torch.float64).reshape(-1)
+        if values.numel() == 0 or not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+            raise ValueError(f"{where}: std must hold finite values > 0 (one per channel), got {std!r}")
+
+
+def _check_std_channels(where: str, std: Std, tensor: torch.Tensor) -> None:
+    count = torch.as_tensor(std).numel()
+    if count != 1 and (tensor.dim() < 2 or tensor.shape[1] != count):
+        raise ValueError(f"{where}: std has {count} values but the input has {tensor.shape[1] if tensor.dim() > 1 else 0} "
+                         f"channels (dimension 1 of shape {tuple(tensor.shape)})")
 
 
 def perturbed_entries(where: str, inputs: Inputs, perturb: Optional[Sequence[str]]) -> Tuple[str, ...]:
@@ -84,6 +96,7 @@ def odin_perturbation(
         grad = torch.zeros_like(leaf) if grad is None else grad
         step = torch.where(grad >= 0, 1.0, -1.0).to(original.dtype)
         if eps_space == "pixel":
+            _check_std_channels(where, std, original)
             shape = (1, -1, *([1] * (original.dim() - 2)))
             step = step / torch.as_tensor(std, dtype=original.dtype, device=original.device).reshape(shape)
         perturbed[name] = (original - epsilon * step).detach()

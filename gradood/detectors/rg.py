@@ -22,6 +22,13 @@ from gradood.detectors._head import HeadName
 from gradood.model_io import LogitsFn
 
 
+def check_percentile(where: str, percentile: Optional[float]) -> None:
+    if percentile is None:
+        return
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
+        raise ValueError(f"{where}: percentile must be a number in [0, 100], got {percentile!r}")
+
+
 def activation_percentile(features: torch.Tensor, percentile: float) -> float:
     """The `percentile`-th percentile of all activations (numpy's linear interpolation, as ReAct)."""
     return float(np.percentile(features.detach().flatten().double().cpu().numpy(), percentile))
@@ -40,7 +47,10 @@ class RG(Detector):
         logits: LogitsFn = None,
     ):
         super().__init__(model, head, logits)
-        self.clip, self.temperature, self.percentile = clip, temperature, percentile
+        check_percentile(type(self).__name__, percentile)
+        # With a percentile the clip is fitted: scoring before fit is an error, not clip=1.
+        self.clip = None if percentile is not None else clip
+        self.temperature, self.percentile = temperature, percentile
 
     def fit(self, id_data: Data) -> "RG":
         if self.percentile is not None:
@@ -48,6 +58,7 @@ class RG(Detector):
         return self
 
     def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
+        self._require_fitted()
         return scores.spec_rg(self.clip, self.temperature)
 
 
@@ -64,6 +75,7 @@ class RGAdditive(Detector):
         logits: LogitsFn = None,
     ):
         super().__init__(model, head, logits)
+        check_percentile(type(self).__name__, percentile)
         self.clip, self.a, self.percentile = clip, a, percentile
         self.alpha: Optional[float] = None
 

@@ -74,6 +74,14 @@ class Layout:
         self.verified = False
 
 
+def layer_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """A module call's input: its first positional argument, or, called with keywords
+    only, its first tensor keyword argument; None if neither is a tensor."""
+    if args:
+        return args[0] if isinstance(args[0], torch.Tensor) else None
+    return next((value for value in kwargs.values() if isinstance(value, torch.Tensor)), None)
+
+
 def _inside(inner: str, outer: str) -> bool:
     """Whether module `inner` is `outer` or lies inside it (names from named_modules)."""
     return outer == "" or inner == outer or inner.startswith(outer + ".")
@@ -102,12 +110,12 @@ class _Probe:
         self.layer_names = {layer.name for layer in layers}
         self.tracker: Optional[ProbeTracker] = None
 
-    def enter(self, module, args) -> None:
+    def enter(self, module, args, kwargs) -> None:
         name = self.names[id(module)]
         self.stack.append(name)
-        first = args[0] if args else None
-        if isinstance(first, torch.Tensor) and (name, None) not in self.shapes:
-            one_tensor = len(args) == 1
+        first = layer_input(args, kwargs)
+        if first is not None and (name, None) not in self.shapes:
+            one_tensor = len(args) == 1 and not any(isinstance(v, torch.Tensor) for v in kwargs.values())
             self.shapes[(name, None)] = (first.shape, tuple(self.stack[:-1]), one_tensor)
 
     def leave(self, module, args, output) -> None:
@@ -137,7 +145,7 @@ def _run_probe(model: nn.Module, inputs: Inputs, size: int, layers: Sequence, so
     handles, overridden = [], []
     try:
         for module in model.modules():
-            handles.append(module.register_forward_pre_hook(probe.enter, prepend=True))  # before a weight_norm hook
+            handles.append(module.register_forward_pre_hook(probe.enter, prepend=True, with_kwargs=True))  # before weight_norm's
             handles.append(module.register_forward_hook(probe.leave, always_call=True))
         for layer in layers:
             if isinstance(layer.rule, CompositeRule):

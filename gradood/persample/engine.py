@@ -25,7 +25,7 @@ from gradood.persample import attention, conv, embedding, linear, norm, std_conv
 from gradood.persample._direct import PassTracker, Source
 from gradood.persample._direct_grads import DirectGradients, contributions
 from gradood.persample._grads import DenseLayerGradients, LayerGradients, grad_rule_for
-from gradood.persample._layout import probe_layout
+from gradood.persample._layout import layer_input as layer_input_of, probe_layout
 from gradood.persample import _verify
 from gradood.persample._caches import empty_tensor_caches
 from gradood.persample._workarounds import batch_norm_gradient_layout
@@ -311,15 +311,19 @@ class _Recorder:
                 self.finish(layer)
 
 
-def _record_output(recorder: _Recorder, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return recorder.record((name, None), args[0], output)
+def _record_output(recorder: _Recorder, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> torch.Tensor:
+    layer_input = layer_input_of(args, kwargs)
+    if layer_input is None or not isinstance(output, torch.Tensor):
+        raise ValueError(f"{recorder.where}: {name or 'the model'} ({type(module).__name__}) was called without a tensor "
+                         "input or did not return a tensor; its rule needs both")
+    return recorder.record((name, None), layer_input, output)
 
 
-def _record_single_input(recorder: _Recorder, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    if len(args) != 1 or not isinstance(output, torch.Tensor):
+def _record_single_input(recorder: _Recorder, name: str, module: nn.Module, args: tuple, kwargs: dict, output):
+    if len(args) != 1 or not isinstance(args[0], torch.Tensor) or kwargs or not isinstance(output, torch.Tensor):
         raise ValueError(
             f"{recorder.where}: fallback='torch.func' needs {name or 'the model'} ({type(module).__name__}) to take one "
-            f"tensor and return one, got {len(args)} inputs"
+            f"tensor and return one, got {len(args)} positional and {len(kwargs)} keyword inputs"
         )
     return recorder.record((name, None), args[0], output)
 
@@ -471,7 +475,8 @@ def _run_pass(
                 overridden.append(layer.module)
             else:
                 hook = _record_single_input if layer.rule is torch_func_rule else _record_output
-                handles.append(layer.module.register_forward_hook(functools.partial(hook, recorder, layer.name)))
+                handles.append(layer.module.register_forward_hook(functools.partial(hook, recorder, layer.name),
+                                                                  with_kwargs=True))
         captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         for name in capture:  # after the recorder's hooks: they see the outputs the graph continues from
             handles.append(model.get_submodule(name).register_forward_hook(functools.partial(_capture, captured, name)))
