@@ -276,11 +276,11 @@ def test_parameter_selection_by_names_and_predicate():
     torch.testing.assert_close(by_predicate.norms, by_name.norms)
 
 
-def test_frozen_parameters_are_excluded():
+def test_frozen_parameters_are_excluded_with_params_trainable():
     model, inputs = _float64("sequence")
     model.embed.weight.requires_grad_(False)
     model.conv.requires_grad_(False)
-    result = persample_grad_norms(model, inputs)
+    result = persample_grad_norms(model, inputs, params="trainable")
     torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-6, atol=1e-12)
     assert "embed" not in result.layer_names and "conv" not in result.layer_names
     assert not model.embed.weight.requires_grad and model.head.weight.requires_grad
@@ -661,3 +661,16 @@ def test_layers_called_with_keyword_arguments_match_the_loop():
     torch.manual_seed(0)
     model, inputs = Keywords().double().eval(), torch.randn(3, 4, dtype=torch.float64)
     torch.testing.assert_close(persample_grad_norms(model, inputs).norms, _loop_norms(model, inputs), rtol=1e-10, atol=0)
+
+
+def test_frozen_parameters_count_by_default():
+    """Freezing a backbone for inference does not turn the full-network norm into a head-only one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    inputs = torch.randn(3, 4, dtype=torch.float64)
+    expected = _loop_norms(model, inputs)
+    model[0].requires_grad_(False)
+    torch.testing.assert_close(persample_grad_norms(model, inputs).norms, expected, rtol=1e-10, atol=0)
+    head_only = persample_grad_norms(model, inputs, params="trainable").norms
+    torch.testing.assert_close(head_only, _loop_norms(model, inputs), rtol=1e-10, atol=0)  # the loop skips frozen ones
+    assert not model[0].weight.requires_grad  # the flags as they were

@@ -2,7 +2,7 @@
 TPAMI 2024). ID-high.
 
 Per sample, the gradient g of log Σ_j exp f_j w.r.t. the selected parameters
-(all trainable ones by default), normalised G = (g − z)/σ with the ID mean z
+(all parameters by default, frozen or not), normalised G = (g − z)/σ with the ID mean z
 and per-parameter std σ, projected G_low = G V onto K directions fitted on ID
 data (gradood.gradient_subspace): "pca" (top-K principal directions, K = 200
 by default, randomized subspace iteration with a fixed seed) or "class" (the

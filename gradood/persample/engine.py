@@ -87,23 +87,25 @@ def _refuse_sample_mixing(model: nn.Module, where: str) -> None:
 
 
 def _select(model: nn.Module, params: ParamSelector, where: str) -> Dict[str, nn.Parameter]:
+    """The parameters θ of the norm: all of them by default, whatever their
+    requires_grad flag (the papers' full-network gradient; freezing a backbone for
+    inference does not change the score); "trainable" for those with requires_grad;
+    names; or a predicate (name, parameter) -> bool over all of them."""
     named = dict(model.named_parameters())
-    trainable = {name: p for name, p in named.items() if p.requires_grad}
     if params is None:
-        selected = trainable
+        selected = named
+    elif isinstance(params, str) and params == "trainable":
+        selected = {name: p for name, p in named.items() if p.requires_grad}
     elif callable(params):
-        selected = {name: p for name, p in trainable.items() if params(name, p)}
+        selected = {name: p for name, p in named.items() if params(name, p)}
     else:
         names = [params] if isinstance(params, str) else list(params)
         unknown = [name for name in names if name not in named]
         if unknown:
             raise ValueError(f"{where}: params names unknown parameters: {unknown}")
-        frozen = [name for name in names if name not in trainable]
-        if frozen:
-            raise ValueError(f"{where}: params names frozen parameters (requires_grad=False): {frozen}")
-        selected = {name: trainable[name] for name in names}
+        selected = {name: named[name] for name in names}
     if not selected:
-        raise ValueError(f"{where}: no trainable parameter is selected")
+        raise ValueError(f"{where}: no parameter is selected (params={params!r})")
     return selected
 
 
@@ -525,12 +527,13 @@ def persample_grad_norms(
     logits: LogitsFn = None,
     verify: bool = True,
 ) -> PerSampleGradNorms:
-    """‖∇_θ ℓ(x_i)‖₂ over the selected trainable parameters θ, for each sample.
+    """‖∇_θ ℓ(x_i)‖₂ over the selected parameters θ, for each sample.
 
     loss: "ce_pred" (CE at the predicted label, temperature T: GRODIN),
     "ce" (with `targets`), "kl_uniform" (GradNorm's loss), "logsumexp", or a
-    callable logits [B, C] -> loss [B]. params: parameter names, or a predicate
-    (name, parameter) -> bool; default all trainable parameters.
+    callable logits [B, C] -> loss [B]. params: all parameters by default, whatever
+    their requires_grad flag (a frozen backbone still counts); "trainable" for those
+    with requires_grad; parameter names; or a predicate (name, parameter) -> bool.
 
     The model is left as it was: no `.grad` written, requires_grad flags
     restored and hooks removed, also when an exception is raised. Models whose
