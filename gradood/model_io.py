@@ -19,7 +19,7 @@ to the model.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -30,6 +30,21 @@ Inputs = Union[torch.Tensor, Mapping]
 LogitsFn = Optional[Callable[[Any], torch.Tensor]]
 #: Entries of a mapping batch that hold labels, not model inputs.
 LABEL_KEYS = ("labels", "label")
+
+
+class Call(NamedTuple):
+    """A module's input and output in one forward pass, their version counters
+    then (an in-place change since shows), and the module."""
+
+    input: torch.Tensor
+    output: torch.Tensor
+    input_version: int
+    output_version: int
+    module: nn.Module
+
+    @property
+    def untouched(self) -> bool:
+        return self.input._version == self.input_version and self.output._version == self.output_version
 
 
 def is_mapping(inputs: object) -> bool:

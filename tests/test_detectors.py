@@ -429,3 +429,56 @@ def test_a_std_of_the_wrong_length_is_named():
     detector = D.ODIN(model, eps_space="pixel", std=(0.2, 0.3))
     with pytest.raises(ValueError, match="std has 2 values but the input has 3 channels"):
         detector.score(torch.randn(2, 3, 6, 6))
+
+
+class _CosineLinear(nn.Linear):
+    """A cosine classifier: an nn.Linear subclass whose output is not weight·x + bias."""
+
+    def forward(self, x):
+        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1)) * 10
+
+
+class _HeadThenInPlace(nn.Module):
+    def __init__(self, head: nn.Module, inplace: bool):
+        super().__init__()
+        self.body, self.fc, self.inplace = nn.Linear(4, 6), head, inplace
+
+    def forward(self, x):
+        out = self.fc(torch.relu(self.body(x)))
+        if self.inplace:
+            out /= 2  # the logits are the head's own output tensor, changed after the head ran
+        return out
+
+
+@pytest.mark.parametrize("case", ["inplace", "cosine", "hook"])
+def test_a_head_whose_output_is_not_its_affine_map_of_its_input_is_refused(case):
+    """Equality of the captured output with the logits is not enough: the output may
+    have been divided in place after the head, produced by a subclass's own forward,
+    or replaced by a forward hook. The closed forms would be silently wrong."""
+    torch.manual_seed(0)
+    head = _CosineLinear(6, 3, bias=False) if case == "cosine" else nn.Linear(6, 3)
+    model, inputs = _HeadThenInPlace(head, case == "inplace").eval(), torch.randn(5, 4)
+    if case == "hook":
+        model.fc.register_forward_hook(lambda module, args, output: output * 3)
+    for make in (D.GradNorm, D.RG, D.ExGrad):
+        with pytest.raises(ValueError, match="pass head='<module name>'"):
+            make(model).score(inputs)
+        with pytest.raises(ValueError, match="was modified in place afterwards, is not its weight and bias applied"):
+            make(model, head="fc").score(inputs)
+    with pytest.raises(ValueError, match="produces the logits"):
+        gradood.OODHead(model, D.GradNorm(model), example_inputs=inputs)
+    assert D.MSP(model).score(inputs).shape == (5,)  # scores of the logits alone need no head
+
+
+def test_a_1x1_conv_head_counts_only_on_a_1x1_map():
+    class MapHead(nn.Module):  # logits = the 1×1 conv's [B, C, 2, 1] map flattened: no head(features) form
+        def __init__(self):
+            super().__init__()
+            self.body, self.classifier = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 3, 1)
+
+        def forward(self, x):
+            return self.classifier(self.body(x)).reshape(x.shape[0], -1)
+
+    model = MapHead().eval()
+    with pytest.raises(ValueError, match="pass head='<module name>'"):
+        D.GradNorm(model).score(torch.randn(2, 3, 2, 1))

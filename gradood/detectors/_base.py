@@ -132,7 +132,7 @@ class Detector:
         def hook(name):
             def capture(module, args, output):
                 if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                    captured[name] = (args[0], output)
+                    captured[name] = _head.Call(args[0], output, args[0]._version, output._version, module)
 
             return capture
 
@@ -150,8 +150,9 @@ class Detector:
                     modules = ", ".join(f"{n!r} ({type(self.model.get_submodule(n)).__name__})" for n in self._named_head)
                     raise ValueError(
                         f"{where}: head {modules} does not produce the model's logits {tuple(logits.shape)} (its output "
-                        "differs, or it was not called): the last-layer scores need logits = head(features), or the "
-                        "mean of two named heads"
+                        "differs, was modified in place afterwards, is not its weight and bias applied to its input, "
+                        "or it was not called): the last-layer scores need logits = head(features), or the mean of two "
+                        "named heads"
                     )
                 self._head = _head.Head(self._named_head, kind)
             else:

@@ -18,6 +18,13 @@ Three kinds, each recognised only by exact equality with the model's logits
   b = (b₁ + b₂)/2: ∇_W ℓ = (∂ℓ/∂f) vᵀ is exactly the joint gradient of both
   heads' weights, so every last-layer closed form of the model is the one of
   that head (the bias terms are those of the single bias b).
+
+A candidate is a module of class nn.Linear, or nn.Conv2d with a 1×1 kernel, or
+a subclass of either, and it is accepted only if the affine map of its weight
+and bias, recomputed on its captured input, gives its captured output (a cosine
+classifier subclassing nn.Linear is refused), and if neither tensor was modified
+in place after the call (`logits /= T` after the head would otherwise be taken
+for the head's own output). A 1×1 convolution counts only on a 1×1 map.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ from __future__ import annotations
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-#: (input, output) of each candidate module in one forward pass.
-Captured = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+from gradood.model_io import Call
+
+#: Each candidate's call in one forward pass, by module name.
+Captured = Dict[str, Call]
 HeadName = Union[str, Tuple[str, str]]
 
 KINDS = ("linear", "token", "mean")
@@ -53,11 +63,47 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
 
 
-def _flat_output(output: torch.Tensor, logits: torch.Tensor) -> Optional[torch.Tensor]:
-    """A candidate's output as [B, C] when it has the logits' batch and numel (a 1×1 conv's [B, C, 1, 1])."""
-    if output.shape[0] != logits.shape[0] or output.numel() != logits.numel() or output.dtype != logits.dtype:
+def _rows(call: Call) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(input [N, D], output [N, C]) of a candidate's call as rows, or None if it is
+    no affine head: a 1×1 conv on a map larger than 1×1."""
+    inputs, output = call.input, call.output
+    if isinstance(call.module, nn.Conv2d):
+        if inputs.dim() != 4 or inputs.shape[2:] != (1, 1) or output.dim() != 4 or output.shape[2:] != (1, 1):
+            return None
+        return inputs.flatten(1), output.flatten(1)
+    return inputs.reshape(-1, inputs.shape[-1]), output.reshape(-1, output.shape[-1])
+
+
+def is_affine(call: Call) -> bool:
+    """Whether the call's output is its weight and bias applied to its input (not modified since)."""
+    if not call.untouched:
+        return False
+    rows = _rows(call)
+    if rows is None:
+        return False
+    inputs, output = rows
+    weight = call.module.weight.detach().reshape(call.module.weight.shape[0], -1)
+    if inputs.shape[-1] != weight.shape[1] or output.shape[-1] != weight.shape[0]:
+        return False
+    bias = call.module.bias
+    with torch.no_grad():
+        recomputed = F.linear(inputs, weight.to(inputs.dtype), None if bias is None else bias.detach().to(inputs.dtype))
+    tolerance = {torch.float64: 1e-9, torch.float32: 1e-4}.get(output.dtype, 2e-2)
+    output = output.detach()
+    finite = torch.isfinite(output)
+    scale = float(output[finite].abs().max()) if bool(finite.any()) else 1.0
+    return recomputed.shape == output.shape and bool(torch.allclose(
+        recomputed.to(output.dtype)[finite], output[finite], rtol=tolerance, atol=tolerance * max(scale, 1e-30)))
+
+
+def _flat_output(call: Call, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """A candidate's output as [B, C]: a Linear's [B, C], a 1×1 conv's [B, C, 1, 1]."""
+    output = call.output
+    if output.dtype != logits.dtype or output.shape[0] != logits.shape[0]:
         return None
-    return output.reshape(logits.shape)
+    if output.shape == logits.shape or (output.dim() == 4 and output.shape[1:] == (logits.shape[1], 1, 1)):
+        return output.reshape(logits.shape)
+    return None
 
 
 def _token_positions(output: torch.Tensor, logits: torch.Tensor) -> Optional[torch.Tensor]:
@@ -71,12 +117,13 @@ def _token_positions(output: torch.Tensor, logits: torch.Tensor) -> Optional[tor
 
 
 def produces(head: Head, captured: Captured, logits: torch.Tensor) -> bool:
-    """Whether these head modules produced exactly these logits in this pass."""
-    if any(name not in captured for name in head.names):
+    """Whether these head modules, each an affine map of its input, produced exactly
+    these logits in this pass."""
+    if any(name not in captured or not is_affine(captured[name]) for name in head.names):
         return False
     if head.kind == "token":
-        return _token_positions(captured[head.names[0]][1], logits) is not None
-    outputs = [_flat_output(captured[name][1], logits) for name in head.names]
+        return _token_positions(captured[head.names[0]].output, logits) is not None
+    outputs = [_flat_output(captured[name], logits) for name in head.names]
     if any(output is None for output in outputs):
         return False
     if head.kind == "linear":
@@ -102,7 +149,7 @@ def find(captured: Captured, logits: torch.Tensor) -> Optional[Head]:
         for name in reversed(names):
             if produces(Head((name,), kind), captured, logits):
                 return Head((name,), kind)
-    shaped = [name for name in names if _flat_output(captured[name][1], logits) is not None]
+    shaped = [name for name in names if _flat_output(captured[name], logits) is not None]
     for second in reversed(range(len(shaped))):
         for first in reversed(range(second)):
             pair = Head((shaped[first], shaped[second]), "mean")
@@ -113,13 +160,19 @@ def find(captured: Captured, logits: torch.Tensor) -> Optional[Head]:
 
 def features(where: str, head: Head, captured: Captured, logits: torch.Tensor) -> torch.Tensor:
     """The penultimate features [B, D] of the head (see the module docstring)."""
+    for name in head.names:
+        if not captured[name].untouched:
+            raise ValueError(
+                f"{where}: the model modifies the input or output of its head {name!r} in place after the head ran, so "
+                "the logits are not head(features) and the last-layer scores would be wrong; return new tensors instead"
+            )
     if head.kind == "linear":
-        inputs = captured[head.names[0]][0]
+        inputs = captured[head.names[0]].input
         return inputs.reshape(inputs.shape[0], -1)
     if head.kind == "mean":
-        first, second = (captured[name][0] for name in head.names)
+        first, second = (captured[name].input for name in head.names)
         return torch.cat([first.reshape(first.shape[0], -1), second.reshape(second.shape[0], -1)], 1) / 2
-    inputs, output = captured[head.names[0]]
+    inputs, output = captured[head.names[0]].input, captured[head.names[0]].output
     matches = _token_positions(output, logits)
     if matches is None:
         raise ValueError(f"{where}: head {head.names[0]!r} is run on every token, but for some sample no token's "

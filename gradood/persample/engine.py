@@ -198,8 +198,8 @@ def _hand_over(model: nn.Module, layers: List[_Layer], hosts: Dict[str, str]) ->
 
 
 def _capture(captured: dict, name: str, module: nn.Module, args: tuple, output) -> None:
-    if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-        captured[name] = (args[0].detach(), output.detach())
+    if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):  # detached views share versions
+        captured[name] = model_io.Call(args[0].detach(), output.detach(), args[0]._version, output._version, module)
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
