@@ -114,3 +114,25 @@ def test_batch_norm_with_a_channels_last_output_gradient_is_exact():
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(persample_grad_norms(model, inputs).norms, torch.stack(expected), rtol=1e-10, atol=0)
     torch.testing.assert_close(persample_grad_norms(model, inputs[:1]).norms, expected[0][None], rtol=1e-10, atol=0)
+
+
+def test_a_first_call_on_one_sample_does_not_spare_a_larger_batch_the_check():
+    """One sample cannot show mixing; the layout is checked again when a call has more."""
+    torch.manual_seed(0)
+    model = _MixesSamples().double().eval()
+    inputs = torch.randn(5, 4, dtype=torch.float64)
+    persample_grad_norms(model, inputs[:1])  # exact for a batch of one
+    with pytest.raises(ValueError, match="single-sample check failed"):
+        persample_grad_norms(model, inputs)
+
+
+def test_a_hook_added_after_the_first_call_is_checked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    inputs = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(persample_grad_norms(model, inputs).norms, _loop_norms(model, inputs))
+    handle = model[0].register_forward_hook(lambda module, args, output: output * output)
+    with pytest.raises(ValueError, match="single-sample check failed"):
+        persample_grad_norms(model, inputs)
+    handle.remove()  # back to the first layout
+    torch.testing.assert_close(persample_grad_norms(model, inputs).norms, _loop_norms(model, inputs))

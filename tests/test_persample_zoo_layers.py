@@ -173,6 +173,30 @@ def test_an_embedding_on_ids_shared_by_the_batch_is_broadcast():
     assert dict(zip(result.layer_names, result.methods))["positions"] == "direct"  # the Embedding rule
 
 
+@pytest.mark.parametrize("calls", [1, 2])
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_an_embedding_scaling_gradients_by_frequency_divides_by_the_samples_own_counts(calls, padding_idx):
+    """scale_grad_by_freq: a sample alone divides each id's gradient by its count in
+    that sample (per call, for an embedding called twice); it used to be ignored."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(5, 4, padding_idx=padding_idx, scale_grad_by_freq=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, ids):
+            hidden = self.embed(ids)
+            if calls == 2:
+                hidden = hidden + self.embed(ids.flip(1)[:, :3]).mean(1, keepdim=True)
+            return self.head(torch.tanh(hidden).mean(1))
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 1, 1, 2, 0, 3], [4, 4, 2, 2, 2, 2], [0, 1, 2, 3, 4, 1]])
+    result = assert_exact(Tokens(), ids)
+    assert dict(zip(result.layer_names, result.methods))["embed"] == "direct"
+
+
 def _timm_bit():
     timm = zoo.timm_module()
     conv = functools.partial(timm.layers.StdConv2d, eps=1e-8)

@@ -63,7 +63,9 @@ class Layout:
     of the parameters handled op by op, and direct_layers the rule layers whose
     parameters became direct; steps: the pass's ops on them; replayed: module name
     -> its own parameters replayed with torch.func (fallback="torch.func").
-    verified: whether the single-sample check of the probe batch has passed."""
+    verified: how many distinct samples the single-sample check has passed on (it
+    checks up to 3; a first call with one sample cannot show mixing, so a later
+    call with more samples checks again)."""
 
     def __init__(self, batch_dims: Dict[Key, int], hosts: Dict[str, str], broadcast: Set[Key], direct: Set[str],
                  direct_layers: Set[str], steps: List[Step], replayed: Dict[str, Tuple[str, ...]],
@@ -71,7 +73,7 @@ class Layout:
         self.batch_dims, self.hosts, self.broadcast, self.folds = batch_dims, hosts, frozenset(broadcast), folds
         self.direct, self.direct_layers, self.steps = frozenset(direct), frozenset(direct_layers), steps
         self.replayed = replayed
-        self.verified = False
+        self.verified = 0
 
 
 def layer_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
@@ -187,12 +189,23 @@ def _layout_problem(shapes: Sequence[torch.Size]) -> str:
             "LayerNorm, RMSNorm, Embedding — may have it anywhere)")
 
 
+def _hooks(model: nn.Module) -> tuple:
+    """The forward hooks in place (each module's and the global ones, by handle id): a hook
+    added or removed after the first pass changes what the layers output, so the layout
+    (and its single-sample check) is found again."""
+    hooks = nn.modules.module
+    own = tuple((index, tuple(module._forward_hooks), tuple(module._forward_pre_hooks))
+                for index, module in enumerate(model.modules()) if module._forward_hooks or module._forward_pre_hooks)
+    return own, tuple(hooks._global_forward_hooks), tuple(hooks._global_forward_pre_hooks)
+
+
 def probe_layout(where: str, model: nn.Module, inputs: Inputs, layers: Sequence, sources: Sequence[Source],
                  use_fallback: bool) -> Layout:
     """The layout of this pass (cached per model, input signature and parameter
     selection); raises ValueError where no exact way is found."""
     key = (model_io.signature(inputs), use_fallback, tuple(source.name for source in sources),
-           tuple((layer.name, layer.parameter_names) for layer in layers), tuple(map(id, model.modules())))
+           tuple((layer.name, layer.parameter_names) for layer in layers), tuple(map(id, model.modules())),
+           _hooks(model))
     cache = _CACHE.setdefault(model, OrderedDict())
     if key in cache:
         cache.move_to_end(key)

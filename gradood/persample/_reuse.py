@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gradood.persample._grads import DenseLayerGradients, LayerGradients
+from gradood.persample.embedding import id_counts
 
 Pieces = Dict[Optional[str], tuple]
 
@@ -56,12 +57,17 @@ def concatenated(module: nn.Module, pieces: Pieces) -> Optional[Pieces]:
         return None
     uses = calls(pieces)
     batch = uses[0][None][0].shape[0]
+    grads = [use[None][1].reshape(batch, -1, use[None][1].shape[-1]) for use in uses]
     if isinstance(module, nn.Linear):
         inputs = torch.cat([use[None][0].reshape(batch, -1, use[None][0].shape[-1]) for use in uses], 1)
     else:
-        inputs = torch.cat([use[None][0].reshape(batch, -1) for use in uses], 1)
-    grads = torch.cat([use[None][1].reshape(batch, -1, use[None][1].shape[-1]) for use in uses], 1)
-    return {None: (inputs, grads)}
+        ids = [use[None][0].reshape(batch, -1) for use in uses]
+        inputs = torch.cat(ids, 1)
+        if module.scale_grad_by_freq:  # each call divides by its own counts; the rule will divide by all calls' counts
+            every = id_counts(module, inputs).split([part.shape[1] for part in ids], 1)
+            grads = [grad * (total.to(grad.dtype) / id_counts(module, part).to(grad.dtype)).unsqueeze(-1)
+                     for grad, total, part in zip(grads, every, ids)]
+    return {None: (inputs, torch.cat(grads, 1))}
 
 
 def summed_gradients(per_call: List[LayerGradients]) -> DenseLayerGradients:

@@ -36,7 +36,7 @@ from gradood.persample._workarounds import batch_norm_gradient_layout
 
 _TOLERANCE = {torch.float64: (1e-7, 1e-7), torch.float32: (1e-3, 1e-4)}
 _HALF_TOLERANCE = (5e-2, 1e-2)
-_PROBE = 3
+PROBE = 3  # samples checked
 _COPY_LIMIT = 1 << 27  # parameters: a float64 copy of larger models costs too much memory
 
 
@@ -56,7 +56,7 @@ def _projection(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _probe_batch(inputs):
-    count = min(_PROBE, model_io.batch_size(inputs))
+    count = min(PROBE, model_io.batch_size(inputs))
     return model_io.select(inputs, torch.arange(count)), count
 
 

@@ -1,4 +1,6 @@
-"""nn.Embedding: repeated ids within a sample add up; padding_idx gets no gradient.
+"""nn.Embedding: repeated ids within a sample add up; padding_idx gets no gradient;
+with scale_grad_by_freq each id's gradient is divided by its count in the sample
+(the sample's own gradient: autograd divides by the count in the batch it is given).
 
 A sample's gradient is non-zero only in the rows of the ids it holds, so both
 rules work on (sample, id) pairs and never on a one-hot over the vocabulary."""
@@ -23,12 +25,22 @@ def embedding_rule(module: nn.Embedding, inputs: torch.Tensor, grad_output: torc
     return RuleResult({"weight": squared}, "direct")
 
 
+def id_counts(module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T]: how often each position's id occurs in its sample (ids [B, T])."""
+    sample = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(ids)
+    _, slot, counts = torch.unique(sample * module.num_embeddings + ids, return_inverse=True, return_counts=True)
+    return counts[slot]
+
+
 def _sample_id_rows(module: nn.Embedding, inputs: torch.Tensor, grad_output: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """The non-zero rows of the per-sample gradients: for each distinct (sample i, id v)
-    with v ≠ padding_idx, (i, v, Σ_{t: id_t = v} g_t)."""
+    with v ≠ padding_idx, (i, v, Σ_{t: id_t = v} g_t), divided by that count under
+    scale_grad_by_freq."""
     batch = inputs.shape[0]
     ids = inputs.reshape(batch, -1)
     grads = grad_output.reshape(batch, ids.shape[1], -1)
+    if module.scale_grad_by_freq:
+        grads = grads / id_counts(module, ids).unsqueeze(-1).to(grads.dtype)
     sample = torch.arange(batch, device=ids.device).unsqueeze(1).expand_as(ids)
     keep = torch.ones_like(ids, dtype=torch.bool) if module.padding_idx is None else ids != module.padding_idx
     keys = (sample * module.num_embeddings + ids)[keep]

@@ -268,12 +268,13 @@ def _run_pass(
     layers, functional, sources = _layers(model, _select(model, params, where), functional_params, where)
     layout = probe_layout(where, model, inputs, layers, sources, fallback == "torch.func")
     layers, sources = _apply_layout(model, layers, sources, layout)
-    if verify is not None and not layout.verified:
-        layout.verified = True  # the check's own passes run with this layout
+    checked = min(batch, _verify.PROBE)
+    if verify is not None and layout.verified < checked:
+        before, layout.verified = layout.verified, checked  # the check's own passes run with this layout
         try:
             verify(layout)
         except BaseException:
-            layout.verified = False
+            layout.verified = before
             raise
 
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
