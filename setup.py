@@ -100,6 +100,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        # Model zoos the interface tests and benchmarks/zoo_sweep.py build models from.
+        "zoo": ["transformers", "timm"],
         # `gradood demo`: its data sets ship with scikit-learn and scikit-image; plots need matplotlib.
         "demo": ["scikit-learn", "scikit-image", "matplotlib"],
         # examples/serving: an ASGI app on Starlette, served by uvicorn.

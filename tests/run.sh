@@ -14,6 +14,13 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install --upgrade pip
 python -m pip install "setuptools>=64" wheel ninja numpy pytest pytest-benchmark hypothesis
+# The model zoos the interface tests build models from (random weights, no download).
+# timm and torchvision without their dependencies: pip would otherwise replace a CPU
+# torch by the CUDA build. On the test machines this torchvision wheel is built for a
+# CUDA torch; gradood.testing.import_torchvision loads its Python side without its
+# compiled operators (users have a torchvision matching their torch).
+python -m pip install "transformers==5.24.0" huggingface_hub safetensors pyyaml pillow
+python -m pip install --no-deps "timm==1.0.31" "torchvision==0.28.0"
 # No build isolation: an isolated build would fetch another torch (setup.py says why).
 python -m pip install --no-build-isolation -e ".[demo,serving,test]"
 

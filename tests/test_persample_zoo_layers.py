@@ -197,6 +197,31 @@ def test_an_embedding_scaling_gradients_by_frequency_divides_by_the_samples_own_
     assert dict(zip(result.layer_names, result.methods))["embed"] == "direct"
 
 
+class _SharedTableMLP(nn.Module):
+    """As timm's Swin V2 continuous position bias: an MLP on a [1, N, 2] table whose
+    output is reshaped to [N, heads] and indexed, so expanding that table to the batch
+    (as for BERT's position ids) would change what the model computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(1, 5, 2))
+        self.register_buffer("index", torch.randint(0, 5, (6,)))
+        self.mlp, self.head = nn.Linear(2, 2), nn.Linear(4, 3)
+
+    def forward(self, x):
+        bias = self.mlp(self.table).view(-1, 2)[self.index]
+        return self.head(torch.tanh(x + bias.repeat(1, 2)).mean(1))
+
+
+def test_a_layer_on_a_shared_table_reshaped_after_it_is_found_direct_after_the_check():
+    torch.manual_seed(0)
+    model = _SharedTableMLP()
+    first = assert_exact(model, torch.randn(1, 6, 4))  # one sample: the broadcast layout passes the check
+    second = assert_exact(model, torch.randn(5, 6, 4))  # five: it does not; the direct layout does
+    assert "mlp" in first.layer_names and {"mlp.weight", "mlp.bias"} <= set(second.layer_names)  # op by op
+    assert_exact(model, torch.randn(4, 6, 4))  # and is kept
+
+
 def _timm_bit():
     timm = zoo.timm_module()
     conv = functools.partial(timm.layers.StdConv2d, eps=1e-8)

@@ -13,7 +13,10 @@ every op on a parameter by gradood.persample._direct.ProbeTracker:
   and the pass moves it to the front; one whose input has a leading dimension
   of 1 at both sizes (BERT's position ids, shared by the batch) is *broadcast*:
   the pass expands its input and output to the batch, so each sample's output
-  gradient is its own. Any other layer without a batch-first input (one applied
+  gradient is its own (where the model then reshapes that output so that the
+  expansion changes what it computes — Swin V2's `mlp(table).view(-1, heads)` —
+  the single-sample check fails, and the layout is found again with no layer
+  broadcast, those layers becoming direct). Any other layer without a batch-first input (one applied
   to a table all samples share, such as Swin V2's relative position MLP, or a
   conv fed a batch-last tensor) has its parameters handled as direct parameters.
 - A parameter used by an op while its module's forward is not running (a
@@ -33,6 +36,8 @@ computed once per combination and kept with the model (weakly).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import weakref
 from collections import OrderedDict
@@ -51,6 +56,29 @@ from gradood.persample.fallback import torch_func_rule
 _PROBE_SIZES = (2, 3)
 _CACHE_PER_MODEL = 8
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_BROADCAST = contextvars.ContextVar("gradood_persample_broadcast", default=True)
+
+
+@contextlib.contextmanager
+def without_broadcast():
+    """Layouts found inside treat layers on a shared leading-1 input as direct ones."""
+    token = _BROADCAST.set(False)
+    try:
+        yield
+    finally:
+        _BROADCAST.reset(token)
+
+
+def cache_key(model: nn.Module, inputs: Inputs, layers: Sequence, sources: Sequence[Source], use_fallback: bool,
+              broadcast: bool) -> tuple:
+    return (model_io.signature(inputs), use_fallback, tuple(source.name for source in sources),
+            tuple((layer.name, layer.parameter_names) for layer in layers), tuple(map(id, model.modules())),
+            _hooks(model), broadcast)
+
+
+def remember(model: nn.Module, key: tuple, layout: "Layout") -> None:
+    """Keeps `layout` for calls with this key (the broadcast-free one after a failed check)."""
+    _CACHE.setdefault(model, OrderedDict())[key] = layout
 
 Key = Tuple[str, Optional[str]]  # (layer, piece)
 
@@ -74,6 +102,7 @@ class Layout:
         self.direct, self.direct_layers, self.steps = frozenset(direct), frozenset(direct_layers), steps
         self.replayed = replayed
         self.verified = 0
+        self.broadcast_allowed = True
 
 
 def layer_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
@@ -203,9 +232,8 @@ def probe_layout(where: str, model: nn.Module, inputs: Inputs, layers: Sequence,
                  use_fallback: bool) -> Layout:
     """The layout of this pass (cached per model, input signature and parameter
     selection); raises ValueError where no exact way is found."""
-    key = (model_io.signature(inputs), use_fallback, tuple(source.name for source in sources),
-           tuple((layer.name, layer.parameter_names) for layer in layers), tuple(map(id, model.modules())),
-           _hooks(model))
+    broadcast = _BROADCAST.get()
+    key = cache_key(model, inputs, layers, sources, use_fallback, broadcast)
     cache = _CACHE.setdefault(model, OrderedDict())
     if key in cache:
         cache.move_to_end(key)
@@ -219,7 +247,8 @@ def probe_layout(where: str, model: nn.Module, inputs: Inputs, layers: Sequence,
             f"{where}: running the model on probe batches of {_PROBE_SIZES[0]} and {_PROBE_SIZES[1]} samples (to find "
             f"each layer's batch dimension) failed: {type(error).__name__}: {error}"
         ) from error
-    layout = _decide(where, layers, sources, probes, use_fallback)
+    layout = _decide(where, layers, sources, probes, use_fallback, broadcast)
+    layout.broadcast_allowed = broadcast  # its check's own passes must find it again
     cache[key] = layout
     while len(cache) > _CACHE_PER_MODEL:
         cache.popitem(last=False)
@@ -232,7 +261,8 @@ def _is_broadcast(shapes: Sequence[torch.Size]) -> bool:
     return first == second and len(first) >= 1 and first[0] == 1
 
 
-def _decide(where: str, layers: Sequence, sources: Sequence[Source], probes: List[_Probe], use_fallback: bool) -> Layout:
+def _decide(where: str, layers: Sequence, sources: Sequence[Source], probes: List[_Probe], use_fallback: bool,
+            allow_broadcast: bool = True) -> Layout:
     by_name = {layer.name: layer for layer in layers}
     rule_layers = {layer.name for layer in layers if layer.rule is not torch_func_rule}
     batch_dims: Dict[Key, int] = {}
@@ -288,7 +318,7 @@ def _decide(where: str, layers: Sequence, sources: Sequence[Source], probes: Lis
             if dim is not None:
                 batch_dims[key] = dim
                 continue
-            if _is_broadcast(shapes):
+            if allow_broadcast and _is_broadcast(shapes):
                 broadcast.add(key)
                 continue
             fold = folded_factor(shapes[0], shapes[1], _PROBE_SIZES)

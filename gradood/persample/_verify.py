@@ -89,8 +89,12 @@ def _tolerance(dtype: torch.dtype) -> Tuple[float, float]:
     return _TOLERANCE.get(dtype, _HALF_TOLERANCE)
 
 
+class CheckFailed(ValueError):
+    """The single-sample check found per-sample gradients that are not the samples' own."""
+
+
 def _explain(where: str, problems: List[str]) -> ValueError:
-    return ValueError(
+    return CheckFailed(
         f"{where}: the single-sample check failed: the per-sample gradients this pass computes for a probe batch "
         f"differ from autograd run on each sample alone, for {'; '.join(problems[:3])}"
         f"{' and more' if len(problems) > 3 else ''}. The model mixes or reorders the samples of a batch (statistics "

@@ -25,6 +25,7 @@ from gradood.persample import attention, conv, embedding, linear, norm, std_conv
 from gradood.persample._direct import PassTracker, Source
 from gradood.persample._direct_grads import DirectGradients, contributions
 from gradood.persample._grads import DenseLayerGradients, LayerGradients
+from gradood.persample import _layout
 from gradood.persample._layout import probe_layout
 from gradood.persample import _verify
 from gradood.persample._caches import empty_tensor_caches
@@ -197,6 +198,38 @@ def _hand_over(model: nn.Module, layers: List[_Layer], hosts: Dict[str, str]) ->
     return list(result.values())
 
 
+def _checked(where: str, model: nn.Module, inputs: Inputs, layers: List[_Layer], sources: List[Source],
+             use_fallback: bool, layout, batch: int, verify: Callable[[object], None]):
+    """The layout after the single-sample check; where it fails with layers broadcast
+    over a shared leading-1 input, the layout found with none broadcast if that one
+    passes (kept for later calls), else the first failure."""
+
+    def check(candidate) -> None:
+        before, candidate.verified = candidate.verified, min(batch, _verify.PROBE)
+        try:
+            with contextlib.nullcontext() if candidate.broadcast_allowed else _layout.without_broadcast():
+                verify(candidate)
+        except BaseException:
+            candidate.verified = before
+            raise
+
+    try:
+        check(layout)
+        return layout
+    except _verify.CheckFailed as error:
+        if not layout.broadcast or not layout.broadcast_allowed:
+            raise
+        first = error
+    with _layout.without_broadcast():
+        retry = probe_layout(where, model, inputs, layers, sources, use_fallback)
+        try:
+            check(retry)
+        except _verify.CheckFailed:
+            raise first from None
+    _layout.remember(model, _layout.cache_key(model, inputs, layers, sources, use_fallback, True), retry)
+    return retry
+
+
 def _capture(captured: dict, name: str, module: nn.Module, args: tuple, output) -> None:
     if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):  # detached views share versions
         captured[name] = model_io.Call(args[0].detach(), output.detach(), args[0]._version, output._version, module)
@@ -267,15 +300,9 @@ def _run_pass(
         raise ValueError(f"{where}: fallback must be None or 'torch.func', got {fallback!r}")
     layers, functional, sources = _layers(model, _select(model, params, where), functional_params, where)
     layout = probe_layout(where, model, inputs, layers, sources, fallback == "torch.func")
+    if verify is not None and layout.verified < min(batch, _verify.PROBE):
+        layout = _checked(where, model, inputs, layers, sources, fallback == "torch.func", layout, batch, verify)
     layers, sources = _apply_layout(model, layers, sources, layout)
-    checked = min(batch, _verify.PROBE)
-    if verify is not None and layout.verified < checked:
-        before, layout.verified = layout.verified, checked  # the check's own passes run with this layout
-        try:
-            verify(layout)
-        except BaseException:
-            layout.verified = before
-            raise
 
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
     direct = DirectGradients(sources, batch, contributions(layout.steps), squared_only, compute_dtype(_model_dtype(model)))
