@@ -259,6 +259,8 @@ HF_MODELS = {
     "vit": (zoo.hf_vit, zoo.image_batch, ("cls_token",)),
     "deit-distilled": (zoo.hf_deit_distilled, zoo.image_batch, ("cls_token", "distillation_token")),
     "convnext": (zoo.hf_convnext, zoo.image_batch, ()),
+    "bit": (zoo.hf_bit, zoo.image_batch, ()),
+    "bit-same-padding": (functools.partial(zoo.hf_bit, padding="SAME"), functools.partial(zoo.image_batch, size=33), ()),
 }
 
 
@@ -266,4 +268,4 @@ HF_MODELS = {
 def test_hugging_face_models_match_the_loop_without_options(name):
     build, batch, slow = HF_MODELS[name]
     torch.manual_seed(0)
-    assert_exact(build(), batch(3), slow_allowed=slow, gradients=name in ("bert", "gpt2"))
+    assert_exact(build(), batch(3), slow_allowed=slow, gradients=name in ("bert", "gpt2", "bit-same-padding"))

@@ -51,6 +51,15 @@ def hf_convnext(num_labels: int = 5):
     return T.ConvNextForImageClassification(config).eval()
 
 
+def hf_bit(num_labels: int = 5, padding=None):
+    """Hugging Face BiT: WeightStandardizedConv2d (with a dynamic 'SAME' pad module where
+    padding='SAME') and GroupNormActivation."""
+    T = transformers_module()
+    config = T.BitConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=4, global_padding=padding,
+                         num_labels=num_labels)
+    return T.BitForImageClassification(config).eval()
+
+
 def hf_bert(num_labels: int = 3):
     T = transformers_module()
     config = T.BertConfig(**TINY, vocab_size=100, max_position_embeddings=32, num_labels=num_labels)

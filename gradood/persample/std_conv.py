@@ -1,6 +1,8 @@
 """Weight-standardised convolutions: timm's StdConv2d and StdConv2dSame (BiT,
-ViT-hybrid), ScaledStdConv2d and ScaledStdConv2dSame (NFNets). Matched by
-qualified name, so gradood does not import timm.
+ViT-hybrid), ScaledStdConv2d and ScaledStdConv2dSame (NFNets), and transformers'
+WeightStandardizedConv2d (Hugging Face BiT and ViT-hybrid; the same
+standardisation, after its optional dynamic 'SAME' padding module `pad`).
+Matched by qualified name, so gradood imports neither library.
 
 The forward convolves with W = c ⊙ ŵ, where per output channel o, over its
 N = C_in/groups · kh · kw weights,
@@ -36,11 +38,16 @@ from gradood.persample._rules import RuleResult, prefers_ghost, register_rule
 from gradood.persample.conv import _as_conv2d, _padded, conv_grads
 
 _PREFIX = "timm.layers.std_conv."
-STD_CONVS = tuple(_PREFIX + name for name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"))
+STD_CONVS = tuple(_PREFIX + name for name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")) + (
+    "transformers.models.bit.modeling_bit.WeightStandardizedConv2d",)
 
 
 def _same_padded(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The *Same classes pad dynamically (TF 'SAME') before their static padding."""
+    """The *Same classes pad dynamically (TF 'SAME') before their static padding;
+    transformers' class with its `pad` module where it has one."""
+    pad = getattr(module, "pad", None)
+    if isinstance(pad, nn.Module):
+        return pad(inputs)
     if getattr(module, "same_pad", False):
         from timm.layers.padding import pad_same  # the class is timm's, so timm is loaded
 
