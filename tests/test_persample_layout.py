@@ -230,3 +230,35 @@ def test_a_model_failing_on_the_probe_batch_is_reported_and_left_clean():
     with pytest.raises(RuntimeError, match="probe batches of 2 and 3 samples.*this model takes batches of 4"):
         persample_grad_norms(model, inputs)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class _Recurrent(nn.Module):
+    """nn.LSTM (several outputs, a fused kernel vmap cannot batch), batch-first or not."""
+
+    def __init__(self, batch_first: bool, bidirectional: bool):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5, batch_first=batch_first, bidirectional=bidirectional)
+        self.head = nn.Linear(5 * (1 + bidirectional), 3)
+
+    def forward(self, x):
+        if not self.rnn.batch_first:
+            x = x.transpose(0, 1)
+        out, _ = self.rnn(x)
+        return self.head((out if self.rnn.batch_first else out.transpose(0, 1)).mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_an_lstm_is_replayed_by_its_parent_one_sample_at_a_time(batch_first, bidirectional):
+    """The LSTM returns a tuple, so the replay goes to the module around it, and vmap
+    cannot batch its kernel, so the replay loops over the samples: exact, and the
+    error without the fallback says which option to pass."""
+    torch.manual_seed(0)
+    model = _Recurrent(batch_first, bidirectional).double().eval()
+    inputs = torch.randn(3, 6, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"rnn.*fallback='torch.func'"):
+        persample_grad_norms(model, inputs)
+    result = persample_grad_norms(model, inputs, fallback="torch.func", per_layer=True)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-10, atol=1e-12)
+    assert "torch.func" in result.methods
+    _check_operator(persample_gradients(model, inputs, loss="logsumexp", fallback="torch.func"), _loop_grads(model, inputs))

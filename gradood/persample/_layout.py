@@ -151,6 +151,9 @@ class _Probe:
 
     def leave(self, module, args, output) -> None:
         name = self.stack.pop()
+        seen = self.shapes.get((name, None))
+        if seen is not None and seen[2] and not isinstance(output, torch.Tensor):  # a replay needs one tensor out too
+            self.shapes[(name, None)] = (seen[0], seen[1], False)
         if self.tracker is not None and name in self.layer_names:
             self.tracker.layer_output(output, name)
 

@@ -5,9 +5,11 @@ handed over to it (gradood/persample/_layout.py).
 
 For a module called once with one input tensor x (batch first) and receiving the
 output gradient g, sample i's gradient w.r.t. the module's own parameters θ is
-∇_θ ⟨g_i, module_θ(x_i)⟩, computed for every i with vmap(grad(...)). Exact for
-any module whose output for a sample depends only on that sample's input;
-it costs a per-sample forward and backward of the module, and B × |θ| memory.
+∇_θ ⟨g_i, module_θ(x_i)⟩, computed for every i with vmap(grad(...)), or, where
+vmap cannot batch the module's ops (nn.LSTM/GRU's fused kernels), with grad(...)
+in a loop over the samples. Exact for any module whose output for a sample
+depends only on that sample's input; it costs a per-sample forward and backward
+of the module, and B × |θ| memory.
 """
 
 from __future__ import annotations
@@ -30,9 +32,13 @@ def _per_sample_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torc
         output = torch.func.functional_call(module, {**parameters, **constants}, (sample.unsqueeze(0),))
         return (output * sample_grad.unsqueeze(0)).sum()
 
-    return torch.func.vmap(torch.func.grad(inner_product), in_dims=(None, 0, 0))(
-        {name: parameter.detach() for name, parameter in own.items()}, inputs, grad_output
-    )
+    detached = {name: parameter.detach() for name, parameter in own.items()}
+    try:
+        return torch.func.vmap(torch.func.grad(inner_product), in_dims=(None, 0, 0))(detached, inputs, grad_output)
+    except RuntimeError:  # an op vmap cannot batch: one sample at a time
+        one = torch.func.grad(inner_product)
+        grads = [one(detached, inputs[index], grad_output[index]) for index in range(inputs.shape[0])]
+        return {name: torch.stack([grad[name] for grad in grads]) for name in own}
 
 
 def torch_func_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor, names: Tuple[str, ...]) -> RuleResult:
