@@ -482,3 +482,41 @@ def test_a_1x1_conv_head_counts_only_on_a_1x1_map():
     model = MapHead().eval()
     with pytest.raises(ValueError, match="pass head='<module name>'"):
         D.GradNorm(model).score(torch.randn(2, 3, 2, 1))
+
+
+class _TemperedClamped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.fc = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.temperature, self.limit = 1.0, None
+
+    def forward(self, x):
+        logits = self.fc(torch.relu(self.body(x))) / self.temperature
+        return logits if self.limit is None else logits.clamp(-self.limit, self.limit)
+
+
+@pytest.mark.parametrize("change", ["hook", "temperature", "clamp"])
+def test_the_head_is_checked_on_every_call_not_only_when_found(change):
+    """After a first call finds the head, a hook added to it, a temperature set after
+    it, or a clamp that only some batches reach used to be scored as head(features)."""
+    torch.manual_seed(0)
+    model, inputs = _TemperedClamped().eval(), torch.randn(5, 4)
+    if change == "clamp":
+        model.limit = float(model(inputs).abs().max()) + 1  # the first batch stays inside it
+    for make in (D.GradNorm, D.RG, D.ReAct):
+        detector = make(model)
+        if make is D.ReAct:
+            detector.fit([inputs])
+        detector.score(inputs)
+        handle = None
+        if change == "hook":
+            handle = model.fc.register_forward_hook(lambda module, args, output: output * 3)
+        elif change == "temperature":
+            model.temperature = 0.25
+        with pytest.raises(ValueError, match="did not produce the model's logits"):
+            detector.score(inputs * 40 if change == "clamp" else inputs)
+        if handle is not None:
+            handle.remove()
+        model.temperature = 1.0
+        torch.testing.assert_close(detector.score(inputs), make(model).fit([inputs]).score(inputs)
+                                   if make is D.ReAct else make(model).score(inputs))

@@ -140,7 +140,8 @@ class Detector:
 
     def head_features(self, captured: _head.Captured, logits: torch.Tensor) -> torch.Tensor:
         """The penultimate features [B, D] from a pass's captures: finds (or checks) the
-        head on the first call; [B, 0] for a detector that uses none on a model
+        head on the first call, checks on every call that it still produces the logits
+        (output equality and a random projection of its affine map: O(B·D) work); [B, 0] for a detector that uses none on a model
         without a head."""
         where = type(self).__name__
         if self._head is None and not self._headless:
@@ -168,6 +169,13 @@ class Detector:
                 else:
                     self._head = found
                     self.head_name = found.name
+        elif self._head is not None and not _head.produces(self._head, captured, logits):
+            raise ValueError(
+                f"{where}: on this batch the head {self.head_name!r} did not produce the model's logits (its output "
+                "differs from them, was modified in place afterwards, or is not its weight and bias applied to its "
+                "input: a hook, a temperature or a clamp after the head changed since the first call), so the "
+                "last-layer scores would be wrong; the model must keep logits = head(features)"
+            )
         if self._headless:
             return logits.new_zeros(logits.shape[0], 0)
         return _head.features(where, self._head, captured, logits)
