@@ -136,3 +136,61 @@ def test_a_hook_added_after_the_first_call_is_checked():
         persample_grad_norms(model, inputs)
     handle.remove()  # back to the first layout
     torch.testing.assert_close(persample_grad_norms(model, inputs).norms, _loop_norms(model, inputs))
+
+
+class _CentredLogits(nn.Module):
+    """Logits centred over the batch: a sample alone has all-zero logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        logits = self.head(torch.tanh(self.a(x)))
+        return logits - logits.mean(0, keepdim=True)
+
+
+class _TableClassBias(nn.Module):
+    """A class bias from an MLP on a [1, 2, 3] table, averaged over the table's rows:
+    no sample mixing, but a broadcast of the table would split each sample's gradient
+    over every copy; with one output gradient for all samples that split cancels."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(1, 2, 3))
+        self.mlp, self.head = nn.Linear(3, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x)) + self.mlp(self.table).mean((0, 1))
+
+
+@pytest.mark.parametrize("build", [_CentredLogits, _TableClassBias], ids=["centred", "table-bias"])
+def test_the_check_gives_each_probe_sample_its_own_output_gradient(build):
+    torch.manual_seed(0)
+    model = build().double().eval()
+    inputs = torch.randn(5, 4, dtype=torch.float64)
+    try:
+        got = persample_grad_norms(model, inputs).norms
+    except ValueError as error:
+        assert "single-sample check failed" in str(error)
+    else:
+        torch.testing.assert_close(got, _loop_norms(model, inputs))
+
+
+def test_identical_samples_do_not_count_as_checked():
+    torch.manual_seed(0)
+    model = _MixesSamples().double().eval()
+    persample_grad_norms(model, torch.zeros(4, 4, dtype=torch.float64))  # all rows equal: nothing to see
+    with pytest.raises(ValueError, match="single-sample check failed"):
+        persample_grad_norms(model, torch.randn(5, 4, dtype=torch.float64))
+
+
+def test_a_forward_replaced_after_the_first_call_is_checked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+    inputs = torch.randn(5, 4, dtype=torch.float64)
+    persample_grad_norms(model, inputs)
+    plain = model[1].forward
+    model[1].forward = lambda x: plain(x - x.mean(0, keepdim=True))  # now mixes the samples
+    with pytest.raises(ValueError, match="single-sample check failed"):
+        persample_grad_norms(model, inputs)

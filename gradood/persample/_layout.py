@@ -92,8 +92,8 @@ class Layout:
     parameters became direct; steps: the pass's ops on them; replayed: module name
     -> its own parameters replayed with torch.func (fallback="torch.func").
     verified: how many distinct samples the single-sample check has passed on (it
-    checks up to 3; a first call with one sample cannot show mixing, so a later
-    call with more samples checks again)."""
+    checks up to 3; a first call with one sample, or with identical ones, cannot
+    show mixing, so a later call with more distinct samples checks again)."""
 
     def __init__(self, batch_dims: Dict[Key, int], hosts: Dict[str, str], broadcast: Set[Key], direct: Set[str],
                  direct_layers: Set[str], steps: List[Step], replayed: Dict[str, Tuple[str, ...]],
@@ -222,13 +222,19 @@ def _layout_problem(shapes: Sequence[torch.Size]) -> str:
 
 
 def _hooks(model: nn.Module) -> tuple:
-    """The forward hooks in place (each module's and the global ones, by handle id): a hook
-    added or removed after the first pass changes what the layers output, so the layout
-    (and its single-sample check) is found again."""
+    """What decides the modules' behaviour that the module ids do not: the forward hooks
+    in place (each module's and the global ones, by handle id), instance forwards and
+    classes. One added, removed or replaced after the first pass changes what the layers
+    output, so the layout (and its single-sample check) is found again. Behaviour that
+    changes while all these stay (a flag read in forward) is not seen: check again with
+    a fresh model object, or compare with gradood.testing's loops."""
     hooks = nn.modules.module
     own = tuple((index, tuple(module._forward_hooks), tuple(module._forward_pre_hooks))
                 for index, module in enumerate(model.modules()) if module._forward_hooks or module._forward_pre_hooks)
-    return own, tuple(hooks._global_forward_hooks), tuple(hooks._global_forward_pre_hooks)
+    replaced = tuple((index, type(module), id(module.__dict__.get("forward"))) for index, module in enumerate(model.modules())
+                     if "forward" in module.__dict__)  # an instance forward set after the first call
+    classes = tuple(map(type, model.modules()))  # a __class__ swapped
+    return own, replaced, classes, tuple(hooks._global_forward_hooks), tuple(hooks._global_forward_pre_hooks)
 
 
 def probe_layout(where: str, model: nn.Module, inputs: Inputs, layers: Sequence, sources: Sequence[Source],

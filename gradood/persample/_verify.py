@@ -40,24 +40,48 @@ PROBE = 3  # samples checked
 _COPY_LIMIT = 1 << 27  # parameters: a float64 copy of larger models costs too much memory
 
 
-def _projection(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    """ℓ(f) = ⟨r, f⟩ with r fixed by a seeded generator (one per class count)."""
+def _projection(dtype: torch.dtype) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """ℓ_i(f) = ⟨r_i, f⟩ for the probe sample at position i (from `first`), each r_i its
+    own seeded random vector: a per-sample output gradient that differs between samples,
+    so errors that cancel when all samples get the same one (logits centred over the
+    batch, a shared table's gradient split evenly between its copies) show."""
     cache: Dict[int, torch.Tensor] = {}
 
-    def loss(logits: torch.Tensor) -> torch.Tensor:
+    def loss(logits: torch.Tensor, first: int = 0) -> torch.Tensor:
         count = logits.shape[1]
         if count not in cache:
             generator = torch.Generator().manual_seed(1234 + count)
-            cache[count] = torch.randn(count, generator=generator, dtype=torch.float64)
-        return logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32) @ \
-            cache[count].to(logits.device, torch.float64 if logits.dtype == torch.float64 else torch.float32)
+            cache[count] = torch.randn(PROBE, count, generator=generator, dtype=torch.float64)
+        compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        rows = cache[count][first : first + logits.shape[0]].to(logits.device, compute)
+        return (logits.to(compute) * rows).sum(1)
 
     return loss
 
 
+def distinct_samples(inputs, limit: int = PROBE) -> torch.Tensor:
+    """Indices of up to `limit` samples that differ pairwise in some input tensor (the first
+    ones found): identical samples cannot show a model that mixes them."""
+    batch = model_io.batch_size(inputs)
+    rows = [tensor.reshape(batch, -1) for tensor in model_io.tensors(inputs).values()
+            if tensor.dim() > 0 and tensor.shape[0] == batch]
+    kept = [0]
+    new = torch.ones(batch, dtype=torch.bool)
+    while len(kept) < min(limit, batch):
+        differs = torch.zeros(batch, dtype=torch.bool)
+        for row in rows:
+            differs |= (row != row[kept[-1]]).any(1).cpu()
+        new &= differs
+        found = torch.nonzero(new)
+        if found.numel() == 0:
+            break
+        kept.append(int(found[0]))
+    return torch.tensor(kept)
+
+
 def _probe_batch(inputs):
-    count = min(PROBE, model_io.batch_size(inputs))
-    return model_io.select(inputs, torch.arange(count)), count
+    index = distinct_samples(inputs)
+    return model_io.select(inputs, index), index.numel()
 
 
 def single_sample_gradients(model: nn.Module, inputs, count: int, names: Sequence[str], logits_fn,
@@ -73,11 +97,11 @@ def single_sample_gradients(model: nn.Module, inputs, count: int, names: Sequenc
         chosen = [parameters[name] for name in names]
         for parameter in chosen:
             parameter.requires_grad_(True)
-        for index in range(count):
+        for index in range(count):  # loss(logits, index): the sample's own projection
             sample = model_io.select(inputs, torch.tensor([index]))
             with torch.enable_grad(), empty_tensor_caches(model), batch_norm_gradient_layout(model):
                 logits = model_io.checked_logits("the single-sample check", model_io.call(model, sample), 1, logits_fn)
-                grads = torch.autograd.grad(loss(logits).sum(), chosen, allow_unused=True)
+                grads = torch.autograd.grad(loss(logits, index).sum(), chosen, allow_unused=True)
             out.append(dict(zip(names, grads)))
     finally:
         for parameter, flag in flags.items():

@@ -199,13 +199,13 @@ def _hand_over(model: nn.Module, layers: List[_Layer], hosts: Dict[str, str]) ->
 
 
 def _checked(where: str, model: nn.Module, inputs: Inputs, layers: List[_Layer], sources: List[Source],
-             use_fallback: bool, layout, batch: int, verify: Callable[[object], None]):
+             use_fallback: bool, layout, distinct: int, verify: Callable[[object], None]):
     """The layout after the single-sample check; where it fails with layers broadcast
     over a shared leading-1 input, the layout found with none broadcast if that one
     passes (kept for later calls), else the first failure."""
 
     def check(candidate) -> None:
-        before, candidate.verified = candidate.verified, min(batch, _verify.PROBE)
+        before, candidate.verified = candidate.verified, distinct
         try:
             with contextlib.nullcontext() if candidate.broadcast_allowed else _layout.without_broadcast():
                 verify(candidate)
@@ -301,7 +301,9 @@ def _run_pass(
     layers, functional, sources = _layers(model, _select(model, params, where), functional_params, where)
     layout = probe_layout(where, model, inputs, layers, sources, fallback == "torch.func")
     if verify is not None and layout.verified < min(batch, _verify.PROBE):
-        layout = _checked(where, model, inputs, layers, sources, fallback == "torch.func", layout, batch, verify)
+        distinct = _verify.distinct_samples(inputs).numel()  # only these can show samples being mixed
+        if layout.verified < distinct:
+            layout = _checked(where, model, inputs, layers, sources, fallback == "torch.func", layout, distinct, verify)
     layers, sources = _apply_layout(model, layers, sources, layout)
 
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
