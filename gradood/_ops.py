@@ -28,12 +28,27 @@ def _terms_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_like(op: str, reference_name: str, reference: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    """As the compiled kernels check: every given tensor has the reference's dtype and device.
+    A fake kernel runs for any meta input, so without this a CPU tensor beside a meta one
+    got an uninitialised CPU result."""
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        torch._check(tensor.dtype == reference.dtype,
+                     lambda: f"{op}: {name} must have the dtype of {reference_name} ({reference.dtype}), got {tensor.dtype}")
+        torch._check(tensor.device == reference.device,
+                     lambda: f"{op}: {name} must be on the device of {reference_name} ({reference.device}), got "
+                             f"{tensor.device}")
+
+
 @torch.library.register_fake("gradood::lastlayer_terms")
 def _lastlayer_terms_fake(logits, features, temperature, clip):
     torch._check(logits.dim() == 2, lambda: f"lastlayer_terms: logits must be 2-D, got {logits.dim()}-D")
     if features is not None:
         torch._check(features.dim() == 2, lambda: f"lastlayer_terms: features must be 2-D, got {features.dim()}-D")
         torch._check(features.shape[0] == logits.shape[0], lambda: "lastlayer_terms: batch sizes differ")
+    _check_like("lastlayer_terms", "logits", logits, features=features)
     batch = logits.shape[0]
     num_terms = len(TERM_NAMES) if features is not None else NUM_LOGIT_TERMS
     terms = logits.new_empty((batch, num_terms), dtype=_terms_dtype(logits.dtype))
@@ -47,6 +62,7 @@ def _lastlayer_score_fake(logits, features, logit_term, logit_scale, feature_ter
     if features is not None:
         torch._check(features.dim() == 2, lambda: f"lastlayer_score: features must be 2-D, got {features.dim()}-D")
         torch._check(features.shape[0] == logits.shape[0], lambda: "lastlayer_score: batch sizes differ")
+    _check_like("lastlayer_score", "logits", logits, features=features)
     return logits.new_empty((logits.shape[0],), dtype=_terms_dtype(logits.dtype))
 
 
@@ -56,6 +72,7 @@ def _outer_product_sq_norm_fake(activations, grads, method):
                  lambda: "outer_product_sq_norm: activations and grads must be 3-D [N, T, d] and [N, T, p]")
     torch._check(activations.shape[:2] == grads.shape[:2],
                  lambda: "outer_product_sq_norm: activations and grads must agree in N and T")
+    _check_like("outer_product_sq_norm", "activations", activations, grads=grads)
     return activations.new_empty((activations.shape[0],), dtype=_terms_dtype(activations.dtype))
 
 
@@ -64,12 +81,14 @@ def _conv2d_weight_sq_norm_fake(padded_input, grad_output, kernel_size, stride, 
     torch._check(padded_input.dim() == 4 and grad_output.dim() == 4,
                  lambda: "conv2d_weight_sq_norm: padded_input and grad_output must be 4-D")
     torch._check(padded_input.shape[0] == grad_output.shape[0], lambda: "conv2d_weight_sq_norm: batch sizes differ")
+    _check_like("conv2d_weight_sq_norm", "padded_input", padded_input, grad_output=grad_output)
     return padded_input.new_empty((padded_input.shape[0],), dtype=_terms_dtype(padded_input.dtype))
 
 
 @torch.library.register_fake("gradood::norm_affine_grads")
 def _norm_affine_grads_fake(grad_output, input, shift, scale):
     torch._check(grad_output.dim() == 3, lambda: "norm_affine_grads: grad_output must be 3-D [B, C, T]")
+    _check_like("norm_affine_grads", "grad_output", grad_output, input=input, shift=shift, scale=scale)
     shape = grad_output.shape[:2]
     dtype = _terms_dtype(grad_output.dtype)
     return grad_output.new_empty(shape, dtype=dtype), grad_output.new_empty(shape, dtype=dtype)
@@ -79,6 +98,7 @@ def _norm_affine_grads_fake(grad_output, input, shift, scale):
 def _react_energy_fake(features, weight, bias, clip):
     torch._check(features.dim() == 2 and weight.dim() == 2, lambda: "react_energy: features and weight must be 2-D")
     torch._check(weight.shape[1] == features.shape[1], lambda: "react_energy: weight must be [C, D] for features [B, D]")
+    _check_like("react_energy", "features", features, weight=weight, bias=bias)
     return features.new_empty((features.shape[0],), dtype=_terms_dtype(features.dtype))
 
 

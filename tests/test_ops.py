@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import math
+
 import pytest
 import torch
 
@@ -191,3 +193,36 @@ def test_cuda_kernel_runs_on_the_current_stream():
     stream.synchronize()
     expected = gradood.lastlayer_terms(logits.cpu(), features.cpu())
     torch.testing.assert_close(result.terms.cpu(), expected.terms, rtol=1e-5, atol=1e-5)
+
+
+def _mixed_calls(moved: int, target):
+    """(name, call) of each operator with input number `moved` (0 or 1) moved to `target`
+    (the meta device, or another dtype) and the others on the CPU."""
+    def on(tensor, index):
+        return tensor.to(target) if index == moved else tensor
+
+    l, f = torch.randn(3, 4), torch.randn(3, 5)
+    a, g = torch.randn(3, 2, 4), torch.randn(3, 2, 6)
+    x, go = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 3, 3)
+    n = torch.randn(2, 3, 4)
+    w, b = torch.randn(4, 5), torch.randn(4)
+    ops = torch.ops.gradood
+    return [
+        ("lastlayer_terms", lambda: ops.lastlayer_terms(on(l, 0), on(f, 1), 1.0, math.inf)),
+        ("lastlayer_score", lambda: ops.lastlayer_score(on(l, 0), on(f, 1), 1, 1.0, 6, False, 0, 0.0, 1.0, math.inf)),
+        ("outer_product_sq_norm", lambda: ops.outer_product_sq_norm(on(a, 0), on(g, 1), "ghost")),
+        ("conv2d_weight_sq_norm", lambda: ops.conv2d_weight_sq_norm(on(x, 0), on(go, 1), [3, 3], [1, 1], [1, 1], 1,
+                                                                    "ghost")),
+        ("norm_affine_grads", lambda: ops.norm_affine_grads(on(n, 0), on(n, 1), on(n, 1), on(n, 1))),
+        ("react_energy", lambda: ops.react_energy(on(f, 1), on(w, 0), b, 1.0)),
+    ]
+
+
+@pytest.mark.parametrize("moved", [0, 1])
+@pytest.mark.parametrize("target", ["meta", torch.float64], ids=["meta-device", "other-dtype"])
+def test_operators_refuse_inputs_on_mixed_devices_or_dtypes(moved, target):
+    """A meta tensor beside CPU ones used to run the fake kernel and return uninitialised CPU memory."""
+    for name, call in _mixed_calls(moved, target):
+        pattern = "lastlayer_(terms|score)" if name == "lastlayer_score" else name  # the compiled check is shared
+        with pytest.raises(RuntimeError, match=rf"{pattern}: .*(device|dtype)"):
+            call()
