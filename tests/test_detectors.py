@@ -327,11 +327,25 @@ def test_state_dict_round_trip():
     model, inputs = _model()
     fitted = D.RGAdditive(model, percentile=80).fit(inputs)
     fitted.calibrate(fitted.score(inputs))
-    fresh = D.RGAdditive(model).load_state_dict(fitted.state_dict())
+    fresh = D.RGAdditive(model, percentile=80).load_state_dict(fitted.state_dict())
     torch.testing.assert_close(fresh.score(inputs), fitted.score(inputs))
     assert fresh.threshold == fitted.threshold
     with pytest.raises(ValueError, match="expected keys"):
         D.RGAdditive(model).load_state_dict({"clip": 1.0})
+
+
+@pytest.mark.parametrize("make,fitted_with,loaded_with", [
+    (D.RGAdditive, dict(percentile=80), dict(percentile=80, a=0.3)),  # alpha = a·α_s was fitted with a = 0.6
+    (D.RGAdditive, dict(percentile=80), dict()),
+    (D.ReAct, dict(percentile=90), dict(percentile=50)),
+    (D.RG, dict(percentile=90), dict(percentile=95)),
+])
+def test_a_state_fitted_under_another_configuration_is_refused(make, fitted_with, loaded_with):
+    """The state used to load into a detector configured otherwise and score as half of each."""
+    model, inputs = _model()
+    state = make(model, **fitted_with).fit(inputs).state_dict()
+    with pytest.raises(ValueError, match="the state was fitted with .*; construct it with"):
+        make(model, **loaded_with).load_state_dict(state)
 
 
 def test_fit_is_required_where_statistics_are_needed():

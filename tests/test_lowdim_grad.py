@@ -218,6 +218,16 @@ def test_state_dict_round_trip_through_torch_save():
     assert torch.equal(restored.to("cpu").score(queries), detector.score(queries))
 
 
+def test_a_state_fitted_on_other_parameters_or_settings_is_refused():
+    model, inputs, labels = _model_and_data(20)
+    state = LowDimGrad(model, dim=3, params=["fc.weight", "fc.bias"]).fit(_batches(inputs, labels)).state_dict()
+    with pytest.raises(ValueError, match="subspace is over other parameters"):
+        LowDimGrad(model, dim=3).load_state_dict(state)  # all parameters
+    with pytest.raises(ValueError, match="fitted with dim=3"):
+        LowDimGrad(model, dim=4, params=["fc.weight", "fc.bias"]).load_state_dict(state)
+    LowDimGrad(model, dim=3, params=["fc.weight", "fc.bias"]).load_state_dict(state)
+
+
 def test_half_precision_storage_is_close_to_float32():
     model, inputs, labels = _model_and_data(20)
     model, inputs = model.float(), inputs.float()

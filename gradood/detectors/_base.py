@@ -55,6 +55,9 @@ class Detector:
 
     #: Names of the fitted statistics (attributes) saved by state_dict().
     fitted: Tuple[str, ...] = ()
+    #: Configuration the fitted statistics depend on: saved with them, and a state
+    #: fitted under other values is refused on load (not scored as half of each).
+    fitted_under: Tuple[str, ...] = ()
     #: False for scores of the logits alone (MSP, MaxLogit, Energy, ODIN, KL matching):
     #: they also work on models whose logits no linear head produces (SqueezeNet).
     uses_features: bool = True
@@ -253,13 +256,25 @@ class Detector:
         state["threshold"] = self.threshold
         state["head_name"] = self.head_name
         state["head_kind"] = None if self._head is None else self._head.kind
+        if self.fitted_under:
+            state["fitted_under"] = {name: getattr(self, name) for name in self.fitted_under}
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> "Detector":
-        expected = set(self.fitted) | {"threshold", "head_name", "head_kind"}
+        where = f"{type(self).__name__}.load_state_dict"
+        expected = set(self.fitted) | {"threshold", "head_name", "head_kind"} | ({"fitted_under"} if self.fitted_under else set())
         if set(state) != expected:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: expected keys {sorted(expected)}, got {sorted(state)}")
+            raise ValueError(f"{where}: expected keys {sorted(expected)}, got {sorted(state)}")
         state = dict(state)
+        saved = state.pop("fitted_under", {})
+        if set(saved) != set(self.fitted_under):
+            raise ValueError(f"{where}: the state's configuration has {sorted(saved)}, expected {sorted(self.fitted_under)}")
+        for name in self.fitted_under:
+            if saved[name] != getattr(self, name):
+                raise ValueError(
+                    f"{where}: the state was fitted with {name}={saved[name]!r}, but this detector has "
+                    f"{name}={getattr(self, name)!r}; construct it with {name}={saved[name]!r}, or fit it again"
+                )
         kind, head_name = state.pop("head_kind"), state.pop("head_name")
         for name, value in state.items():
             setattr(self, name, value)

@@ -48,7 +48,7 @@ from gradood.gradient_subspace import (
     pca_directions,
 )
 from gradood.knn import METRICS, knn_score, normalise_rows
-from gradood.persample.engine import ParamSelector, PerSampleGradients, persample_gradients
+from gradood.persample.engine import ParamSelector, PerSampleGradients, _select, persample_gradients
 from gradood.detectors._head import HeadName
 from gradood.model_io import Inputs, LogitsFn
 
@@ -57,6 +57,7 @@ SUBSPACES = ("pca", "class")
 
 class LowDimGrad(Detector):
     fitted = ("subspace", "bank", "clip")
+    fitted_under = ("subspace_kind", "dim", "classes", "oversample", "iterations", "seed", "react_percentile", "max_samples")
 
     def __init__(
         self,
@@ -264,6 +265,17 @@ class LowDimGrad(Detector):
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> "LowDimGrad":
+        saved = (state.get("subspace") or {}).get("shapes")
+        if saved is not None:  # the directions must be over the parameters this detector selects, shape for shape
+            selected = {name: tuple(p.shape) for name, p in _select(self.model, self.params, type(self).__name__).items()}
+            saved = {name: tuple(shape) for name, shape in saved.items()}
+            if saved != selected:
+                differ = sorted(set(saved) ^ set(selected)) or sorted(n for n in saved if saved[n] != selected[n])
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: the state's subspace is over other parameters than this "
+                    f"detector's params selection on its model (differing: {differ[:5]}{' ...' if len(differ) > 5 else ''}); "
+                    "construct the detector with the params (and model) it was fitted with, or fit it again"
+                )
         super().load_state_dict(state)
         if state["subspace"] is not None:
             self.subspace = GradientSubspace.from_state_dict(state["subspace"])

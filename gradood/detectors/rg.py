@@ -36,6 +36,7 @@ def activation_percentile(features: torch.Tensor, percentile: float) -> float:
 
 class RG(Detector):
     fitted = ("clip",)
+    fitted_under = ("percentile",)
 
     def __init__(
         self,
@@ -64,6 +65,7 @@ class RG(Detector):
 
 class RGAdditive(Detector):
     fitted = ("clip", "alpha")
+    fitted_under = ("a", "percentile")
 
     def __init__(
         self,
