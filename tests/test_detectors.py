@@ -534,3 +534,20 @@ def test_the_head_is_checked_on_every_call_not_only_when_found(change):
         model.temperature = 1.0
         torch.testing.assert_close(detector.score(inputs), make(model).fit([inputs]).score(inputs)
                                    if make is D.ReAct else make(model).score(inputs))
+
+
+@pytest.mark.parametrize("make", [D.ReAct, lambda m: D.RG(m, percentile=90), lambda m: D.RGAdditive(m, percentile=90)])
+def test_a_percentile_clip_that_is_not_positive_is_refused_at_fit(make):
+    """Sparse ReLU features (over 90% zeros): the 90th percentile is 0; fit used to accept
+    it and every later score failed (ReAct) or scored with clip 0."""
+    class Sparse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(20, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(x) * (torch.arange(20) < 1))  # one non-zero feature in 20
+
+    model = Sparse().eval()
+    with pytest.raises(ValueError, match=r"fit: the 90(\.0)?th percentile of the ID features is 0.0 \(9\d\.\d% of them are ≤ 0"):
+        make(model).fit(torch.randn(16, 20))

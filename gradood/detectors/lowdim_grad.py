@@ -216,7 +216,7 @@ class LowDimGrad(Detector):
             raise ValueError(f"{name}.fit: neighbours={self.neighbours} needs at least that many fit samples, got "
                              f"{moments.count}; lower neighbours or fit on more data")
         if self.ensemble:
-            self.clip = activation_percentile(torch.cat(features), self.react_percentile)
+            self.clip = activation_percentile(torch.cat(features), self.react_percentile, f"{type(self).__name__}.fit (react_percentile)")
         self.fit_info = {
             "samples": moments.count,
             "dim": self.subspace.dim,

@@ -25,7 +25,7 @@ class ReAct(Detector):
         self.clip = clip
 
     def fit(self, id_data: Data) -> "ReAct":
-        self.clip = activation_percentile(self.collect(id_data)[1], self.percentile)
+        self.clip = activation_percentile(self.collect(id_data)[1], self.percentile, f"{type(self).__name__}.fit")
         return self
 
     def score_features(self, logits, features):

@@ -29,9 +29,20 @@ def check_percentile(where: str, percentile: Optional[float]) -> None:
         raise ValueError(f"{where}: percentile must be a number in [0, 100], got {percentile!r}")
 
 
-def activation_percentile(features: torch.Tensor, percentile: float) -> float:
-    """The `percentile`-th percentile of all activations (numpy's linear interpolation, as ReAct)."""
-    return float(np.percentile(features.detach().flatten().double().cpu().numpy(), percentile))
+def activation_percentile(features: torch.Tensor, percentile: float, where: str = "fit") -> float:
+    """The `percentile`-th percentile of all activations (numpy's linear interpolation, as ReAct).
+    A clip that is not > 0 (sparse ReLU features, mostly zeros) is refused here, at fit
+    time, rather than by every later score."""
+    values = features.detach().flatten().double().cpu().numpy()
+    clip = float(np.percentile(values, percentile))
+    if not clip > 0:
+        share = float((values <= 0).mean()) if values.size else 1.0
+        raise ValueError(
+            f"{where}: the {percentile}th percentile of the ID features is {clip} ({share:.1%} of them are ≤ 0, as "
+            "sparse ReLU features are), so the clip would zero every feature; choose a percentile above "
+            f"{100 * share:.1f}, or pass clip="
+        )
+    return clip
 
 
 class RG(Detector):
@@ -55,7 +66,7 @@ class RG(Detector):
 
     def fit(self, id_data: Data) -> "RG":
         if self.percentile is not None:
-            self.clip = activation_percentile(self.collect(id_data)[1], self.percentile)
+            self.clip = activation_percentile(self.collect(id_data)[1], self.percentile, f"{type(self).__name__}.fit")
         return self
 
     def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
@@ -84,7 +95,7 @@ class RGAdditive(Detector):
     def fit(self, id_data: Data) -> "RGAdditive":
         logits, features = self.collect(id_data)
         if self.percentile is not None:
-            self.clip = activation_percentile(features, self.percentile)
+            self.clip = activation_percentile(features, self.percentile, f"{type(self).__name__}.fit")
         energy = torch.logsumexp(logits.double(), dim=1)
         clipped = features.double().abs().clamp_max(self.clip).sum(1)
         alpha_s = float(energy.std() / clipped.std())
