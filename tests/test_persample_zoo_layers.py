@@ -222,6 +222,32 @@ def test_a_layer_on_a_shared_table_reshaped_after_it_is_found_direct_after_the_c
     assert_exact(model, torch.randn(4, 6, 4))  # and is kept
 
 
+class _ScaledEmbedding(nn.Embedding):
+    """As the scaled word embeddings of Gemma, BART, BioGPT: the table's output times a constant."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 3.0
+
+
+@pytest.mark.parametrize("options", [{}, {"padding_idx": 0}, {"padding_idx": -1, "scale_grad_by_freq": True}])
+def test_an_embedding_subclass_scaling_its_output_takes_the_embedding_rule(options):
+    """Its table is direct (no rule for the subclass); its F.embedding call is the
+    embedding rule's piece, so no per-sample table is formed (it was the op-by-op VJP)."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = _ScaledEmbedding(7, 4, **options), nn.Linear(4, 3)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.embed(ids)).mean(1))
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 1, 2, 0, 3], [4, 4, 6, 2, 2], [0, 5, 2, 3, 1]])
+    result = assert_exact(Tokens(), ids)
+    assert dict(zip(result.layer_names, result.methods))["embed.weight"] == "direct"
+
+
 def _timm_bit():
     timm = zoo.timm_module()
     conv = functools.partial(timm.layers.StdConv2d, eps=1e-8)
@@ -256,6 +282,7 @@ HF_MODELS = {
     "bert": (zoo.hf_bert, zoo.text_batch, ()),
     "distilbert": (zoo.hf_distilbert, zoo.text_batch, ()),
     "gpt2": (zoo.hf_gpt2, zoo.text_batch, ()),
+    "gemma": (zoo.hf_gemma, zoo.text_batch, ()),
     "vit": (zoo.hf_vit, zoo.image_batch, ("cls_token",)),
     "deit-distilled": (zoo.hf_deit_distilled, zoo.image_batch, ("cls_token", "distillation_token")),
     "convnext": (zoo.hf_convnext, zoo.image_batch, ()),
@@ -268,4 +295,4 @@ HF_MODELS = {
 def test_hugging_face_models_match_the_loop_without_options(name):
     build, batch, slow = HF_MODELS[name]
     torch.manual_seed(0)
-    assert_exact(build(), batch(3), slow_allowed=slow, gradients=name in ("bert", "gpt2", "bit-same-padding"))
+    assert_exact(build(), batch(3), slow_allowed=slow, gradients=name in ("bert", "gpt2", "gemma", "bit-same-padding"))

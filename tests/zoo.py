@@ -60,6 +60,15 @@ def hf_bit(num_labels: int = 5, padding=None):
     return T.BitForImageClassification(config).eval()
 
 
+def hf_gemma(num_labels: int = 3):
+    """Gemma: a scaled word embedding (an nn.Embedding subclass multiplying its output),
+    RMSNorm with (1 + weight), grouped-query attention, rotary positions."""
+    T = transformers_module()
+    config = T.GemmaConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=8, intermediate_size=24, num_labels=num_labels, pad_token_id=0)
+    return T.GemmaForSequenceClassification(config).eval()
+
+
 def hf_bert(num_labels: int = 3):
     T = transformers_module()
     config = T.BertConfig(**TINY, vocab_size=100, max_position_embeddings=32, num_labels=num_labels)

@@ -12,6 +12,7 @@ import torch
 from gradood.persample import _reuse
 from gradood.persample._grads import DenseLayerGradients, LayerGradients, grad_rule_for, outer_product_sums
 from gradood.persample._rules import CompositeRule, RuleResult, sum_of_outer_products_sq_norm
+from gradood.persample.embedding import EmbeddingGradients, embedding_rule
 from gradood.persample.fallback import torch_func_grads, torch_func_rule
 
 Pieces = Dict[Optional[str], tuple]
@@ -22,6 +23,20 @@ def DIRECT_LINEAR(module, inputs, grad_output):  # noqa: N802  (a marker rule, s
     raise NotImplementedError
 
 
+def DIRECT_EMBEDDING(module, inputs, grad_output):  # noqa: N802  (a marker rule)
+    """The rule of a direct table's only use, F.embedding(ids, W): the embedding rule on an
+    EmbeddingCall standing in for the module."""
+    raise NotImplementedError
+
+
+class EmbeddingCall:
+    """What the embedding rule reads of a module, from an F.embedding call's arguments."""
+
+    def __init__(self, weight: torch.Tensor, padding_idx, scale_grad_by_freq: bool):
+        self.weight, self.padding_idx, self.scale_grad_by_freq = weight, padding_idx, scale_grad_by_freq
+        self.num_embeddings = weight.shape[0]
+
+
 def linear_rows(pieces: Pieces) -> Tuple[torch.Tensor, torch.Tensor]:
     """The single piece of a direct linear weight as [B, T, d] activations and [B, T, p] gradients."""
     ((inputs, grads),) = pieces.values()
@@ -30,6 +45,10 @@ def linear_rows(pieces: Pieces) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _one_call_norms(layer, pieces: Pieces) -> RuleResult:
+    if layer.rule is DIRECT_EMBEDDING:
+        ((ids, grads),) = pieces.values()
+        return RuleResult({layer.parameter_names[0]: embedding_rule(layer.module, ids, grads).squared_norms["weight"]},
+                          "direct")
     if layer.rule is DIRECT_LINEAR:
         result = sum_of_outer_products_sq_norm(*linear_rows(pieces))
         return RuleResult({layer.parameter_names[0]: result.squared_norms["weight"]}, result.method)
@@ -41,6 +60,9 @@ def _one_call_norms(layer, pieces: Pieces) -> RuleResult:
 
 
 def _one_call_gradients(layer, pieces: Pieces) -> LayerGradients:
+    if layer.rule is DIRECT_EMBEDDING:
+        ((ids, grads),) = pieces.values()
+        return EmbeddingGradients(layer.module, ids, grads, key=layer.parameter_names[0])
     if layer.rule is DIRECT_LINEAR:
         activations, grads = linear_rows(pieces)
         numel = activations.shape[2] * grads.shape[2]

@@ -276,10 +276,11 @@ class PassTracker(TorchFunctionMode):
 
     def __init__(self, where: str, steps: List[Step], proxies: Dict[int, str],
                  sink: Callable[[torch.Tensor, torch.Tensor, frozenset, str], None],
-                 linear_piece: Callable[[str, int, torch.Tensor, torch.Tensor, int, int], torch.Tensor]):
+                 linear_piece: Callable[[str, int, torch.Tensor, torch.Tensor, int, int], torch.Tensor],
+                 embedding_piece: Optional[Callable[..., Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]] = None):
         super().__init__()
         self.where, self.steps, self.proxies = where, steps, proxies
-        self.sink, self.linear_piece = sink, linear_piece
+        self.sink, self.linear_piece, self.embedding_piece = sink, linear_piece, embedding_piece
         self.derived = WeakIdKeyDictionary()
         self.position = 0
         self.backward_started = False
@@ -315,7 +316,29 @@ class PassTracker(TorchFunctionMode):
             return result
         if step.name == "linear" and step.kinds[0] == "batch" and step.kinds[1] == "param" and not kwargs:
             return self._linear(leaves, step)
+        if step.name == "embedding" and step.kinds[:2] == ("batch", "param") and self.embedding_piece is not None:
+            output = self._embedding(func, args, kwargs, step)
+            if output is not None:
+                return output
         return self._meeting(func, args, kwargs, leaves, spec, step)
+
+    def _embedding(self, func, args, kwargs, step: Step) -> Optional[torch.Tensor]:
+        """F.embedding(ids, W, ...) with a direct W used only there (an nn.Embedding subclass
+        that scales its output, as the scaled word embeddings of Gemma, BART or BioGPT): a
+        piece for the embedding rule, so no per-sample table is formed. None where the call
+        renormalises W (max_norm) or W has other uses: the generic meeting."""
+        options = dict(zip(("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"), args[2:]))
+        options.update(kwargs)
+        if len(args) < 2 or options.get("max_norm") is not None:
+            return None
+        ids, weight = args[0], args[1]
+        padding_idx = options.get("padding_idx")
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += weight.shape[0]
+        (name,) = step.sources[1]
+        record = self.embedding_piece(name, self.position - 1, step.dims[0], step.folds[0], padding_idx,
+                                      bool(options.get("scale_grad_by_freq", False)))
+        return None if record is None else record(ids, func(*args, **kwargs))
 
     def _linear(self, leaves, step: Step) -> torch.Tensor:
         """F.linear(x, W, b) with a direct W: a linear piece, then b added as its own meeting."""

@@ -91,13 +91,20 @@ class DirectGradients:
             return [None if per_sample[0][k] is None else torch.stack([grads[k] for grads in per_sample])
                     for k in range(len(proxies))]
 
+    def take_piece(self, name: str) -> bool:
+        """Whether W's only use may be a recorder piece (a layer rule's norms from the
+        recorded input and output gradient) instead of the op's cotangent; marks it so."""
+        if self.counts.get(name, 0) != 1:
+            return False
+        self.methods[name] = "linear"  # taken from the recorder's results
+        self.single.discard(name)
+        return True
+
     def linear_piece(self, name: str, inputs: torch.Tensor, output: torch.Tensor, batch_dim: int, fold: int,
                      record: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
         """F.linear(x, W) with a direct W: the recorder's linear piece when it is W's
         only use (the linear rule's norms), else Σ_t g_t x_tᵀ added per sample."""
-        if self.counts.get(name, 0) == 1:
-            self.methods[name] = "linear"
-            self.single.discard(name)
+        if self.take_piece(name):
             return record(inputs, output, batch_dim, fold)
         self.methods[name] = "op-vjp"
         saved = inputs.detach()

@@ -53,14 +53,14 @@ class EmbeddingGradients(LayerGradients):
     """Reductions over the sparse per-sample gradients: gathers and index_adds
     over the (sample, id) rows; dense [L or 1, num_embeddings·dim] results."""
 
-    def __init__(self, module: nn.Embedding, inputs: torch.Tensor, grad_output: torch.Tensor):
-        self.count = inputs.shape[0]
-        self.numels = {"weight": module.weight.numel()}
+    def __init__(self, module: nn.Embedding, inputs: torch.Tensor, grad_output: torch.Tensor, key: str = "weight"):
+        self.count, self.key = inputs.shape[0], key
+        self.numels = {key: module.weight.numel()}
         self.shape = tuple(module.weight.shape)
         self.samples, self.ids, self.rows = _sample_id_rows(module, inputs, grad_output)
 
     def project(self, directions):
-        table = directions["weight"].reshape(-1, *self.shape)  # [K, V, dim]
+        table = directions[self.key].reshape(-1, *self.shape)  # [K, V, dim]
         out = self.rows.new_zeros(self.count, table.shape[0])
         step = max(1, (1 << 24) // max(1, table.shape[0] * self.shape[1]))
         for start in range(0, self.ids.shape[0], step):
@@ -74,7 +74,7 @@ class EmbeddingGradients(LayerGradients):
         out = self.rows.new_zeros(weights.shape[1], *self.shape)
         for column in range(weights.shape[1]):
             out[column].index_add_(0, self.ids, weights[self.samples, column, None] * self.rows)
-        return {"weight": out.reshape(weights.shape[1], -1)}
+        return {self.key: out.reshape(weights.shape[1], -1)}
 
     def moments(self):
         # Samples without an id contribute a zero gradient to that row:
@@ -84,7 +84,7 @@ class EmbeddingGradients(LayerGradients):
         present = self.rows.new_zeros(self.shape[0]).index_add_(0, self.ids, torch.ones_like(self.ids, dtype=self.rows.dtype))
         squares = self.rows.new_zeros(self.shape).index_add_(0, self.ids, (self.rows - mean[self.ids]).square())
         squares += (self.count - present)[:, None] * mean.square()
-        return {"weight": (mean.reshape(-1), squares.reshape(-1))}
+        return {self.key: (mean.reshape(-1), squares.reshape(-1))}
 
 
 @register_grad_rule(nn.Embedding)

@@ -30,7 +30,7 @@ from gradood.persample._layout import probe_layout
 from gradood.persample import _verify
 from gradood.persample._caches import empty_tensor_caches
 from gradood.persample._workarounds import batch_norm_gradient_layout
-from gradood.persample._consume import DIRECT_LINEAR, layer_gradients, layer_norms
+from gradood.persample._consume import DIRECT_EMBEDDING, DIRECT_LINEAR, EmbeddingCall, layer_gradients, layer_norms
 from gradood.persample._recorder import Recorder, record_output, record_piece, record_single_input
 from gradood.persample._rules import CompositeRule, rule_for
 from gradood.persample.fallback import torch_func_rule
@@ -326,9 +326,17 @@ def _run_pass(
         return direct.linear_piece(name, x, output, batch_dim, fold, lambda a, out, dim, k: recorder.record(
             (name, f"op{step}"), a, out, batch_dim=dim, fold=k))
 
+    def embedding_piece(name: str, step: int, batch_dim: int, fold: int, padding_idx, scale_grad_by_freq: bool):
+        if not direct.take_piece(name):
+            return None
+        layer = by_name[name]
+        call = EmbeddingCall(direct.proxies[name], padding_idx, scale_grad_by_freq)
+        by_name[name] = layer._replace(module=call, rule=DIRECT_EMBEDDING)
+        return lambda ids, out: recorder.record((name, f"op{step}"), ids, out, batch_dim=batch_dim, fold=fold)
+
     proxies = {id(source.parameter): direct.proxies[source.name] for source in sources}
     tracker = PassTracker(where, layout.steps, {id(proxy): name for name, proxy in direct.proxies.items()},
-                          direct.sink, linear_piece)
+                          direct.sink, linear_piece, embedding_piece)
     handles, overridden, substituted = [], [], []
     saved_parameters: Dict[int, Tuple[nn.Module, dict]] = {}  # each module's table, as it was
 
