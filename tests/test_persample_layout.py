@@ -262,3 +262,36 @@ def test_an_lstm_is_replayed_by_its_parent_one_sample_at_a_time(batch_first, bid
     torch.testing.assert_close(result.norms, _loop_norms(model, inputs), rtol=1e-10, atol=1e-12)
     assert "torch.func" in result.methods
     _check_operator(persample_gradients(model, inputs, loss="logsumexp", fallback="torch.func"), _loop_grads(model, inputs))
+
+
+class _ViewOutputModifiedInPlace(nn.Module):
+    """As RoCBERT's embeddings: a Linear on a 3-D input (its output a view of the matmul,
+    the weight being frozen in the pass) whose output is then modified in place."""
+
+    def __init__(self, update: str):
+        super().__init__()
+        self.embed, self.types = nn.Embedding(10, 4), nn.Embedding(2, 6)
+        self.map, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.update = update
+        self.register_buffer("type_ids", torch.zeros(1, 5, dtype=torch.long))
+
+    def forward(self, ids):
+        hidden = self.map(self.embed(ids))
+        if self.update == "constant":
+            hidden += 1.0
+        else:
+            hidden += self.types(self.type_ids.expand(ids.shape[0], -1))
+        return self.head(torch.tanh(hidden).mean(1))
+
+
+@pytest.mark.parametrize("update", ["constant", "layer"])
+def test_a_layer_output_that_is_a_view_and_modified_in_place_keeps_its_gradient(update):
+    """The tensor hook on such a view was dropped by the in-place op: the layer got a zero
+    gradient (the single-sample check then refused the model)."""
+    torch.manual_seed(0)
+    model = _ViewOutputModifiedInPlace(update).double()
+    ids = torch.randint(0, 10, (3, 5))
+    result = persample_grad_norms(model, ids, loss="logsumexp", per_layer=True)
+    torch.testing.assert_close(result.norms, _loop_norms(model, ids, loss="logsumexp"), rtol=1e-10, atol=1e-12)
+    assert float(result.per_layer[:, result.layer_names.index("map")].min()) > 0
+    _check_operator(persample_gradients(model, ids, loss="logsumexp"), _loop_grads(model, ids))

@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from gradood.persample._hooks import on_gradient
 from gradood.persample._op_rules import norm_cotangents
 
 _ADDITIVE = {"add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "__sub__", "__rsub__", "__isub__"}
@@ -350,8 +351,8 @@ class PassTracker(TorchFunctionMode):
             return output
         result = output + bias
         if step.kinds[2] in ("param", "derived"):
-            self._hook(result, lambda grad: [(bias, reduce_to(_keep_batch(grad, step.output_dim, step.output_fold),
-                                                                 bias.shape), step.sources[2])], "op-add")
+            result = self._hook(result, lambda grad: [(bias, reduce_to(_keep_batch(grad, step.output_dim, step.output_fold),
+                                                                          bias.shape), step.sources[2])], "op-add")
         return result
 
     def _meeting(self, func, args, kwargs, leaves, spec, step: Step) -> torch.Tensor:
@@ -363,8 +364,7 @@ class PassTracker(TorchFunctionMode):
             raise RuntimeError(f"{self.where}: {step.name} on direct parameters must return one tensor")
         norm = norm_cotangents(step.name, args, kwargs, leaves, step)
         if norm is not None:  # a norm op with a direct weight/bias: its own rule (gradood/persample/_op_rules.py)
-            self._hook(result, norm, "op-norm")
-            return result
+            return self._hook(result, norm, "op-norm")
         operands = [i for i, kind in enumerate(step.kinds) if kind in ("param", "derived")]
         if step.name in _ADDITIVE and not kwargs and len(operands) == 1 and operands[0] < 2 and len(leaves) == 2 \
                 and step.dims[operands[0]] is None and leaves[operands[0]].dim() <= result.dim():
@@ -372,9 +372,8 @@ class PassTracker(TorchFunctionMode):
             operand = leaves[index]
             negate = (step.name in _NEGATED_SECOND and index == 1) or (step.name == "__rsub__" and index == 0)
             sign = -1.0 if negate else 1.0
-            self._hook(result, lambda grad: [(operand, sign * reduce_to(
+            return self._hook(result, lambda grad: [(operand, sign * reduce_to(
                 _keep_batch(grad, step.output_dim, step.output_fold), operand.shape), step.sources[index])], "op-add")
-            return result
         if step.name in _MULTIPLICATIVE and not kwargs and len(operands) == 1 and len(leaves) == 2 \
                 and step.dims[operands[0]] is None and leaves[operands[0]].dim() <= result.dim():
             index = operands[0]
@@ -383,27 +382,26 @@ class PassTracker(TorchFunctionMode):
                     and step.folds[1 - index] == step.output_fold and other.shape == result.shape:
                 # x ⊙ D: sample i's cotangent of D is g_i ⊙ x_i summed to D's shape (x saved as the op saves it)
                 saved_other = before.get(1 - index, other.detach())
-                self._hook(result, lambda grad: [(operand, reduce_to(
+                return self._hook(result, lambda grad: [(operand, reduce_to(
                     _keep_batch(grad * saved_other, step.output_dim, step.output_fold), operand.shape),
                     step.sources[index])], "op-mul")
-                return result
         saved = [before.get(i, leaf.detach()) if isinstance(leaf, torch.Tensor) and step.kinds[i] == "batch" else leaf
                  for i, leaf in enumerate(leaves)]
         for i in operands:
             saved[i] = leaves[i]
-        self._hook(result, lambda grad: replay_vjp(func, saved, spec, step, grad), "op-vjp")
-        return result
+        return self._hook(result, lambda grad: replay_vjp(func, saved, spec, step, grad), "op-vjp")
 
-    def _hook(self, result: torch.Tensor, cotangents: Callable[[torch.Tensor], Cotangents], method: str) -> None:
+    def _hook(self, result: torch.Tensor, cotangents: Callable[[torch.Tensor], Cotangents], method: str) -> torch.Tensor:
+        """Hooks the meeting's output; returns the tensor the forward continues from."""
         if not result.requires_grad:
-            return
+            return result
 
         def on_grad(grad):
             if self.backward_started:  # not a backward of the model's own, inside its forward
                 for operand, per_sample, sources in cotangents(grad):
                     self.sink(operand, per_sample, sources, method)
 
-        result.register_hook(on_grad)
+        return on_gradient(result, on_grad)  # a copy where it is a view (_hooks.py)
 
 
 def replay_vjp(func, leaves: list, spec, step: Step, grad: torch.Tensor) -> Cotangents:

@@ -17,6 +17,7 @@ import torch
 
 from gradood.persample._direct import METHODS, Source, Step
 from gradood.persample._grads import DenseLayerGradients, outer_product_sums
+from gradood.persample._hooks import on_gradient
 
 # Elements a chunk of per-sample parameter gradients may hold.
 _CHUNK_ELEMENTS = 1 << 26
@@ -123,9 +124,7 @@ class DirectGradients:
             for start in range(0, grads.shape[0], rows):
                 self._add(name, start, outer_product_sums(activations[start : start + rows], grads[start : start + rows]))
 
-        if output.requires_grad:
-            output.register_hook(on_grad)
-        return output
+        return on_gradient(output, on_grad) if output.requires_grad else output  # a copy where it is a view
 
     def squared_norms(self, name: str) -> torch.Tensor:
         if name in self.single:

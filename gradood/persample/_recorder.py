@@ -11,6 +11,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from gradood.persample._hooks import on_gradient
 from gradood.persample._layout import layer_input as layer_input_of
 from gradood.persample._reuse import use_key
 
@@ -92,8 +93,7 @@ class Recorder:
             leaf = output.detach().requires_grad_()
             self.leaves.append((key, leaf))
             return leaf.clone()
-        output.register_hook(functools.partial(self._on_grad, key))
-        return output
+        return on_gradient(output, functools.partial(self._on_grad, key))  # a copy where it is a view (_hooks.py)
 
     def _on_grad(self, key: Tuple[str, Optional[str]], grad: torch.Tensor) -> None:
         if self.backward_started:  # not a backward of the user's own, inside the forward
