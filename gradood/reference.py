@@ -359,8 +359,9 @@ def kl_matching(logits: torch.Tensor, templates: torch.Tensor, mode: str = "min"
 
     p = softmax(f), d_k = templates[k] the mean softmax of ID validation
     samples predicted as class k ([K, C]; K = C for mode="predicted").
-    KL(p ‖ d) = Σ_j p_j (log p_j - log d_j), with 0 · log 0 = 0; templates are
-    mean softmax vectors, so strictly positive. A class that no fit sample was
+    KL(p ‖ d) = Σ_j p_j (log p_j - log d_j), with 0 · log(0/d) = 0 and p · log(p/0) =
+    +inf for p > 0 (template entries underflow to 0 where the fit samples' softmax
+    saturates). A class that no fit sample was
     predicted as has no template (a NaN row): it takes no part in the minimum,
     and under mode="predicted" a sample predicted as it scores −inf (no evidence
     that it is in-distribution). Computed in float32 (float64 for float64 inputs).
@@ -391,7 +392,13 @@ def kl_matching(logits: torch.Tensor, templates: torch.Tensor, mode: str = "min"
     probs = log_probs.exp()
     # KL(p ‖ d_k) = Σ_j p_j log p_j - Σ_j p_j log d_k,j   -> [B, K]
     neg_entropy = torch.xlogy(probs, probs).sum(dim=1, keepdim=True)
-    divergences = neg_entropy - probs @ templates.masked_fill(missing[:, None], 1.0).log().T
+    templates = templates.masked_fill(missing[:, None], 1.0)
+    # 0 · log 0 = 0: a template entry that underflowed to 0 (a saturated softmax) only counts
+    # where p_j > 0, and then the divergence is +inf (not the GEMM's 0 · (-inf) = NaN).
+    zero = templates == 0
+    divergences = neg_entropy - probs @ torch.where(zero, 0.0, templates.log()).T
+    if bool(zero.any()):
+        divergences = divergences.masked_fill((probs > 0).to(compute) @ zero.to(compute).T > 0, float("inf"))
     divergences = divergences.masked_fill(missing[None, :], float("inf"))
     if mode == "min":
         return -divergences.amin(dim=1)

@@ -551,3 +551,34 @@ def test_a_percentile_clip_that_is_not_positive_is_refused_at_fit(make):
     model = Sparse().eval()
     with pytest.raises(ValueError, match=r"fit: the 90(\.0)?th percentile of the ID features is 0.0 \(9\d\.\d% of them are ≤ 0"):
         make(model).fit(torch.randn(16, 20))
+
+
+def test_kl_matching_on_saturated_softmax_templates_is_not_nan():
+    """Fit samples with logit gaps over ~104 give templates whose entries underflow to 0 in
+    float32, where the scores are computed; the GEMM's 0 · log 0 made every score NaN (timm
+    DLA at random init). Now 0 · log 0 = 0, as the definition has it."""
+    model = nn.Linear(4, 3).eval()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[60.0, 0, 0, 0], [0, 60.0, 0, 0], [0, 0, 1.0, 0]]))
+        model.bias.zero_()
+    fit = torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0], [2.5, 0, 0, 0], [0, 2.6, 0, 0]])
+    queries = torch.cat([fit, torch.tensor([[0.0, 0, 1, 0], [0.1, 0.1, 0.1, 0]])])
+    logits = model(queries).detach().double()
+    for mode in ("min", "predicted"):
+        detector = D.KLMatching(model, mode=mode).fit([fit])
+        assert bool((detector.templates.float()[:2] == 0).any())  # underflowed entries
+        scores = detector.score(queries)
+        templates = detector.templates.float().double()  # as the float32 computation sees them
+        probs = logits.softmax(1).float().double()
+        terms = [torch.where(probs > 0, probs * (probs.log() - templates[k].log()), torch.zeros_like(probs)).sum(1)
+                 for k in range(2)]  # class 2 has no template
+        divergences = torch.stack(terms, 1)
+        if mode == "min":
+            expected = -divergences.amin(1)
+        else:
+            predicted = logits.argmax(1)
+            expected = torch.where(predicted < 2, -divergences.gather(1, predicted.clamp_max(1)[:, None]).squeeze(1),
+                                   torch.tensor(-float("inf"), dtype=torch.float64))
+        torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-6)
+        head_scores = gradood.OODHead(model, detector, example_inputs=queries)(queries)[1]
+        torch.testing.assert_close(head_scores.double(), scores.double(), rtol=1e-5, atol=1e-6)

@@ -119,3 +119,14 @@ def test_cuda_head_matches_cpu(name):
     cuda_head = head.cuda()
     for expected, actual in zip(_head(name)[3](inputs), cuda_head(inputs.cuda())):
         torch.testing.assert_close(actual.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_that_is_its_head_gets_an_identity_body():
+    """A linear probe on given features: OODHead used to build and then fail every forward."""
+    torch.manual_seed(0)
+    probe, features = nn.Linear(6, 4).eval(), torch.randn(5, 6)
+    for detector in (D.GradNorm(probe), D.Energy(probe), D.RG(probe)):
+        head = gradood.OODHead(probe, detector, example_inputs=features)
+        logits, scores = head(features)
+        torch.testing.assert_close(logits, probe(features))
+        torch.testing.assert_close(scores, detector.score(features))
