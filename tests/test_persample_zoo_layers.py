@@ -296,3 +296,16 @@ def test_hugging_face_models_match_the_loop_without_options(name):
     build, batch, slow = HF_MODELS[name]
     torch.manual_seed(0)
     assert_exact(build(), batch(3), slow_allowed=slow, gradients=name in ("bert", "gpt2", "gemma", "bit-same-padding"))
+
+
+def test_a_mixture_of_experts_is_an_error_naming_the_fallback_which_is_exact():
+    """Experts take tokens of several samples in one grouped matmul: no rule separates them,
+    so the error names fallback='torch.func', which replays the MoE block per sample (the
+    single-sample check in float32: the grouped matmul has no float64 kernel)."""
+    torch.manual_seed(0)
+    model, batch = zoo.hf_qwen2_moe(), zoo.text_batch(3)
+    with pytest.raises(ValueError, match=r"mlp\.experts.*fallback='torch.func'"):
+        persample_grad_norms(model, batch, loss="logsumexp")
+    result = persample_grad_norms(model, batch, loss="logsumexp", fallback="torch.func", per_layer=True)
+    torch.testing.assert_close(result.norms, loop_norms(model, batch), rtol=1e-5, atol=1e-7)
+    assert "torch.func" in result.methods

@@ -69,6 +69,17 @@ def hf_gemma(num_labels: int = 3):
     return T.GemmaForSequenceClassification(config).eval()
 
 
+def hf_qwen2_moe(num_labels: int = 3):
+    """A mixture-of-experts decoder: tokens routed to experts through torch._grouped_mm,
+    which has no float64 kernel on the CPU."""
+    T = transformers_module()
+    config = T.Qwen2MoeConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, intermediate_size=24, moe_intermediate_size=8,
+                              shared_expert_intermediate_size=8, num_experts=4, num_experts_per_tok=2,
+                              num_labels=num_labels, pad_token_id=0)
+    return T.Qwen2MoeForSequenceClassification(config).eval()
+
+
 def hf_bert(num_labels: int = 3):
     T = transformers_module()
     config = T.BertConfig(**TINY, vocab_size=100, max_position_embeddings=32, num_labels=num_labels)

@@ -10,7 +10,7 @@ replaces a layer's output, a module whose forward differs from what its rule
 assumes, a meeting op whose rows depend on other samples. The loss is a fixed
 random linear function of the logits (seeded), so no softmax saturation hides a
 layer. The check runs on a float64 copy of the model (for models up to 2^27
-parameters that deepcopy; others in their own dtype), so the round-off of a
+parameters that deepcopy and run in float64; others in their own dtype), so the round-off of a
 badly conditioned float32 or half model is not taken for an error. A layer fails when its squared norm is off by more than rtol of its own
 value plus atol of the sample's whole squared norm: (rtol, atol) = (1e-7, 1e-7)
 in float64, (1e-3, 1e-4) in float32, (5e-2, 1e-2) in half precision. The atol
@@ -135,9 +135,12 @@ def _in_float64(model: nn.Module, batch):
         return model, batch, dtype
     try:
         copy = deepcopy(model).double()
-    except Exception:  # noqa: BLE001  (a module that does not deepcopy, e.g. old-style weight_norm)
+        batch64 = model_io.map_tensors(batch, lambda t: t.double() if t.is_floating_point() else t)
+        with torch.no_grad(), empty_tensor_caches(copy):
+            model_io.call(copy, batch64)  # an op without float64 kernels (torch._grouped_mm of MoE layers)
+    except Exception:  # noqa: BLE001  (or a module that does not deepcopy, e.g. old-style weight_norm)
         return model, batch, dtype
-    return copy, model_io.map_tensors(batch, lambda t: t.double() if t.is_floating_point() else t), torch.float64
+    return copy, batch64, torch.float64
 
 
 def check_norms(where: str, model: nn.Module, inputs, params, functional_params, fallback, logits_fn, layout) -> None:
