@@ -9,6 +9,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gradood import model_io
@@ -309,3 +310,34 @@ def test_a_mixture_of_experts_is_an_error_naming_the_fallback_which_is_exact():
     result = persample_grad_norms(model, batch, loss="logsumexp", fallback="torch.func", per_layer=True)
     torch.testing.assert_close(result.norms, loop_norms(model, batch), rtol=1e-5, atol=1e-7)
     assert "torch.func" in result.methods
+
+
+@pytest.mark.parametrize("call", ["positional", "keywords", "bias-first", "no-bias", "none-first"])
+def test_f_linear_with_a_childs_weight_by_keyword_is_a_linear_piece(call):
+    """timm's EVA attention: F.linear(x, weight=self.qkv.weight, bias=qkv_bias) with a bias
+    built from q and v biases. The weight took the op-by-op VJP when passed by keyword."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.head = nn.Linear(4, 6, bias=False), nn.Linear(6, 3)
+            self.q_bias, self.v_bias = nn.Parameter(torch.randn(2)), nn.Parameter(torch.randn(2))
+
+        def forward(self, x):
+            bias = torch.cat([self.q_bias, torch.zeros(2), self.v_bias])
+            weight = self.qkv.weight
+            if call == "positional":
+                out = F.linear(x, weight, bias)
+            elif call == "keywords":
+                out = F.linear(x, weight=weight, bias=bias)
+            elif call == "bias-first":
+                out = F.linear(input=x, bias=bias, weight=weight)
+            elif call == "no-bias":
+                out = F.linear(x, weight=weight, bias=None)
+            else:
+                out = F.linear(x, bias=None, weight=weight) + bias
+            return self.head(torch.tanh(out).mean(1))
+
+    torch.manual_seed(0)
+    result = assert_exact(Attention(), torch.randn(3, 5, 4))
+    assert dict(zip(result.layer_names, result.methods))["qkv.weight"] not in SLOW

@@ -268,6 +268,24 @@ Cotangents = List[Tuple[torch.Tensor, torch.Tensor, frozenset]]  # (operand, per
 METHODS = ("op-add", "op-mul", "op-norm", "op-vjp")
 
 
+def _linear_operands(name: str, args: tuple, kwargs: dict) -> Optional[Tuple[int, int, Optional[int]]]:
+    """For F.linear(input, weight, bias) however its arguments are passed (timm's EVA passes
+    weight= and bias= by keyword), the positions of input, weight and bias among the
+    flattened leaves ((args, kwargs), kwargs in call order); None for another op."""
+    if name != "linear":
+        return None
+    names = ("input", "weight", "bias")
+    if len(args) > 3 or any(key not in names for key in kwargs):
+        return None
+    entries = list(zip(names, args)) + list(kwargs.items())  # each a leaf of the flattened call, None too
+    if any(value is not None and not isinstance(value, torch.Tensor) for _, value in entries):
+        return None
+    position = {key: index for index, (key, value) in enumerate(entries) if value is not None}
+    if "input" not in position or "weight" not in position:
+        return None
+    return position["input"], position["weight"], position.get("bias")
+
+
 class PassTracker(TorchFunctionMode):
     """The pass's mode: follows derived tensors through the planned steps; at each
     meeting, hooks the output so that its gradient gives per-sample cotangents of
@@ -315,8 +333,9 @@ class PassTracker(TorchFunctionMode):
             for output in _tensors(result):
                 self.derived[output] = True
             return result
-        if step.name == "linear" and step.kinds[0] == "batch" and step.kinds[1] == "param" and not kwargs:
-            return self._linear(leaves, step)
+        where = _linear_operands(step.name, args, kwargs)
+        if where is not None and step.kinds[where[0]] == "batch" and step.kinds[where[1]] == "param":
+            return self._linear(leaves, step, where)
         if step.name == "embedding" and step.kinds[:2] == ("batch", "param") and self.embedding_piece is not None:
             output = self._embedding(func, args, kwargs, step)
             if output is not None:
@@ -341,18 +360,19 @@ class PassTracker(TorchFunctionMode):
                                       bool(options.get("scale_grad_by_freq", False)))
         return None if record is None else record(ids, func(*args, **kwargs))
 
-    def _linear(self, leaves, step: Step) -> torch.Tensor:
+    def _linear(self, leaves, step: Step, where: Tuple[int, int, Optional[int]]) -> torch.Tensor:
         """F.linear(x, W, b) with a direct W: a linear piece, then b added as its own meeting."""
-        x, weight = leaves[0], leaves[1]
-        (name,) = step.sources[1]
-        output = self.linear_piece(name, self.position - 1, x, F.linear(x, weight), step.dims[0], step.folds[0])
-        bias = leaves[2] if len(leaves) > 2 else None
+        at_x, at_weight, at_bias = where
+        x, weight = leaves[at_x], leaves[at_weight]
+        (name,) = step.sources[at_weight]
+        output = self.linear_piece(name, self.position - 1, x, F.linear(x, weight), step.dims[at_x], step.folds[at_x])
+        bias = None if at_bias is None else leaves[at_bias]
         if bias is None:
             return output
         result = output + bias
-        if step.kinds[2] in ("param", "derived"):
+        if step.kinds[at_bias] in ("param", "derived"):
             result = self._hook(result, lambda grad: [(bias, reduce_to(_keep_batch(grad, step.output_dim, step.output_fold),
-                                                                          bias.shape), step.sources[2])], "op-add")
+                                                                          bias.shape), step.sources[at_bias])], "op-add")
         return result
 
     def _meeting(self, func, args, kwargs, leaves, spec, step: Step) -> torch.Tensor:
