@@ -113,7 +113,6 @@ class OODHead(nn.Module):
         self.register_buffer("log_templates", torch.zeros(0, dtype=torch.float32, device=weight.device))
         self.register_buffer("missing_templates", torch.zeros(0, dtype=torch.float32, device=weight.device))
         self.register_buffer("zero_templates", torch.zeros(0, dtype=torch.float32, device=weight.device))
-        self.has_zero_templates = False
         spec = detector.lastlayer_spec(weight.shape[0])
         if isinstance(detector, ReAct):
             detector._require_fitted()
@@ -123,11 +122,10 @@ class OODHead(nn.Module):
             detector._require_fitted()
             self.kind, self.mode = "kl_matching", detector.mode
             missing = detector.templates.isnan().any(dim=1)
-            templates = detector.templates.to(torch.float32).masked_fill(missing[:, None], 1.0)
-            zero = templates == 0  # underflowed entries: 0 · log 0 = 0, p · log(p/0) = inf (gradood.reference)
-            self.log_templates = torch.where(zero, 0.0, templates.log()).to(weight.device)
+            templates = detector.templates.masked_fill(missing[:, None], 1.0)  # logs in their float64 (reference)
+            zero = templates == 0  # 0 · log 0 = 0, p · log(p/0) = inf (gradood.reference)
+            self.log_templates = torch.where(zero, torch.zeros_like(templates), templates.log()).to(weight.device, torch.float32)
             self.zero_templates = zero.to(weight.device, torch.float32)
-            self.has_zero_templates = bool(zero.any())
             self.missing_templates = torch.where(missing, float("inf"), 0.0).to(weight.device, torch.float32)
             spec = ScoreSpec("energy")
         elif spec is None:
@@ -152,8 +150,7 @@ class OODHead(nn.Module):
             log_probs = torch.log_softmax(logits.float(), dim=1)
             probs = log_probs.exp()
             divergences = torch.xlogy(probs, probs).sum(dim=1, keepdim=True) - probs @ self.log_templates.t()
-            if self.has_zero_templates:
-                divergences = divergences.masked_fill((probs > 0).float() @ self.zero_templates.t() > 0, float("inf"))
+            divergences = divergences.masked_fill((probs > 0).float() @ self.zero_templates.t() > 0, float("inf"))
             divergences = divergences + self.missing_templates
             if self.mode == "min":
                 score = -divergences.amin(dim=1)

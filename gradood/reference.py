@@ -384,7 +384,7 @@ def kl_matching(logits: torch.Tensor, templates: torch.Tensor, mode: str = "min"
     if templates.device != logits.device:
         raise ValueError(f"{where}: templates must be on the device of logits ({logits.device}), got {templates.device}")
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logits, templates = logits.to(compute), templates.to(compute)
+    logits = logits.to(compute)
     missing = templates.isnan().any(dim=1)
     if bool(missing.all()):
         raise ValueError(f"{where}: every template is missing (NaN): fit on data the model predicts some class for")
@@ -393,10 +393,12 @@ def kl_matching(logits: torch.Tensor, templates: torch.Tensor, mode: str = "min"
     # KL(p ‖ d_k) = Σ_j p_j log p_j - Σ_j p_j log d_k,j   -> [B, K]
     neg_entropy = torch.xlogy(probs, probs).sum(dim=1, keepdim=True)
     templates = templates.masked_fill(missing[:, None], 1.0)
-    # 0 · log 0 = 0: a template entry that underflowed to 0 (a saturated softmax) only counts
-    # where p_j > 0, and then the divergence is +inf (not the GEMM's 0 · (-inf) = NaN).
+    # Logs taken in the templates' own precision (float64 from fit: an entry of 1e-53 has a finite
+    # log, which a cast to float32 first would turn into log 0). 0 · log 0 = 0: an entry that is 0
+    # only counts where p_j > 0, and then the divergence is +inf (not the GEMM's 0 · (-inf) = NaN).
     zero = templates == 0
-    divergences = neg_entropy - probs @ torch.where(zero, 0.0, templates.log()).T
+    log_templates = torch.where(zero, torch.zeros_like(templates), templates.log()).to(compute)
+    divergences = neg_entropy - probs @ log_templates.T
     if bool(zero.any()):
         divergences = divergences.masked_fill((probs > 0).to(compute) @ zero.to(compute).T > 0, float("inf"))
     divergences = divergences.masked_fill(missing[None, :], float("inf"))

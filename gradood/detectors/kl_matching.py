@@ -41,5 +41,4 @@ class KLMatching(Detector):
 
     def score_features(self, logits, features=None):
         self._require_fitted()
-        templates = self.templates.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-        return scores.kl_matching(logits, templates, self.mode)
+        return scores.kl_matching(logits, self.templates, self.mode)  # logs of the float64 templates (reference)
