@@ -674,3 +674,20 @@ def test_frozen_parameters_count_by_default():
     head_only = persample_grad_norms(model, inputs, params="trainable").norms
     torch.testing.assert_close(head_only, _loop_norms(model, inputs), rtol=1e-10, atol=0)  # the loop skips frozen ones
     assert not model[0].weight.requires_grad  # the flags as they were
+
+
+def test_ce_pred_on_confident_float32_samples_keeps_the_predicted_class_term():
+    """In float32, p_ŷ − 1 of a sample with a logit gap over ~17 cancels to 0, so the
+    predicted class's gradient vanished (norms 30-45% off at gaps of 25-36); the losses
+    are computed in float64 now. The reference is the float64 model's loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[2].weight.mul_(20)
+        model[2].bias.copy_(torch.tensor([10.0, -10.0]))  # logit gaps 21-32
+    inputs = torch.randn(5, 4)
+    gaps = model(inputs).detach()
+    assert bool(((gaps[:, 0] - gaps[:, 1]).abs() > 20).all())
+    expected = _loop_norms(copy.deepcopy(model).double(), inputs.double(), "ce_pred")
+    got = persample_grad_norms(model, inputs, loss="ce_pred").norms
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
