@@ -344,7 +344,7 @@ def test_a_state_fitted_under_another_configuration_is_refused(make, fitted_with
     """The state used to load into a detector configured otherwise and score as half of each."""
     model, inputs = _model()
     state = make(model, **fitted_with).fit(inputs).state_dict()
-    with pytest.raises(ValueError, match="the state was fitted with .*; construct it with"):
+    with pytest.raises(ValueError, match="the state was saved with .*; construct it with"):
         make(model, **loaded_with).load_state_dict(state)
 
 
@@ -554,25 +554,27 @@ def test_a_percentile_clip_that_is_not_positive_is_refused_at_fit(make):
 
 
 def test_kl_matching_on_saturated_softmax_templates_is_not_nan():
-    """Fit samples with logit gaps over ~104 give templates whose entries underflow to 0 in
-    float32, where the scores are computed; the GEMM's 0 · log 0 made every score NaN (timm
-    DLA at random init). Now 0 · log 0 = 0, as the definition has it."""
+    """Fit samples with logit gaps over ~104 give template entries below float32's range
+    (about 1e-53 in the float64 templates, or exactly 0): the logs are taken in float64,
+    and 0 · log 0 = 0, so the scores are the float64 divergences, never NaN (the GEMM's
+    0 · log 0 made every score NaN on timm DLA at random init) and never a spurious -inf."""
     model = nn.Linear(4, 3).eval()
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[60.0, 0, 0, 0], [0, 60.0, 0, 0], [0, 0, 1.0, 0]]))
         model.bias.zero_()
     fit = torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0], [2.5, 0, 0, 0], [0, 2.6, 0, 0]])
-    queries = torch.cat([fit, torch.tensor([[0.0, 0, 1, 0], [0.1, 0.1, 0.1, 0]])])
+    queries = torch.cat([fit, torch.tensor([[0.0, 0, 1, 0], [0.1, 0.1, 0.1, 0], [0, 0, 0, 0]])])
     logits = model(queries).detach().double()
     for mode in ("min", "predicted"):
         detector = D.KLMatching(model, mode=mode).fit([fit])
-        assert bool((detector.templates.float()[:2] == 0).any())  # underflowed entries
+        assert bool((detector.templates.float()[:2] == 0).any())  # below float32's range
         scores = detector.score(queries)
-        templates = detector.templates.float().double()  # as the float32 computation sees them
-        probs = logits.softmax(1).float().double()
-        terms = [torch.where(probs > 0, probs * (probs.log() - templates[k].log()), torch.zeros_like(probs)).sum(1)
-                 for k in range(2)]  # class 2 has no template
-        divergences = torch.stack(terms, 1)
+        assert not scores.isnan().any()
+        assert mode == "predicted" or bool(torch.isfinite(scores[:-1]).all())  # predicted class 2: no template
+        templates = detector.templates.double()
+        probs = logits.softmax(1).float().double()  # the scores' float32 softmax
+        divergences = torch.stack([torch.where(probs > 0, probs * (probs.log() - templates[k].log()),
+                                               torch.zeros_like(probs)).sum(1) for k in range(2)], 1)
         if mode == "min":
             expected = -divergences.amin(1)
         else:
@@ -582,3 +584,24 @@ def test_kl_matching_on_saturated_softmax_templates_is_not_nan():
         torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-6)
         head_scores = gradood.OODHead(model, detector, example_inputs=queries)(queries)[1]
         torch.testing.assert_close(head_scores.double(), scores.double(), rtol=1e-5, atol=1e-6)
+
+@pytest.mark.parametrize("make,saved_with,loaded_with", [
+    (D.RG, dict(clip=0.2), dict(clip=5.0)),  # a constructor clip, not fitted
+    (D.RGAdditive, dict(clip=0.2), dict(clip=5.0)),
+    (D.ReAct, dict(clip=0.5), dict(clip=2.0)),
+    (D.MSP, dict(temperature=1.0), dict(temperature=1000.0)),  # the calibrated threshold depends on it
+    (D.KLMatching, dict(mode="min"), dict(mode="predicted")),
+])
+def test_a_state_saved_under_other_settings_is_refused(make, saved_with, loaded_with):
+    """Fitted statistics and the calibrated threshold depend on every setting: a state
+    (here calibrated) loaded into a detector configured otherwise used to score, or flag
+    is_ood, as neither configuration would."""
+    model, inputs = _model()
+    detector = make(model, **saved_with)
+    if make in (D.RGAdditive, D.KLMatching):
+        detector.fit(inputs)
+    detector.calibrate(detector.score(inputs))
+    with pytest.raises(ValueError, match=r"the state was saved with (clip|temperature|mode)="):
+        make(model, **loaded_with).load_state_dict(detector.state_dict())
+    torch.testing.assert_close(make(model, **saved_with).load_state_dict(detector.state_dict()).score(inputs),
+                               detector.score(inputs))

@@ -223,7 +223,7 @@ def test_a_state_fitted_on_other_parameters_or_settings_is_refused():
     state = LowDimGrad(model, dim=3, params=["fc.weight", "fc.bias"]).fit(_batches(inputs, labels)).state_dict()
     with pytest.raises(ValueError, match="subspace is over other parameters"):
         LowDimGrad(model, dim=3).load_state_dict(state)  # all parameters
-    with pytest.raises(ValueError, match="fitted with dim=3"):
+    with pytest.raises(ValueError, match="saved with dim=3"):
         LowDimGrad(model, dim=4, params=["fc.weight", "fc.bias"]).load_state_dict(state)
     LowDimGrad(model, dim=3, params=["fc.weight", "fc.bias"]).load_state_dict(state)
 

@@ -16,6 +16,9 @@ exceptions.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import math
 from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
@@ -49,15 +52,52 @@ def eval_mode(model: nn.Module):
             module.training = flag
 
 
+def _plain(value: Any) -> bool:
+    """A setting that saves, loads and compares as a value (numbers, strings, dtypes, lists of them)."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype))
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float))
+                                               and not isinstance(a, bool) and not isinstance(b, bool) and a == b)
+
+
 class Detector:
     """Base class: subclasses implement `score_features` (forward-only detectors)
     or override `score`. Scores are ID-scores: higher = more in-distribution."""
 
     #: Names of the fitted statistics (attributes) saved by state_dict().
     fitted: Tuple[str, ...] = ()
-    #: Configuration the fitted statistics depend on: saved with them, and a state
-    #: fitted under other values is refused on load (not scored as half of each).
-    fitted_under: Tuple[str, ...] = ()
+    #: Constructor arguments that are not configuration of the scores (saved states ignore them).
+    not_configuration: Tuple[str, ...] = ("self", "model", "head", "logits", "progress", "functional_params", "fallback")
+
+    def __init_subclass__(cls, **kwargs):
+        """Records each detector's constructor arguments (the outermost __init__'s, with
+        defaults) as its configuration: state_dict() saves the plain ones, and
+        load_state_dict() refuses a state saved under other values — fitted statistics and
+        a calibrated threshold depend on all of them (percentile, clip, a, T, mode, ...)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args, **kw):
+            if "_configuration" not in self.__dict__:  # the outermost constructor: a parent's sees the same call
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                self._configuration = {name: value for name, value in bound.arguments.items()
+                                       if name not in type(self).not_configuration and _plain(value)}
+            init(self, *args, **kw)
+
+        cls.__init__ = recording_init
     #: False for scores of the logits alone (MSP, MaxLogit, Energy, ODIN, KL matching):
     #: they also work on models whose logits no linear head produces (SqueezeNet).
     uses_features: bool = True
@@ -256,24 +296,22 @@ class Detector:
         state["threshold"] = self.threshold
         state["head_name"] = self.head_name
         state["head_kind"] = None if self._head is None else self._head.kind
-        if self.fitted_under:
-            state["fitted_under"] = {name: getattr(self, name) for name in self.fitted_under}
+        state["configuration"] = dict(self.__dict__.get("_configuration", {}))
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> "Detector":
         where = f"{type(self).__name__}.load_state_dict"
-        expected = set(self.fitted) | {"threshold", "head_name", "head_kind"} | ({"fitted_under"} if self.fitted_under else set())
+        expected = set(self.fitted) | {"threshold", "head_name", "head_kind", "configuration"}
         if set(state) != expected:
             raise ValueError(f"{where}: expected keys {sorted(expected)}, got {sorted(state)}")
         state = dict(state)
-        saved = state.pop("fitted_under", {})
-        if set(saved) != set(self.fitted_under):
-            raise ValueError(f"{where}: the state's configuration has {sorted(saved)}, expected {sorted(self.fitted_under)}")
-        for name in self.fitted_under:
-            if saved[name] != getattr(self, name):
+        saved, current = state.pop("configuration"), self.__dict__.get("_configuration", {})
+        for name in sorted(set(saved) | set(current)):
+            if name not in saved or name not in current or not _same_setting(saved[name], current[name]):
                 raise ValueError(
-                    f"{where}: the state was fitted with {name}={saved[name]!r}, but this detector has "
-                    f"{name}={getattr(self, name)!r}; construct it with {name}={saved[name]!r}, or fit it again"
+                    f"{where}: the state was saved with {name}={saved.get(name, '<unset>')!r}, but this detector "
+                    f"has {name}={current.get(name, '<unset>')!r}; construct it with {name}={saved.get(name)!r}, or "
+                    "fit (and calibrate) it again"
                 )
         kind, head_name = state.pop("head_kind"), state.pop("head_name")
         for name, value in state.items():

@@ -57,7 +57,6 @@ SUBSPACES = ("pca", "class")
 
 class LowDimGrad(Detector):
     fitted = ("subspace", "bank", "clip")
-    fitted_under = ("subspace_kind", "dim", "classes", "oversample", "iterations", "seed", "react_percentile", "max_samples")
 
     def __init__(
         self,

@@ -17,7 +17,6 @@ from gradood.model_io import LogitsFn
 
 class ReAct(Detector):
     fitted = ("clip",)
-    fitted_under = ("percentile",)
 
     def __init__(self, model: nn.Module, percentile: float = 90.0, clip: Optional[float] = None, head: Optional[HeadName] = None, logits: LogitsFn = None):
         super().__init__(model, head, logits)

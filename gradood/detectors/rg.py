@@ -47,7 +47,6 @@ def activation_percentile(features: torch.Tensor, percentile: float, where: str 
 
 class RG(Detector):
     fitted = ("clip",)
-    fitted_under = ("percentile",)
 
     def __init__(
         self,
@@ -76,7 +75,6 @@ class RG(Detector):
 
 class RGAdditive(Detector):
     fitted = ("clip", "alpha")
-    fitted_under = ("a", "percentile")
 
     def __init__(
         self,
