@@ -605,3 +605,21 @@ def test_a_state_saved_under_other_settings_is_refused(make, saved_with, loaded_
         make(model, **loaded_with).load_state_dict(detector.state_dict())
     torch.testing.assert_close(make(model, **saved_with).load_state_dict(detector.state_dict()).score(inputs),
                                detector.score(inputs))
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1.003), (torch.bfloat16, 1.5)])
+def test_a_wide_head_scaling_its_output_slightly_is_refused(dtype, scale):
+    """An nn.Linear subclass returning super().forward(x) * s: a round-off bound that grows
+    with the width let s = 1.003 (float32) or 1.5 (bfloat16) pass at D = 4096."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * scale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4096), nn.ReLU(), Scaled(4096, 10)).to(dtype).eval()
+    inputs = torch.randn(4, 8, dtype=dtype)
+    with pytest.raises(ValueError, match="pass head='<module name>'"):
+        D.GradNorm(model).score(inputs)
+    plain = nn.Sequential(nn.Linear(8, 4096), nn.ReLU(), nn.Linear(4096, 10)).to(dtype).eval()
+    assert D.GradNorm(plain).score(inputs).shape == (4,)  # the same width, affine: accepted
