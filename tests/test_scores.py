@@ -254,3 +254,23 @@ def test_terms_stay_in_their_ranges(data):
     assert (terms.column("uniform_deviation_l1") <= 2 * (1 - 1 / num_classes) + 1e-12).all()
     assert (terms.column("gini") >= -1e-15).all() and (terms.column("gini") <= 1 - 1 / num_classes + 1e-12).all()
     assert (terms.column("feature_clipped_l1") <= terms.column("feature_l1") + 1e-12).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("classes", [3, 40, 1000])  # the short-row tile, the vectorised row and blocks
+def test_energy_of_rows_with_tied_infinite_logits_is_their_log_sum_exp(device, dtype, classes):
+    """Two +inf logits: log-sum-exp is +inf; all -inf: -inf. The max-subtracted merge took
+    inf - inf = NaN as the rescale of the second maximum, so every energy-based score
+    (Energy, RG, RGAdditive, ReAct) was NaN on such rows."""
+    logits = torch.randn(4, classes, dtype=dtype, device=device)
+    logits[0, [0, classes - 1]] = math.inf
+    logits[1] = -math.inf
+    logits[2, 1] = math.inf
+    expected = torch.logsumexp(logits.double().cpu(), dim=1)
+    for temperature in (1.0, 2.0):
+        energy = gradood.lastlayer_terms(logits, None, temperature).column("energy").double().cpu()
+        assert energy[0].item() == math.inf and energy[1].item() == -math.inf and energy[2].item() == math.inf
+        torch.testing.assert_close(energy[3] / temperature, torch.logsumexp(logits[3].double().cpu() / temperature, 0),
+                                   rtol=1e-5, atol=1e-5)
+    assert torch.equal(expected[:3], torch.tensor([math.inf, -math.inf, math.inf], dtype=torch.float64))
+    torch.testing.assert_close(gradood.scores.energy(logits).double().cpu()[:3], expected[:3])

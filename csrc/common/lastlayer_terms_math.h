@@ -4,7 +4,7 @@
 // from host code and from CUDA device code. The kernels only decide how rows
 // are split between threads; the numerics live in this one place.
 //
-// Numerics (../shared/SPEC.md, "The last-layer closed form"):
+// Numerics:
 //   * softmax at temperature T is taken relative to the running max m, so
 //     every exponent is <= 0 (an online, max-subtracted log-sum-exp);
 //   * the mass of the non-argmax classes, 1 - p_max, is accumulated directly as
@@ -88,8 +88,10 @@ GRADOOD_HOST_DEVICE MaxState<acc_t> merge(const MaxState<acc_t>& a,
   const bool a_wins = precedes(a.max, a.argmax, b.max, b.argmax);
   const MaxState<acc_t>& win = a_wins ? a : b;
   const MaxState<acc_t>& lose = a_wins ? b : a;
-  // The loser's max becomes one of the "others" of the winner.
-  const acc_t rescale = std::exp((lose.max - win.max) * inv_temperature);
+  // The loser's max becomes one of the "others" of the winner. Equal maxima rescale by 1,
+  // also when both are +inf or both -inf (where the difference is NaN): a row with two +inf
+  // logits has energy +inf, an all -inf row -inf, as log-sum-exp has.
+  const acc_t rescale = lose.max == win.max ? acc_t(1) : std::exp((lose.max - win.max) * inv_temperature);
   return {win.max, win.argmax, win.others + (lose.others + acc_t(1)) * rescale};
 }
 
