@@ -30,6 +30,9 @@ Scores = Any  # torch.Tensor | np.ndarray | Sequence[float]
 
 
 def _as_scores(where: str, name: str, scores: Scores) -> np.ndarray:
+    # Complex scores are refused, not cast (the cast drops the imaginary part with a warning).
+    if scores.is_complex() if isinstance(scores, torch.Tensor) else np.iscomplexobj(scores):
+        raise TypeError(f"{where}: {name} must be real scores, got complex values")
     if isinstance(scores, torch.Tensor):
         array = scores.detach().to(device="cpu", dtype=torch.float64).numpy()
     else:

@@ -213,3 +213,11 @@ def test_ood_positive_variants_are_the_id_positive_ones_with_roles_swapped(id_sc
     negated_id, negated_ood = [-v for v in id_scores], [-v for v in ood_scores]
     assert metrics.fpr_at_95_tpr_ood_positive(id_scores, ood_scores) == metrics.fpr_at_95_tpr(negated_ood, negated_id)
     assert metrics.aupr_out(id_scores, ood_scores) == metrics.aupr_in(negated_ood, negated_id)
+
+
+@pytest.mark.parametrize("make", [lambda v: torch.tensor(v, dtype=torch.complex64), lambda v: np.array(v, dtype=complex),
+                                  lambda v: [complex(x) for x in v]])
+def test_complex_scores_are_refused(make):
+    """They used to be cast with a warning, dropping the imaginary part."""
+    with pytest.raises(TypeError, match="must be real scores, got complex values"):
+        metrics.auroc(make([1.0, 2.0, 3.0]), [0.5, 0.1])
