@@ -1,4 +1,4 @@
-"""Gradient subspaces fitted on ID data (papers/lowdim_gradient.txt; Wu et al.,
+"""Gradient subspaces fitted on ID data ("Low-Dimensional Gradient Helps Out-of-Distribution Detection", Wu et al.,
 TPAMI 2024), streamed over the data with bounded memory.
 
 For the per-sample gradients g_i ∈ R^|θ| of a loss (log Σ_j exp f_j for the

@@ -1,4 +1,4 @@
-"""OOD detection metrics, exact and in float64 (../shared/SPEC.md, "Metrics").
+"""OOD detection metrics, exact and in float64.
 
 Conventions: scores are ID-scores (higher = more in-distribution) and ID is
 the positive class unless a name says otherwise. Inputs are 1-D tensors,

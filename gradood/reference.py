@@ -2,7 +2,7 @@
 
 Readable rather than fast. Each function computes in the dtype it is given
 (pass float64 for reference values) and returns an ID-score of shape [B]:
-higher means more in-distribution (../shared/SPEC.md). The raw gradient-norm
+higher means more in-distribution. The raw gradient-norm
 helper `lastlayer_grad_norm` is the exception: it returns the norm itself,
 which is OOD-high or ID-high depending on the loss.
 
@@ -214,7 +214,8 @@ def grodin_last_layer(
     temperature: float = 1.0,
     include_bias: bool = True,
 ) -> torch.Tensor:
-    """GRODIN's last-layer term (papers/grodin.txt): L2 norm of the gradient of
+    """GRODIN's last-layer term
+    ("GRODIN: Improved Large-Scale Out-of-Domain Detection via Back-propagation" (anonymous, ICLR 2022 submission, OpenReview)): L2 norm of the gradient of
     CE(f/T, ŷ) w.r.t. the last layer (weight and, by default, bias), negated:
 
         score = -(‖p - e_ŷ‖_2 / T) · sqrt(‖v‖_2² + 1)      (bias included)
@@ -230,7 +231,8 @@ def grodin_last_layer(
 
 
 def rg(logits: torch.Tensor, features: torch.Tensor, clip: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
-    """RG, Reactivate GradNorm, multiplicative (papers/rg_reactivate_gradnorm.txt, eq. 8):
+    """RG, Reactivate GradNorm, multiplicative
+    ("RG: Out-of-Distribution Detection with Reactivate GradNorm" (anonymous, under review, OpenReview), eq. 8):
 
         score = T · log Σ_j exp(f_j / T) · Σ_i min(|v_i|, k)
 
@@ -246,7 +248,8 @@ def rg(logits: torch.Tensor, features: torch.Tensor, clip: float = 1.0, temperat
 
 
 def rg_additive(logits: torch.Tensor, features: torch.Tensor, clip: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
-    """RG, additive variant (papers/rg_reactivate_gradnorm.txt, eq. 12):
+    """RG, additive variant
+    ("RG: Out-of-Distribution Detection with Reactivate GradNorm" (anonymous, under review, OpenReview), eq. 12):
 
         score = log Σ_j exp(f_j) + α · Σ_i min(|v_i|, k)
 

@@ -1,4 +1,6 @@
-"""GRODIN (papers/grodin.txt): the full-network gradient of ℓ = CE(f(x̃)/T, ŷ)
+"""GRODIN
+("GRODIN: Improved Large-Scale Out-of-Domain Detection via Back-propagation" (anonymous, ICLR 2022 submission, OpenReview)):
+the full-network gradient of ℓ = CE(f(x̃)/T, ŷ)
 factors as ∇_θ ℓ = (1/T) · p_ŷ · G. Scores, both at the ODIN-perturbed input x̃
 (same ε, T, eps_space as ODIN), negated (the norms are OOD-high):
 

@@ -1,4 +1,4 @@
-"""LowDimGrad: low-dimensional gradients (papers/lowdim_gradient.txt; Wu et al.,
+"""LowDimGrad: low-dimensional gradients ("Low-Dimensional Gradient Helps Out-of-Distribution Detection", Wu et al.,
 TPAMI 2024). ID-high.
 
 Per sample, the gradient g of log Σ_j exp f_j w.r.t. the selected parameters

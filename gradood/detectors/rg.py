@@ -1,4 +1,5 @@
-"""RG, Reactivate GradNorm (papers/rg_reactivate_gradnorm.txt), both variants. ID-high.
+"""RG, Reactivate GradNorm
+("RG: Out-of-Distribution Detection with Reactivate GradNorm" (anonymous, under review, OpenReview)), both variants. ID-high.
 
 RG:          T · log Σ_j exp(f_j / T) · Σ_i min(|v_i|, k)                 (eq. 8)
 RGAdditive:  log Σ_j exp(f_j) + a · α_s · Σ_i min(|v_i|, k)              (eq. 12)
