@@ -60,12 +60,12 @@ def _plain(value: Any) -> bool:
 
 
 def _same_setting(a: Any, b: Any) -> bool:
+    """Equal settings: 90 and 90.0 are, True and 1 are not; NaN equals NaN; lists item by item."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
-    return type(a) is type(b) and a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float))
-                                               and not isinstance(a, bool) and not isinstance(b, bool) and a == b)
+    return isinstance(a, bool) == isinstance(b, bool) and isinstance(a, str) == isinstance(b, str) and a == b
 
 
 class Detector:

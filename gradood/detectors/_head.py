@@ -100,9 +100,8 @@ def is_affine(call: Call) -> bool:
             return False
         if again.shape != output.shape:
             return False
-        differs = (again != output) & ~(again.isnan() & output.isnan())
-        if not bool(differs.any()):
-            return True
+        if bool(((again == output) | (again.isnan() & output.isnan())).all()):
+            return True  # bit-identical (the usual case)
         compute = torch.float64 if output.dtype == torch.float64 else torch.float32
         inputs, captured = _rows(call)
         again = again.reshape(captured.shape).to(compute)
@@ -111,10 +110,9 @@ def is_affine(call: Call) -> bool:
         bound = inputs.detach().to(compute).abs() @ weight.abs().t()
         if module.bias is not None:
             bound = bound + module.bias.detach().to(compute).abs()
-        gap = (again - captured).abs()
-        judged = torch.isfinite(again) & torch.isfinite(captured)  # non-finite rows: their own NaN/inf scores
-        ok = gap <= 4 * torch.finfo(output.dtype).eps * bound + torch.finfo(compute).tiny
-        return bool((ok | ~judged).all()) and bool(((again == captured) | judged | (again.isnan() & captured.isnan())).all())
+        close = (again - captured).abs() <= 4 * torch.finfo(output.dtype).eps * bound + torch.finfo(compute).tiny
+        same = (again == captured) | (again.isnan() & captured.isnan())  # non-finite entries: equal, or NaN both
+        return bool(torch.where(torch.isfinite(again) & torch.isfinite(captured), close, same).all())
 
 
 def _flat_output(call: Call, logits: torch.Tensor) -> Optional[torch.Tensor]:
@@ -140,16 +138,16 @@ def _token_positions(output: torch.Tensor, logits: torch.Tensor) -> Optional[tor
 def produces(head: Head, captured: Captured, logits: torch.Tensor) -> bool:
     """Whether these head modules, each an affine map of its input, produced exactly
     these logits in this pass."""
-    if any(name not in captured or not is_affine(captured[name]) for name in head.names):
+    if any(name not in captured for name in head.names):
         return False
     if head.kind == "token":
-        return _token_positions(captured[head.names[0]].output, logits) is not None
-    outputs = [_flat_output(captured[name], logits) for name in head.names]
-    if any(output is None for output in outputs):
-        return False
-    if head.kind == "linear":
-        return _same(outputs[0], logits)
-    return _same((outputs[0] + outputs[1]) / 2, logits)
+        equal = _token_positions(captured[head.names[0]].output, logits) is not None
+    else:
+        outputs = [_flat_output(captured[name], logits) for name in head.names]
+        equal = all(output is not None for output in outputs) and _same(
+            outputs[0] if head.kind == "linear" else (outputs[0] + outputs[1]) / 2, logits)
+    # The comparison with the logits first: the recomputation of the head is the costly check.
+    return equal and all(is_affine(captured[name]) for name in head.names)
 
 
 def kind_of(names: Sequence[str], captured: Captured, logits: torch.Tensor) -> Optional[str]:
@@ -180,13 +178,8 @@ def find(captured: Captured, logits: torch.Tensor) -> Optional[Head]:
 
 
 def features(where: str, head: Head, captured: Captured, logits: torch.Tensor) -> torch.Tensor:
-    """The penultimate features [B, D] of the head (see the module docstring)."""
-    for name in head.names:
-        if not captured[name].untouched:
-            raise ValueError(
-                f"{where}: the model modifies the input or output of its head {name!r} in place after the head ran, so "
-                "the logits are not head(features) and the last-layer scores would be wrong; return new tensors instead"
-            )
+    """The penultimate features [B, D] of a head that `produces` has accepted in this pass
+    (see the module docstring)."""
     if head.kind == "linear":
         inputs = captured[head.names[0]].input
         return inputs.reshape(inputs.shape[0], -1)
