@@ -194,3 +194,70 @@ def test_a_forward_replaced_after_the_first_call_is_checked():
     model[1].forward = lambda x: plain(x - x.mean(0, keepdim=True))  # now mixes the samples
     with pytest.raises(ValueError, match="single-sample check failed"):
         persample_grad_norms(model, inputs)
+
+
+# --- verify=k: k random samples of every call ------------------------------------------
+
+
+class _DataDependent(nn.Module):
+    """Mixes samples only in batches whose first feature exceeds 3 somewhere: the probe
+    check on ordinary samples passes, a later batch with such a sample is wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.a(x))
+        if bool((x[:, 0] > 3).any()):
+            hidden = hidden - hidden.mean(0, keepdim=True)
+        return self.head(hidden)
+
+
+def test_verify_k_catches_what_the_probe_check_cannot():
+    torch.manual_seed(0)
+    model = _DataDependent().double().eval()
+    ordinary = torch.randn(6, 4, dtype=torch.float64)
+    persample_grad_norms(model, ordinary)  # the probe check passes on these
+    odd = ordinary.clone()
+    odd[2, 0] = 5.0
+    silent = persample_grad_norms(model, odd)  # the once-per-signature check has run: a wrong number
+    assert not torch.allclose(silent.norms, _loop_norms(model, odd), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"per-call check \(verify=k\) failed.*sample"):
+        persample_grad_norms(model, odd, verify=6)
+    with pytest.raises(ValueError, match=r"per-call check \(verify=k\) failed"):
+        persample_gradients(model, odd, verify=6)
+
+
+def test_verify_k_passes_and_changes_nothing_on_an_exact_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.LayerNorm(7), nn.Linear(7, 4)).eval()
+    inputs = torch.randn(9, 5)
+    plain = persample_grad_norms(model, inputs, per_layer=True)
+    checked = persample_grad_norms(model, inputs, per_layer=True, verify=3)
+    torch.testing.assert_close(checked.norms, plain.norms, rtol=0, atol=0)
+    targets = torch.randint(0, 4, (9,))
+    persample_grad_norms(model, inputs, loss="ce", targets=targets, temperature=2.0, verify=9)
+    persample_gradients(model, inputs, loss="logsumexp", verify=2)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "yes", None])
+def test_verify_must_be_a_flag_or_a_sample_count(bad):
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="verify must be True, False or a number of samples"):
+        persample_grad_norms(model, torch.randn(2, 3), verify=bad)
+
+
+def test_detectors_take_verify_k():
+    from gradood.detectors import GRODIN, FullGradNorm
+
+    torch.manual_seed(0)
+    model = _DataDependent().eval()
+    odd = torch.randn(5, 4)
+    GRODIN(model).score(torch.randn(5, 4))  # probe check on ordinary inputs
+    odd[1, 0] = 5.0
+    for detector in (GRODIN(model, verify=5), FullGradNorm(model, verify=5)):
+        with pytest.raises(ValueError, match="per-call check"):
+            detector.score(odd)
+    with pytest.raises(ValueError, match="GRODIN: verify must be"):
+        GRODIN(model, verify=0)

@@ -75,7 +75,8 @@ class Detector:
     #: Names of the fitted statistics (attributes) saved by state_dict().
     fitted: Tuple[str, ...] = ()
     #: Constructor arguments that are not configuration of the scores (saved states ignore them).
-    not_configuration: Tuple[str, ...] = ("self", "model", "head", "logits", "progress", "functional_params", "fallback")
+    not_configuration: Tuple[str, ...] = ("self", "model", "head", "logits", "progress", "functional_params", "fallback",
+                                         "verify")
 
     def __init_subclass__(cls, **kwargs):
         """Records each detector's constructor arguments (the outermost __init__'s, with

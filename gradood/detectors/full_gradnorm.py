@@ -6,7 +6,7 @@ norm = more in-distribution, as GradNorm)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from gradood.persample import persample_grad_norms
 from gradood.persample.engine import ParamSelector
 from gradood.detectors._head import HeadName
 from gradood.model_io import Inputs, LogitsFn
+from gradood.persample import _verify
 
 
 class FullGradNorm(Detector):
@@ -26,10 +27,12 @@ class FullGradNorm(Detector):
         params: ParamSelector = None,
         functional_params: Optional[str] = None,
         fallback: Optional[str] = None,
+        verify: Union[bool, int] = True,
         head: Optional[HeadName] = None,
         logits: LogitsFn = None,
     ):
         super().__init__(model, head, logits)
+        self.verify = _verify.call_check_count(type(self).__name__, verify) or bool(verify)
         self.temperature, self.params, self.functional_params = temperature, params, functional_params
         self.fallback = fallback
 
@@ -37,5 +40,5 @@ class FullGradNorm(Detector):
         with eval_mode(self.model):
             return persample_grad_norms(
                 self.model, inputs, "kl_uniform", self.temperature, params=self.params,
-                functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn,
+                functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn, verify=self.verify,
             ).norms

@@ -16,7 +16,7 @@ position embedding, fallback="torch.func" for modules without a rule; see there)
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from gradood.persample import persample_grad_norms
 from gradood.persample.engine import ParamSelector
 from gradood.detectors._head import HeadName
 from gradood.model_io import Inputs, LogitsFn
+from gradood.persample import _verify
 
 
 class GRODIN(Detector):
@@ -44,10 +45,12 @@ class GRODIN(Detector):
         functional_params: Optional[str] = None,
         fallback: Optional[str] = None,
         perturb: Optional[Sequence[str]] = None,
+        verify: Union[bool, int] = True,
         head: Optional[HeadName] = None,
         logits: LogitsFn = None,
     ):
         super().__init__(model, head, logits)
+        self.verify = _verify.call_check_count(type(self).__name__, verify) or bool(verify)
         check_perturbation(type(self).__name__, temperature, epsilon, eps_space, std)
         self.part = check_choice(type(self).__name__, "part", part, ("SG", "G"))
         self.temperature, self.epsilon, self.eps_space, self.std = temperature, epsilon, eps_space, std
@@ -67,13 +70,13 @@ class GRODIN(Detector):
             if keep_labels:
                 result = persample_grad_norms(
                     self.model, perturbed, "ce", self.temperature, targets=original_labels, params=self.params,
-                    functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn,
+                    functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn, verify=self.verify,
                 )
                 labels = original_labels
             else:
                 result = persample_grad_norms(
                     self.model, perturbed, "ce_pred", self.temperature, params=self.params,
-                    functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn,
+                    functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn, verify=self.verify,
                 )
                 labels = result.logits.argmax(dim=1)
         if self.part == "SG":

@@ -31,7 +31,7 @@ every pass (no random augmentation); their order may change.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ from gradood.knn import METRICS, knn_score, normalise_rows
 from gradood.persample.engine import ParamSelector, PerSampleGradients, _select, persample_gradients
 from gradood.detectors._head import HeadName
 from gradood.model_io import Inputs, LogitsFn
+from gradood.persample import _verify
 
 SUBSPACES = ("pca", "class")
 
@@ -78,10 +79,12 @@ class LowDimGrad(Detector):
         dtype: Optional[torch.dtype] = None,
         max_samples: Optional[int] = None,
         progress: bool = False,
+        verify: Union[bool, int] = True,
         head: Optional[HeadName] = None,
         logits: LogitsFn = None,
     ):
         super().__init__(model, head, logits)
+        self.verify = _verify.call_check_count(type(self).__name__, verify) or bool(verify)
         name = type(self).__name__
         if subspace not in SUBSPACES:
             raise ValueError(f"{name}: subspace must be one of {SUBSPACES}, got {subspace!r}")
@@ -131,7 +134,7 @@ class LowDimGrad(Detector):
         with eval_mode(self.model):
             grads = persample_gradients(
                 self.model, model_io.to_device(inputs, self._device()), "logsumexp", params=self.params,
-                functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn,
+                functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn, verify=self.verify,
                 capture=capture,
             )
         if features is not None:

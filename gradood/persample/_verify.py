@@ -24,6 +24,7 @@ the check (for a model already checked, or a benchmark of the pass alone).
 
 from __future__ import annotations
 
+import random
 from copy import deepcopy
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -128,9 +129,13 @@ def _explain(where: str, problems: List[str]) -> ValueError:
     )
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _in_float64(model: nn.Module, batch):
     """(model, batch, dtype) for the check: a float64 copy where that is affordable."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = _model_dtype(model)
     if dtype == torch.float64 or sum(p.numel() for p in model.parameters()) > _COPY_LIMIT:
         return model, batch, dtype
     try:
@@ -199,3 +204,98 @@ def check_gradients(where: str, model: nn.Module, inputs, params, functional_par
                 problems.append(f"{name} (sample {index})")
     if problems:
         raise _explain(where, problems)
+
+
+# --- The per-call check (verify=k): k random samples of every call -------------------------
+
+_CALL_SAMPLES = random.Random(0x5EED)  # its own stream: the user's RNG state is left alone
+
+
+def call_check_count(where: str, verify) -> int:
+    """How many samples of each call verify= asks to check against single-sample
+    autograd: 0 for True/False (True: the once-per-signature probe check only), k
+    for an int k ≥ 1."""
+    if isinstance(verify, bool):
+        return 0
+    if isinstance(verify, int) and verify >= 1:
+        return verify
+    raise ValueError(f"{where}: verify must be True, False or a number of samples k >= 1 to check on every call, "
+                     f"got {verify!r}")
+
+
+def _call_samples(batch: int, count: int) -> List[int]:
+    return sorted(_CALL_SAMPLES.sample(range(batch), min(count, batch)))
+
+
+def _sample_loss(loss, temperature: float, targets: Optional[torch.Tensor], index: int):
+    from gradood.persample.losses import per_sample_loss
+
+    own = None if targets is None else targets[index : index + 1]
+    return lambda logits, _position: per_sample_loss(logits, loss, temperature, own)
+
+
+def check_call_norms(where: str, model: nn.Module, inputs, loss, temperature: float,
+                     targets: Optional[torch.Tensor], logits_fn, groups: Sequence[Tuple[str, ...]],
+                     layer_names: Sequence[str], squared: torch.Tensor, count: int) -> None:
+    """Compares the per-layer squared norms `squared` [B, L] of this call with plain
+    autograd on `count` random samples of it, each alone (the call's own loss)."""
+    batch = squared.shape[0]
+    rtol, atol = _tolerance(_model_dtype(model))
+    names = [name for group in groups for name in group]
+    problems = []
+    for index in _call_samples(batch, count):
+        sample = model_io.select(inputs, torch.tensor([index]))
+        reference, sample, _ = _in_float64(model, sample)  # only the pass's round-off counts
+        grads = single_sample_gradients(reference, sample, 1, names, logits_fn,
+                                        _sample_loss(loss, temperature, targets, index))[0]
+        per_layer = [sum(float(grads[n].double().square().sum()) for n in group if grads[n] is not None)
+                     for group in groups]
+        total = sum(per_layer)
+        for column, (layer, expected) in enumerate(zip(layer_names, per_layer)):
+            got = float(squared[index, column])
+            if not abs(got - expected) <= rtol * expected + atol * total:
+                problems.append(f"{layer or 'the model'} (sample {index} of the call: {got:.6g} against {expected:.6g})")
+    if problems:
+        raise _explain_call(where, problems)
+
+
+def check_call_gradients(where: str, model: nn.Module, inputs, loss, temperature: float,
+                         targets: Optional[torch.Tensor], logits_fn, ours, count: int) -> None:
+    """Compares the per-sample gradients of this call, projected on 3 random directions
+    over all selected parameters, with plain autograd on `count` random samples alone."""
+    names = list(ours.names)
+    generator = torch.Generator().manual_seed(_CALL_SAMPLES.randrange(1 << 31))
+    directions = {name: torch.randn(3, int(torch.Size(ours.shapes[name]).numel()), generator=generator,
+                                    dtype=torch.float64) for name in names}
+    compute = ours.logits.dtype if ours.logits.dtype == torch.float64 else torch.float32
+    got = ours.project({k: v.to(ours.logits.device, compute) for k, v in directions.items()}).double().cpu()
+    rtol, atol = _tolerance(_model_dtype(model))
+    length = sum(float(d.square().sum(1).max()) for d in directions.values()) ** 0.5
+    problems = []
+    for index in _call_samples(ours.count, count):
+        sample = model_io.select(inputs, torch.tensor([index]))
+        reference, sample, _ = _in_float64(model, sample)  # only the pass's round-off counts
+        grads = single_sample_gradients(reference, sample, 1, names, logits_fn,
+                                        _sample_loss(loss, temperature, targets, index))[0]
+        expected = torch.zeros(3, dtype=torch.float64)
+        size = 0.0
+        for name in names:
+            if grads[name] is not None:
+                flat = grads[name].detach().double().cpu().reshape(-1)
+                expected += directions[name] @ flat
+                size += float(flat.square().sum())
+        error = float((got[index] - expected).abs().max())
+        if not error <= rtol * float(expected.abs().max()) + atol * size ** 0.5 * length:
+            problems.append(f"sample {index} of the call (projections {got[index].tolist()} against {expected.tolist()})")
+    if problems:
+        raise _explain_call(where, problems)
+
+
+def _explain_call(where: str, problems: List[str]) -> ValueError:
+    return CheckFailed(
+        f"{where}: the per-call check (verify=k) failed: the per-sample gradients of this batch differ from autograd "
+        f"run on the sample alone, for {'; '.join(problems[:3])}{' and more' if len(problems) > 3 else ''}. The model "
+        "behaves differently on these inputs than on the samples the layout was checked on (a data-dependent branch, "
+        "samples mixed or reordered only for some batches, a parameter used outside its module's forward only for "
+        "some inputs). Exclude the parameters with `params`, or use fallback='torch.func' for the modules concerned"
+    )

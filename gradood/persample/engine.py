@@ -426,7 +426,7 @@ def persample_grad_norms(
     functional_params: Optional[str] = None,
     fallback: Optional[str] = None,
     logits: LogitsFn = None,
-    verify: bool = True,
+    verify: Union[bool, int] = True,
 ) -> PerSampleGradNorms:
     """‖∇_θ ℓ(x_i)‖₂ over the selected parameters θ, for each sample.
 
@@ -459,9 +459,19 @@ def persample_grad_norms(
     calling F.linear with a child's weight, a tied weight), raises an error naming
     it, or, with fallback="torch.func", is replayed per sample with the innermost
     module around it that takes the batch as one batch-first tensor.
+
+    verify: True (default) checks, once per model and input signature, the per-sample
+    norms of up to 3 distinct probe samples against autograd on each sample alone
+    (gradood/persample/_verify.py); False skips it; an int k also checks k random
+    samples of every call the same way, with the call's own loss (k single-sample
+    backward passes per call), and raises naming the sample and layer: a bound for
+    models whose behaviour depends on the data. A failed check is a ValueError.
     """
     def norms_of(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> Tuple[torch.Tensor, str]:
         return layer_norms(layer, _half_pieces_as_float32(pieces))
+
+    per_call = _verify.call_check_count(_WHERE, verify)
+    logits_fn = logits
 
     result = _run_pass(_WHERE, model, inputs, loss, temperature, targets, params, functional_params, fallback, norms_of,
                        logits, verify=None if not verify else functools.partial(
@@ -496,6 +506,9 @@ def persample_grad_norms(
         columns.append(squared.to(norm_dtype))
         methods.append(method)
     squared = torch.stack(columns, dim=1)
+    if per_call:
+        _verify.check_call_norms(_WHERE, model, inputs, loss, temperature, targets, logits_fn, owned, names, squared,
+                                 per_call)
     return PerSampleGradNorms(
         norms=squared.sum(1).sqrt(),
         logits=logits,
@@ -599,7 +612,7 @@ def persample_gradients(
     fallback: Optional[str] = None,
     logits: LogitsFn = None,
     capture: Sequence[str] = (),
-    verify: bool = True,
+    verify: Union[bool, int] = True,
 ) -> PerSampleGradients:
     """The per-sample gradients ∇_θ ℓ(x_i) of the selected parameters from one
     forward and one backward pass, as a PerSampleGradients operator: projections
@@ -611,6 +624,8 @@ def persample_gradients(
 
     def gradients_of(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> LayerGradients:
         return layer_gradients(layer, _half_pieces_as_float32(pieces))
+
+    per_call = _verify.call_check_count(where, verify)
 
     result = _run_pass(where, model, inputs, loss, temperature, targets, params, functional_params, fallback,
                        gradients_of, logits, capture, squared_only=False, verify=None if not verify else functools.partial(
@@ -640,4 +655,7 @@ def persample_gradients(
             layers.append(({source.short_name: source.name}, result.consumed[source.name]))
         else:
             layers.append(({"value": source.name}, result.direct.gradients(source.name)))
-    return PerSampleGradients(result.logits, layers, shapes, result.captured)
+    gradients = PerSampleGradients(result.logits, layers, shapes, result.captured)
+    if per_call:
+        _verify.check_call_gradients(where, model, inputs, loss, temperature, targets, logits, gradients, per_call)
+    return gradients
