@@ -35,11 +35,11 @@ TORCH_LIBRARY(gradood, m) {
 // The scores are not differentiable. Without an Autograd kernel PyTorch only
 // warns and backward silently yields no gradient; with this one, backward through
 // a score raises (forward with inputs that require grad still works).
+// The score operators' backward formulas are registered from Python
+// (gradood/_autograd.py, torch.library.register_autograd); the per-sample
+// norm operators have none: they are reductions of gradients, not scores.
 TORCH_LIBRARY_IMPL(gradood, Autograd, m) {
-  m.impl("lastlayer_terms", torch::autograd::autogradNotImplementedFallback());
-  m.impl("lastlayer_score", torch::autograd::autogradNotImplementedFallback());
   m.impl("outer_product_sq_norm", torch::autograd::autogradNotImplementedFallback());
   m.impl("conv2d_weight_sq_norm", torch::autograd::autogradNotImplementedFallback());
   m.impl("norm_affine_grads", torch::autograd::autogradNotImplementedFallback());
-  m.impl("react_energy", torch::autograd::autogradNotImplementedFallback());
 }

@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from gradood import _autograd
 from gradood import _extension  # noqa: F401  (registers torch.ops.gradood)
 from gradood._checks import check_features, check_kernel_dtype, check_logits, check_positive
 
@@ -100,6 +101,9 @@ def _react_energy_fake(features, weight, bias, clip):
     torch._check(weight.shape[1] == features.shape[1], lambda: "react_energy: weight must be [C, D] for features [B, D]")
     _check_like("react_energy", "features", features, weight=weight, bias=bias)
     return features.new_empty((features.shape[0],), dtype=_terms_dtype(features.dtype))
+
+
+_autograd.register()
 
 
 def check_kernels_for(where: str, name: str, tensor: torch.Tensor) -> None:

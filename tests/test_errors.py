@@ -151,13 +151,16 @@ def test_scores_reject_dtypes_without_a_kernel(name):
         _call(scores, name, logits, torch.rand(2, 4).to(logits.dtype))
 
 
-def test_backward_through_a_score_raises_instead_of_a_silent_zero():
-    """The ops are not differentiable: their outputs carry a grad_fn that raises,
-    so no gradient silently goes missing; under no_grad nothing is tracked."""
-    logits = torch.randn(4, 10, requires_grad=True)
-    features = torch.rand(4, 16, requires_grad=True)
-    for score in (scores.gradnorm(logits, features), gradood.lastlayer_terms(logits, features).terms):
-        with pytest.raises(RuntimeError, match="derivative for gradood::lastlayer_.* is not implemented"):
-            score.sum().backward()
+def test_backward_through_a_norm_operator_raises_instead_of_a_silent_zero():
+    """The per-sample norm operators have no derivative (the scores have one:
+    tests/test_score_gradients.py): their outputs carry a grad_fn that raises, so no
+    gradient silently goes missing; under no_grad nothing is tracked."""
+    activations = torch.randn(2, 3, 4, requires_grad=True)
+    grads = torch.randn(2, 3, 5)
+    norms = torch.ops.gradood.outer_product_sq_norm(activations, grads, "ghost")
+    with pytest.raises(RuntimeError, match="derivative for gradood::outer_product_sq_norm is not implemented"):
+        norms.sum().backward()
     with torch.no_grad():
-        assert not scores.gradnorm(logits, features).requires_grad
+        assert not scores.gradnorm(torch.randn(4, 10, requires_grad=True), torch.rand(4, 16)).requires_grad
+
+
