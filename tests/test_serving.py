@@ -9,6 +9,7 @@ import json
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ uvicorn = pytest.importorskip("uvicorn")
 _SERVER = os.path.join(os.path.dirname(__file__), "..", "examples", "serving", "server.py")
 _spec = importlib.util.spec_from_file_location("gradood_example_server", _SERVER)
 server = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = server  # importable by name: its parse function crosses to the parse process
 _spec.loader.exec_module(server)
 
 SHAPE = (2, 3, 3)
@@ -114,3 +116,103 @@ def test_nan_pixels_are_refused(running):
     assert status == 422 and "1 NaN or infinite values" in payload["error"]
     assert _post(port, {"inputs": [sample]})[0] == 200  # the server is still up
     assert math.isfinite(_post(port, {"inputs": [sample]})[1]["predictions"][0]["ood_score"])
+
+
+def _start(app):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not instance.started:
+        assert time.time() < deadline, "the server did not start"
+        time.sleep(0.05)
+    return port, instance, thread
+
+
+def _timed_post(port, body):
+    start = time.perf_counter()
+    try:
+        status, payload = _post(port, body)
+    except (ConnectionError, OSError) as error:  # the server may close a refused upload early
+        status, payload = None, {"error": repr(error)}
+    return status, payload, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("body,message", [
+    (b'{"inputs": ' + b"[" * 4000 + b"]" * 4000 + b"}", "nested at most"),
+    (b'{"inputs": ' + b"[" * 900 + b"1" + b"]" * 900 + b"}", "nested lists of numbers"),
+    (json.dumps({"inputs": [[[[0.0] * 3] * 3] * 2]}).replace("0.0", "1" * 401, 1).encode(), "beyond float32"),
+    (json.dumps({"inputs": [[[[0.0] * 3] * 3] * 2]}).replace("0.0", "1e39", 1).encode(), "beyond float32"),
+    (json.dumps({"inputs": [[[[0.0] * 3] * 3] * 2]}).replace("0.0", "-Infinity", 1).encode(), "NaN or infinite"),
+])
+def test_hostile_bodies_get_a_json_4xx_within_a_second(running, body, message):
+    port, _, _ = running
+    status, payload, seconds = _timed_post(port, body)
+    assert status == 422 and message in payload["error"], payload
+    assert seconds < 1.0
+
+
+def test_unknown_routes_and_methods_answer_json(running):
+    port, _, _ = running
+    assert _post(port, {"inputs": []}, path="/nowhere") == (404, {"error": "Not Found"})
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", "/predict")
+    response = connection.getresponse()
+    assert response.status == 405 and "error" in json.loads(response.read())
+
+
+def test_a_body_over_the_limit_is_refused_without_stalling_small_requests(running):
+    port, _, _ = running
+    sample = {"inputs": [[[[0.5] * 3] * 3] * 2]}
+    baseline = sorted(_timed_post(port, sample)[2] for _ in range(10))[5]
+    huge = b'{"inputs": [' + b"1.0," * (10 << 20) + b"1.0]}"  # 40 MB, malformed as well
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        big = pool.submit(_timed_post, port, huge)
+        small = []
+        while not big.done():
+            small.append(_timed_post(port, sample))
+        status, payload, seconds = big.result()
+    assert status in (413, None), payload
+    if status == 413:
+        assert "larger than the limit" in payload["error"] and seconds < 5.0
+    assert all(result[0] == 200 for result in small)
+    assert max(result[2] for result in small) < baseline + 0.1, (baseline, [r[2] for r in small])
+
+
+def test_large_bodies_are_parsed_off_the_event_loop():
+    """A valid 64-sample request of 3×64×64 inputs is ~15 MB of JSON, about a second of
+    parsing under the interpreter lock: parsed in the worker process, concurrent small
+    requests are not held up; the answer equals the in-process parse."""
+    shape = (3, 64, 64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    app = server.build_app(model, shape, "energy", max_batch=64, max_wait_ms=1.0,
+                           calibration=torch.randn(16, *shape))
+    port, instance, thread = _start(app)
+    try:
+        generator = torch.Generator().manual_seed(3)
+        large = {"inputs": torch.randn(64, *shape, generator=generator).tolist()}
+        body = json.dumps(large).encode()
+        small = {"inputs": torch.randn(1, *shape, generator=generator).tolist()}
+        small_body = json.dumps(small).encode()
+        assert len(small_body) < 1 << 18 < len(body)  # inline and offloaded
+        baseline = sorted(_timed_post(port, small_body)[2] for _ in range(10))[5]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            big = pool.submit(_timed_post, port, body)
+            during = []
+            while not big.done():
+                during.append(_timed_post(port, small_body))
+            status, payload, _ = big.result()
+        assert status == 200 and len(payload["predictions"]) == 64
+        assert len(during) >= 3 and all(result[0] == 200 for result in during)
+        assert max(result[2] for result in during) < baseline + 0.1, (baseline, [r[2] for r in during])
+        inline = server.parse_inputs(body, shape, 64)
+        expected = torch.softmax(model(inline), 1).max(1)
+        for i, prediction in enumerate(payload["predictions"]):
+            assert prediction["class"] == int(expected.indices[i])
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)

@@ -6,9 +6,17 @@ flag, with dynamic batching of concurrent requests (Starlette + uvicorn).
 
 POST /predict  {"inputs": [sample, ...]}  (each sample a nested list of the input shape)
   200 {"predictions": [{"class": 3, "probability": 0.91, "ood_score": 12.3, "is_ood": false}, ...]}
-  413 batch larger than --max-batch;  422 malformed JSON, wrong shape, non-numbers,
-  NaN/Inf values or an empty batch; every error is {"error": "<what and why>"}.
+  413 batch larger than --max-batch, or a body larger than --max-body-bytes (by default
+  what --max-batch samples of the input shape take as JSON, 32 bytes a number);
+  422 malformed JSON (also nested too deeply), wrong shape, non-numbers, numbers
+  beyond float32 (a 401-digit integer), NaN/Inf values or an empty batch; every
+  error, 404/405/500 included, is {"error": "<what and why>"}.
 GET /health -> {"status": "ok"}
+
+Bodies are read in chunks and refused as soon as they pass the limit (what remains is
+drained, never parsed). Bodies over --offload-bytes are parsed in a separate process
+(json and nested lists hold the interpreter lock for their whole parse), so a large
+request does not stall the small ones: only bytes pass through the event loop.
 
 The model and its OOD head run as one gradood.OODHead forward pass per batch
 (no second pass, no hooks). The threshold for is_ood is calibrated at start-up
@@ -25,11 +33,16 @@ import asyncio
 import contextlib
 import json
 import math
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 import uvicorn
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -46,10 +59,17 @@ DETECTORS = {
 }
 
 
+_BYTES_PER_NUMBER = 32  # "-1.2345678901234567e-05, " and nesting, with room to spare
+_DRAIN_LIMIT = 1 << 28  # a refused body is read and dropped up to this size, then the connection closes
+
+
 class BadRequest(Exception):
     def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+        super().__init__(status, message)  # both in args: it crosses the parse process boundary
+        self.status, self.message = status, message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class Batcher:
@@ -104,11 +124,19 @@ class Batcher:
             start = stop
 
 
-def parse_inputs(body: bytes, input_shape: Tuple[int, ...], max_batch: int) -> torch.Tensor:
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
+def decode_inputs(body: bytes, input_shape: Tuple[int, ...], max_batch: int) -> np.ndarray:
+    """The request's samples as a float32 array [N, *input_shape], or BadRequest. Plain
+    json and numpy (no torch), so that it runs in the parse process as well."""
+    try:  # integers parse as floats: a 401-digit integer becomes inf and is refused below
+        payload = json.loads(body, parse_int=float, parse_constant=lambda name: math.nan)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
         raise BadRequest(422, f"the body must be JSON: {error}")
+    except RecursionError:
+        raise BadRequest(422, "the body must be JSON nested at most a few levels deep (inputs of the input shape)")
     if not isinstance(payload, dict) or "inputs" not in payload or not isinstance(payload["inputs"], list):
         raise BadRequest(422, 'the body must be {"inputs": [sample, ...]}')
     if len(payload["inputs"]) == 0:
@@ -116,26 +144,68 @@ def parse_inputs(body: bytes, input_shape: Tuple[int, ...], max_batch: int) -> t
     if len(payload["inputs"]) > max_batch:
         raise BadRequest(413, f"at most {max_batch} samples per request, got {len(payload['inputs'])}")
     try:
-        inputs = torch.tensor(payload["inputs"], dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as error:
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
+            inputs = np.asarray(payload["inputs"], dtype=np.float32)
+    except (TypeError, ValueError, OverflowError, RecursionError) as error:
         raise BadRequest(422, f"inputs must be nested lists of numbers of shape {list(input_shape)}: {error}")
     if tuple(inputs.shape[1:]) != input_shape:
         raise BadRequest(422, f"each sample must have shape {list(input_shape)}, got {list(inputs.shape[1:])}")
-    non_finite = int((~torch.isfinite(inputs)).sum())
+    non_finite = int((~np.isfinite(inputs)).sum())
     if non_finite:
-        raise BadRequest(422, f"inputs contain {non_finite} NaN or infinite values")
+        raise BadRequest(422, f"inputs contain {non_finite} NaN or infinite values (or numbers beyond float32)")
     return inputs
 
 
+def parse_inputs(body: bytes, input_shape: Tuple[int, ...], max_batch: int) -> torch.Tensor:
+    return torch.from_numpy(decode_inputs(body, input_shape, max_batch))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or BadRequest(413) as soon as it passes `limit` bytes (the rest drained)."""
+    declared = request.headers.get("content-length")
+    too_large = BadRequest(413, f"the body is larger than the limit of {limit} bytes (--max-body-bytes)")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        await _drain(request)
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            await _drain(request, size)
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _drain(request: Request, size: int = 0) -> None:
+    with contextlib.suppress(Exception):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > _DRAIN_LIMIT:
+                break
+
+
+def _parse_process() -> Optional[ProcessPoolExecutor]:
+    """One worker process for large bodies (fork: it inherits this module as loaded); None
+    where fork is unavailable, and large bodies are then parsed in a thread."""
+    if sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork"))
+
+
 def build_app(model: torch.nn.Module, input_shape: Tuple[int, ...], detector: str, max_batch: int,
-              max_wait_ms: float, calibration: Optional[torch.Tensor] = None) -> Starlette:
+              max_wait_ms: float, calibration: Optional[torch.Tensor] = None, max_body_bytes: Optional[int] = None,
+              offload_bytes: int = 1 << 18) -> Starlette:
     model = model.eval()
+    numbers = max_batch * math.prod(input_shape)
+    max_body_bytes = max_body_bytes or numbers * _BYTES_PER_NUMBER + 4096
     calibration = calibration if calibration is not None else torch.randn(256, *input_shape)
     head, threshold = None, math.nan
     if DETECTORS[detector] is not None:
         ood = DETECTORS[detector](model).fit(calibration)
         head = gradood.OODHead(model, ood, example_inputs=calibration[:2]).eval()
         threshold = ood.calibrate(ood.score(calibration), tpr=0.95)
+    parse_pool = _parse_process()
 
     @torch.no_grad()
     def run_batch(batch: torch.Tensor):
@@ -143,11 +213,18 @@ def build_app(model: torch.nn.Module, input_shape: Tuple[int, ...], detector: st
             return (model(batch),)
         return head(batch)
 
+    async def parse(body: bytes) -> torch.Tensor:
+        if len(body) <= offload_bytes:  # small: faster inline than a round trip
+            return parse_inputs(body, input_shape, max_batch)
+        loop = asyncio.get_running_loop()
+        decoded = await loop.run_in_executor(parse_pool, decode_inputs, body, input_shape, max_batch)
+        return torch.from_numpy(decoded)
+
     batcher = Batcher(run_batch, max_batch, max_wait_ms / 1000.0)
 
     async def predict(request: Request) -> JSONResponse:
         try:
-            inputs = parse_inputs(await request.body(), input_shape, max_batch)
+            inputs = await parse(await read_body(request, max_body_bytes))
         except BadRequest as error:
             return JSONResponse({"error": str(error)}, status_code=error.status)
         try:
@@ -172,8 +249,17 @@ def build_app(model: torch.nn.Module, input_shape: Tuple[int, ...], detector: st
         task = asyncio.create_task(batcher.run())
         yield
         task.cancel()
+        if parse_pool is not None:
+            parse_pool.shutdown(wait=False, cancel_futures=True)
 
-    return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health)], lifespan=lifespan)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": error.detail}, status_code=error.status_code)
+
+    async def server_error(request: Request, error: Exception) -> JSONResponse:  # reported, never a plain-text 500
+        return JSONResponse({"error": f"internal error: {type(error).__name__}: {error}"}, status_code=500)
+
+    return Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/health", health)], lifespan=lifespan,
+                     exception_handlers={HTTPException: http_error, Exception: server_error})
 
 
 def main() -> None:
@@ -184,6 +270,8 @@ def main() -> None:
     parser.add_argument("--calibration", help="a .pt file holding an ID input tensor for fit and threshold")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-body-bytes", type=int, help="default: --max-batch samples at 32 bytes a number")
+    parser.add_argument("--offload-bytes", type=int, default=1 << 18, help="bodies larger are parsed in a process")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     arguments = parser.parse_args()
@@ -191,7 +279,7 @@ def main() -> None:
     shape = tuple(int(size) for size in arguments.input_shape.split(","))
     calibration = torch.load(arguments.calibration) if arguments.calibration else None
     app = build_app(_load_model(arguments.model), shape, arguments.detector, arguments.max_batch,
-                    arguments.max_wait_ms, calibration)
+                    arguments.max_wait_ms, calibration, arguments.max_body_bytes, arguments.offload_bytes)
     uvicorn.run(app, host=arguments.host, port=arguments.port, log_level="warning")
 
 
