@@ -89,6 +89,9 @@ def map_tensors(inputs: Inputs, function: Callable[[torch.Tensor], torch.Tensor]
     """The inputs with `function` applied to every tensor (the same kind of container)."""
     if isinstance(inputs, torch.Tensor):
         return function(inputs)
+    if not isinstance(inputs, Mapping):
+        raise TypeError("inputs must be a tensor or a mapping of keyword arguments to tensors (a tokenised batch), "
+                        f"got {type(inputs).__name__}; score a DataLoader batch by batch, or use gradood.evaluate")
     return {key: function(value) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
 
 

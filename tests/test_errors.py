@@ -164,3 +164,14 @@ def test_backward_through_a_norm_operator_raises_instead_of_a_silent_zero():
         assert not scores.gradnorm(torch.randn(4, 10, requires_grad=True), torch.rand(4, 16)).requires_grad
 
 
+
+
+def test_a_dataloader_given_to_score_is_a_clear_type_error():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from gradood.detectors import LowDimGrad
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)).eval()
+    detector = LowDimGrad(model, dim=2).fit(torch.randn(16, 4))
+    with pytest.raises(TypeError, match="inputs must be a tensor or a mapping.*got DataLoader"):
+        detector.score(DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=2))
