@@ -623,3 +623,24 @@ def test_a_wide_head_scaling_its_output_slightly_is_refused(dtype, scale):
         D.GradNorm(model).score(inputs)
     plain = nn.Sequential(nn.Linear(8, 4096), nn.ReLU(), nn.Linear(4096, 10)).to(dtype).eval()
     assert D.GradNorm(plain).score(inputs).shape == (4,)  # the same width, affine: accepted
+
+
+def test_a_head_called_with_keyword_arguments_is_found():
+    """head(input=x): the capture hook reads the keyword as well (it found no head before)."""
+    from gradood import scores as score_functions
+
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(input=torch.relu(self.body(input=x)))
+
+    torch.manual_seed(0)
+    model, x = Keywords().eval(), torch.randn(6, 4)
+    features = torch.relu(model.body(x))
+    expected = score_functions.gradnorm(model.head(features), features)
+    torch.testing.assert_close(gradood.detectors.GradNorm(model).score(x), expected)
+    rg = gradood.detectors.RG(model, percentile=90).fit(x)
+    torch.testing.assert_close(gradood.OODHead(model, rg, example_inputs=x)(x)[1], rg.score(x))

@@ -175,3 +175,17 @@ def test_a_dataloader_given_to_score_is_a_clear_type_error():
     detector = LowDimGrad(model, dim=2).fit(torch.randn(16, 4))
     with pytest.raises(TypeError, match="inputs must be a tensor or a mapping.*got DataLoader"):
         detector.score(DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=2))
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda m: gradood.detectors.MSP(m, temperature=0), "MSP: temperature"),
+    (lambda m: gradood.detectors.Energy(m, temperature=-1.0), "Energy: temperature"),
+    (lambda m: gradood.detectors.ExGrad(m, temperature=float("nan")), "ExGrad: temperature"),
+    (lambda m: gradood.detectors.GradNorm(m, scale="x"), "GradNorm: scale"),
+    (lambda m: gradood.detectors.UV(m, u="nope"), "UV: u"),
+    (lambda m: gradood.detectors.UV(m, v="clipped_l1"), "UV: .*clip"),
+    (lambda m: gradood.detectors.KLMatching(m, mode="max"), "KLMatching: mode"),
+])
+def test_invalid_constructor_arguments_fail_at_construction(build, message):
+    with pytest.raises(ValueError, match=message):
+        build(torch.nn.Linear(3, 2))

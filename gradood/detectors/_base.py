@@ -174,13 +174,14 @@ class Detector:
                 )
 
         def hook(name):
-            def capture(module, args, output):
-                if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                    captured[name] = _head.Call(args[0], output, args[0]._version, output._version, module)
+            def capture(module, args, kwargs, output):
+                first = args[0] if args else kwargs.get("input")  # head(x) or head(input=x)
+                if isinstance(first, torch.Tensor) and isinstance(output, torch.Tensor):
+                    captured[name] = _head.Call(first, output, first._version, output._version, module)
 
             return capture
 
-        return [self.model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+        return [self.model.get_submodule(name).register_forward_hook(hook(name), with_kwargs=True) for name in names]
 
     def head_features(self, captured: _head.Captured, logits: torch.Tensor) -> torch.Tensor:
         """The penultimate features [B, D] from a pass's captures: finds (or checks) the

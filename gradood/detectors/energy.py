@@ -18,6 +18,7 @@ class Energy(Detector):
     def __init__(self, model: nn.Module, temperature: float = 1.0, head: Optional[HeadName] = None, logits: LogitsFn = None):
         super().__init__(model, head, logits)
         self.temperature = temperature
+        scores.spec_energy(temperature, where=type(self).__name__)  # the arguments checked now, not at first use
 
     def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         return scores.spec_energy(self.temperature)

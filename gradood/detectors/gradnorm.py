@@ -18,6 +18,7 @@ class GradNorm(Detector):
         super().__init__(model, head, logits)
         self.temperature = temperature
         self.scale = scale
+        scores.spec_gradnorm(2, temperature, scale, where=type(self).__name__)  # checked now, not at first use
 
     def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         return scores.spec_gradnorm(num_classes, self.temperature, self.scale)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from gradood import scores
+from gradood._checks import check_choice
 from gradood.detectors._base import Data, Detector
 from gradood.detectors._head import HeadName
 from gradood.model_io import LogitsFn
@@ -26,7 +27,7 @@ class KLMatching(Detector):
 
     def __init__(self, model: nn.Module, mode: str = "min", head: Optional[HeadName] = None, logits: LogitsFn = None):
         super().__init__(model, head, logits)
-        self.mode = mode
+        self.mode = check_choice(type(self).__name__, "mode", mode, ("min", "predicted"))
         self.templates: Optional[torch.Tensor] = None
 
     def fit(self, id_data: Data) -> "KLMatching":

@@ -26,6 +26,7 @@ class UV(Detector):
     ):
         super().__init__(model, head, logits)
         self.u, self.v, self.clip, self.temperature = u, v, clip, temperature
+        scores.spec_uv(u, v, clip, temperature, where=type(self).__name__)  # checked now, not at first use
 
     def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         return scores.spec_uv(self.u, self.v, self.clip, self.temperature)
