@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gradood.persample import persample_grad_norms, persample_gradients
@@ -261,3 +262,84 @@ def test_detectors_take_verify_k():
             detector.score(odd)
     with pytest.raises(ValueError, match="GRODIN: verify must be"):
         GRODIN(model, verify=0)
+
+
+# --- the real pass watches rule-handled parameters used outside their layer ---------------
+
+
+class _FlagReuse(nn.Module):
+    """Reuses a rule layer's weight outside its forward only once a flag is set (after
+    the layout was probed and cached)."""
+
+    def __init__(self, conv: bool):
+        super().__init__()
+        self.conv = conv
+        self.a = nn.Conv2d(2, 2, 3, padding=1) if conv else nn.Linear(4, 4)
+        self.head = nn.Linear(8 if conv else 4, 3)
+        self.flag = False
+
+    def forward(self, x):
+        hidden = torch.tanh(self.a(x))
+        if self.flag:
+            extra = F.conv2d(hidden, self.a.weight, padding=1) if self.conv else F.linear(hidden, self.a.weight.T)
+            hidden = hidden + extra
+        return self.head(hidden.flatten(1))
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_a_flag_that_adds_a_use_outside_the_forward_is_seen_in_the_real_pass(conv):
+    torch.manual_seed(0)
+    model = _FlagReuse(conv).double().eval()
+    inputs = torch.randn(5, 2, 2, 2, dtype=torch.float64) if conv else torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(persample_grad_norms(model, inputs).norms, _loop_norms(model, inputs))
+    model.flag = True  # the cached layout's probe never saw this use (it was 8-36% off, silently)
+    result = persample_grad_norms(model, inputs)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs))
+    assert "op-vjp" in result.methods or "op-add" in result.methods  # probed again: followed op by op
+    model.flag = False
+    torch.testing.assert_close(persample_grad_norms(model, inputs).norms, _loop_norms(model, inputs))
+
+
+def test_detached_and_no_grad_uses_outside_the_forward_are_not_gradient_uses():
+    class Logs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+            self.log = False
+
+        def forward(self, x):
+            if self.log:
+                self.norm = self.a.weight.detach().norm() + self.a.weight.data.sum()
+                with torch.no_grad():
+                    self.other = (self.a.weight * 2).sum()
+                _ = self.a.weight.shape
+            return self.head(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Logs().double().eval()
+    inputs = torch.randn(5, 4, dtype=torch.float64)
+    persample_grad_norms(model, inputs)
+    model.log = True
+    result = persample_grad_norms(model, inputs)
+    torch.testing.assert_close(result.norms, _loop_norms(model, inputs))
+
+
+def test_a_use_outside_the_forward_that_depends_on_the_batch_is_an_error():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            hidden = torch.tanh(self.a(x))
+            if bool((x[:, 0] > 3).any()):  # decided by the batch, not the sample
+                hidden = hidden + F.linear(hidden, self.a.weight)
+            return self.head(hidden)
+
+    torch.manual_seed(0)
+    model = Branch().double().eval()
+    inputs = torch.randn(6, 4, dtype=torch.float64)
+    persample_grad_norms(model, inputs)
+    inputs[4, 0] = 5.0  # beyond the probe's samples
+    with pytest.raises(ValueError, match="used outside its module's forward.*also after probing again"):
+        persample_grad_norms(model, inputs)

@@ -53,6 +53,11 @@ _NEGATED_SECOND = {"sub", "sub_", "__sub__", "__isub__"}  # a − b: b's cotange
 _IN_PLACE_EXTRA = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__idiv__"}
 
 
+class LayoutChanged(RuntimeError):
+    """The pass saw the model use its parameters otherwise than the cached layout's
+    probe did (a flag changed since, a branch the probe samples did not take)."""
+
+
 def func_name(func) -> str:
     return getattr(func, "__name__", repr(func))
 
@@ -310,7 +315,7 @@ class PassTracker(TorchFunctionMode):
 
     def finish(self) -> None:
         if self.position != len(self.steps):
-            raise RuntimeError(f"{self.where}: the forward ran {self.position} of the {len(self.steps)} ops on "
+            raise LayoutChanged(f"{self.where}: the forward ran {self.position} of the {len(self.steps)} ops on "
                                "parameters the layout probe saw: it depends on the data")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -322,7 +327,7 @@ class PassTracker(TorchFunctionMode):
             result = func(*args, **kwargs)
             if not _tensors(result):  # a metadata read
                 return result
-            raise RuntimeError(
+            raise LayoutChanged(
                 f"{self.where}: the forward's ops on parameters differ from the layout probe's at op {self.position} "
                 f"({func_name(func)}): it depends on the data"
             )

@@ -49,7 +49,7 @@ from torch import nn
 from gradood import model_io
 from gradood.model_io import Inputs
 from gradood.persample._caches import empty_tensor_caches
-from gradood.persample._direct import ProbeTracker, Source, Step, folded_factor, plan_steps
+from gradood.persample._direct import LayoutChanged, ProbeTracker, Source, Step, folded_factor, plan_steps  # noqa: F401
 from gradood.persample._rules import CompositeRule, batch_may_move
 from gradood.persample.fallback import torch_func_rule
 
@@ -74,6 +74,11 @@ def cache_key(model: nn.Module, inputs: Inputs, layers: Sequence, sources: Seque
     return (model_io.signature(inputs), use_fallback, tuple(source.name for source in sources),
             tuple((layer.name, layer.parameter_names) for layer in layers), tuple(map(id, model.modules())),
             _hooks(model), broadcast)
+
+
+def forget(model: nn.Module) -> None:
+    """Drops the model's cached layouts: the next pass probes again."""
+    _CACHE.pop(model, None)
 
 
 def remember(model: nn.Module, key: tuple, layout: "Layout") -> None:

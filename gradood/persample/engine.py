@@ -22,7 +22,8 @@ from gradood import model_io
 from gradood._checks import check_positive
 from gradood.model_io import Inputs, LogitsFn
 from gradood.persample import attention, conv, embedding, linear, norm, std_conv, transformers_conv1d  # noqa: F401  (rules)
-from gradood.persample._direct import PassTracker, Source
+from gradood.persample._direct import LayoutChanged, PassTracker, Source
+from gradood.persample._outside_use import watch_outside_uses
 from gradood.persample._direct_grads import DirectGradients, contributions
 from gradood.persample._grads import DenseLayerGradients, LayerGradients
 from gradood.persample import _layout
@@ -264,7 +265,25 @@ class _Pass(NamedTuple):
     direct: DirectGradients
 
 
-def _run_pass(
+def _run_pass(where: str, model: nn.Module, *args, **kwargs) -> _Pass:
+    """One pass (below); where the model used its parameters otherwise than the cached
+    layout's probe saw (a flag changed since the probe, a branch it did not take), the
+    layout is probed again with this call's inputs and the pass repeated once."""
+    try:
+        return _run_pass_once(where, model, *args, **kwargs)
+    except LayoutChanged:
+        _layout.forget(model)
+    try:
+        return _run_pass_once(where, model, *args, **kwargs)
+    except LayoutChanged as error:
+        raise ValueError(
+            f"{error}, also after probing again with this call's inputs: the way the forward uses its parameters "
+            "depends on the samples beyond the probe's (a data-dependent branch on parameters). Exclude the "
+            "parameters concerned with `params`, or make the use the same for every sample"
+        ) from None
+
+
+def _run_pass_once(
     where: str,
     model: nn.Module,
     inputs: Inputs,
@@ -387,7 +406,8 @@ def _run_pass(
             parameter.requires_grad_(False)
         with torch.enable_grad():
             with tracker if sources else contextlib.nullcontext(), empty_tensor_caches(model), \
-                    batch_norm_gradient_layout(model):  # watched ops, no caches, a PyTorch bug avoided
+                    batch_norm_gradient_layout(model), watch_outside_uses(where, layers):
+                # watched ops, no caches, a PyTorch bug avoided, the rule layers' parameters used only inside them
                 output = model_io.call(model, model_io.detach(inputs))  # gradients w.r.t. parameters only, never the input
             tracker.finish()
             logits = model_io.checked_logits(where, output, batch, logits_fn)
