@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import sys
 
 from setuptools import find_packages, setup
@@ -68,6 +69,32 @@ def _sources(with_cuda: bool) -> list[str]:
     return [os.path.relpath(path, ROOT) for path in found]
 
 
+# The CPU row kernels, compiled once per instruction-set level with the flags ATen's
+# own build uses for its kernels (csrc/cpu/lastlayer_rows.h picks one at run time).
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+_LEVELS = [("DEFAULT", [])] + ([("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+                               ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"])]
+                              if _X86 and sys.platform != "win32" else [])
+
+
+class _BuildWithLevels(cpp_extension.BuildExtension):
+    """BuildExtension, plus the per-level objects of the CPU row kernels (per-file flags,
+    which setuptools has no place for), linked after the other objects so that any
+    inline function they share with them is taken from the baseline build."""
+
+    def build_extension(self, ext):
+        flags = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+        objects = []
+        for level, level_flags in _LEVELS:
+            source = os.path.join("csrc", "cpu", "capability", f"lastlayer_rows_{level}.cpp")
+            objects += self.compiler.compile(
+                [source], output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                macros=[(name, value) for name, value in ext.define_macros],
+                extra_postargs={"cxx": list(flags) + level_flags, "nvcc": []}, depends=ext.depends)
+        ext.extra_objects = list(ext.extra_objects or []) + objects
+        super().build_extension(ext)
+
+
 def _extension():
     with_cuda = _want_cuda()
     openmp = "OpenMP" in torch.__config__.parallel_info()
@@ -109,6 +136,6 @@ setup(
     },
     entry_points={"console_scripts": ["gradood = gradood.cli:main"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": _BuildWithLevels},
     zip_safe=False,
 )

@@ -4,6 +4,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "cpu/lastlayer_rows.h"
 #include "ops/lastlayer_terms.h"
 
 TORCH_LIBRARY(gradood, m) {
@@ -18,6 +19,8 @@ TORCH_LIBRARY(gradood, m) {
       "float alpha, float temperature, float clip) -> Tensor");
   // Column names of lastlayer_terms' `terms`, so Python and C++ read one list.
   m.def("lastlayer_term_names() -> str[]", &gradood::lastlayer_term_names);
+  // The instruction-set level of the CPU row kernels in use (cpu/lastlayer_rows.h).
+  m.def("cpu_capability() -> str", &gradood::cpu::cpu_capability);
   // Per-sample squared gradient norms of a layer's weight (ops/persample_norms.h).
   m.def("outer_product_sq_norm(Tensor activations, Tensor grads, str method) -> Tensor");
   m.def(

@@ -19,7 +19,10 @@
 #if defined(__CUDACC__)
 #define GRADOOD_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define GRADOOD_HOST_DEVICE inline
+// Internal linkage on the host: the CPU row kernels compile this header once per
+// instruction-set level (csrc/cpu/capability/), and a shared inline definition would
+// let the linker keep an AVX-512 copy for every caller.
+#define GRADOOD_HOST_DEVICE static inline
 #endif
 
 namespace gradood {

@@ -1,6 +1,7 @@
 // CPU kernels of gradood::lastlayer_terms and gradood::lastlayer_score. Rows
 // are split across threads with at::parallel_for. float32/float16/bfloat16
-// rows use the vectorised float kernels of lastlayer_rows_float.cpp; float64
+// rows use the vectorised float kernels of lastlayer_rows.h (one per instruction-set
+// level); float64
 // rows, and rows with a NaN or an infinite max, use the scalar kernels below
 // (two passes over the logits: online max/log-sum-exp, then the softmax sums;
 // one over the features), which define the results of such rows.
@@ -13,7 +14,7 @@
 #include <vector>
 
 #include "common/lastlayer_terms_math.h"
-#include "cpu/lastlayer_rows_float.h"
+#include "cpu/lastlayer_rows.h"
 #include "ops/lastlayer_terms.h"
 
 namespace gradood {
@@ -57,9 +58,9 @@ const float* as_float(const scalar_t* row, int64_t count, float* buffer) {
   } else {
     const auto* bits = reinterpret_cast<const uint16_t*>(row);
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      cpu::widen_bfloat16(bits, count, buffer);
+      cpu::row_kernels().widen_bfloat16(bits, count, buffer);
     } else {
-      cpu::widen_half(bits, count, buffer);
+      cpu::row_kernels().widen_half(bits, count, buffer);
     }
     return buffer;
   }
@@ -99,6 +100,7 @@ void for_each_row(const scalar_t* logits, const scalar_t* features,
       }
     } else {
       // Short rows go kRowTile at a time (one per vector lane), long rows one at a time.
+      const cpu::RowKernels& kernels = cpu::row_kernels();
       const bool short_rows = num_classes <= cpu::kMaxShortRow;
       const int64_t tile_rows = short_rows ? cpu::kRowTile : 1;
       constexpr bool kWiden = !std::is_same_v<scalar_t, float>;
@@ -116,11 +118,11 @@ void for_each_row(const scalar_t* logits, const scalar_t* features,
         const float* tile_logits =
             as_float(logits + start * num_classes, rows * num_classes, widened_logits);
         if (short_rows) {
-          cpu::logit_terms_short_rows_float(tile_logits, rows, num_classes, temperature,
-                                            problem.wanted, terms, argmax, fast);
+          kernels.logit_terms_short_rows(tile_logits, rows, num_classes, temperature,
+                                         problem.wanted, terms, argmax, fast);
         } else {
-          fast[0] = cpu::logit_terms_row_float(tile_logits, num_classes, temperature,
-                                               problem.wanted, terms, argmax, exps);
+          fast[0] = kernels.logit_terms_row(tile_logits, num_classes, temperature,
+                                            problem.wanted, terms, argmax, exps);
         }
         for (int64_t r = 0; r < rows; ++r) {
           float* row_terms = terms + r * kNumTerms;
@@ -132,9 +134,9 @@ void for_each_row(const scalar_t* logits, const scalar_t* features,
             const int64_t row = start + r;
             const float* row_features =
                 as_float(features + row * num_features, num_features, widened_features);
-            cpu::feature_terms_row_float(row_features, num_features,
-                                         static_cast<float>(problem.clip), problem.wanted,
-                                         row_terms);
+            kernels.feature_terms_row(row_features, num_features,
+                                      static_cast<float>(problem.clip), problem.wanted,
+                                      row_terms);
           }
           emit(start + r, row_terms, argmax[r]);
         }
