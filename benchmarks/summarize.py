@@ -15,6 +15,10 @@ import sys
 
 def main(paths: list) -> None:
     benchmarks = [bench for path in paths for bench in json.load(open(path))["benchmarks"]]
+    levels = sorted({(b.get("extra_info", {}).get("cpu_capability"), b.get("extra_info", {}).get("aten_cpu_capability"))
+                     for b in benchmarks} - {(None, None)})
+    for ours, aten in levels:
+        print(f"Instruction-set level: gradood {ours}, torch {aten}\n")
     rows = collections.OrderedDict()
     for bench in benchmarks:
         median = bench["stats"]["median"]
@@ -45,9 +49,9 @@ def _cell(row: dict, name: str) -> str:
 def _lastlayer_table(rows: dict) -> None:
     print(
         "| case | gradood µs | GB/s | copy GB/s | eager µs (×) | compiled µs (×) "
-        "| autograd loop µs, extrapolated (×) | tiny kernel µs |"
+        "| one-line torch µs (×) | pytorch-ood µs (×) | autograd loop µs, extrapolated (×) | tiny kernel µs |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for group, row in rows.items():
         ours = row["gradood"]
         bandwidth = row["bytes"] / ours / 1e9
@@ -55,7 +59,8 @@ def _lastlayer_table(rows: dict) -> None:
         tiny = f"{row['tiny_kernel'] * 1e6:,.1f}" if "tiny_kernel" in row else "—"
         print(
             f"| {group} | {ours * 1e6:,.1f} | {bandwidth:,.1f} | {copy:,.1f} | {_cell(row, 'reference')} | "
-            f"{_cell(row, 'reference_compiled')} | {_cell(row, 'autograd_loop')} | {tiny} |"
+            f"{_cell(row, 'reference_compiled')} | {_cell(row, 'torch_oneliner')} | {_cell(row, 'pytorch_ood')} | "
+            f"{_cell(row, 'autograd_loop')} | {tiny} |"
         )
 
 

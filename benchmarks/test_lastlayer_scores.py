@@ -13,6 +13,15 @@
                         the bytes the score reads once): the bandwidth yardstick.
     tiny_kernel         (B=1 only) an in-place add on a one-element tensor: the
                         launch-latency yardstick.
+    torch_oneliner      (logits-only scores) the one-line torch expression a user
+                        would write: logits.amax(1), torch.logsumexp(logits, 1),
+                        logits.softmax(1).amax(1)
+    pytorch_ood         (logits-only scores) pytorch-ood's MaxSoftmax / EnergyBased /
+                        MaxLogit .score, where pytorch-ood is installed
+
+The CPU kernels run at the instruction-set level GRADOOD_CPU_CAPABILITY forces (else
+ATen's, which ATEN_CPU_CAPABILITY forces); benchmarks/run_levels.sh runs this file at
+every level the CPU has, torch's kernels at the same level, and records lscpu.
 
 Run (all sizes; GRADOOD_BENCH_SIZES=small for a quick subset):
 
@@ -40,9 +49,27 @@ CLASSES_FEATURES = [(10, 512), (1000, 2048), (21843, 2048)]
 if os.environ.get("GRADOOD_BENCH_SIZES") == "small":
     BATCHES, CLASSES_FEATURES = [1, 1024], [(10, 512), (1000, 2048)]
 DTYPES = [torch.float32, torch.bfloat16]
-SCORES = ["gradnorm", "rg"]
+SCORES = ["gradnorm", "rg", "msp", "energy", "max_logit"]
+LOGITS_ONLY = {"msp", "energy", "max_logit"}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-IMPLEMENTATIONS = ["gradood", "reference", "reference_compiled", "autograd_loop", "copy", "tiny_kernel"]
+IMPLEMENTATIONS = ["gradood", "reference", "reference_compiled", "autograd_loop", "copy", "tiny_kernel",
+                   "torch_oneliner", "pytorch_ood"]
+ONELINERS = {
+    "max_logit": lambda logits: logits.amax(1),
+    "energy": lambda logits: torch.logsumexp(logits, 1),
+    "msp": lambda logits: logits.softmax(1).amax(1),
+}
+if os.environ.get("GRADOOD_BENCH_DTYPES") == "float32":
+    DTYPES = [torch.float32]
+
+
+def _pytorch_ood(score: str):
+    from gradood.testing import import_torchvision
+
+    import_torchvision()  # pytorch-ood imports torchvision (see gradood/testing.py)
+    detector = pytest.importorskip("pytorch_ood.detector")
+    return {"msp": detector.MaxSoftmax.score, "energy": detector.EnergyBased.score,
+            "max_logit": detector.MaxLogit.score}[score]
 LOOP_SUBSET = 32
 
 CASES = [
@@ -81,13 +108,18 @@ def test_lastlayer_score(benchmark, case, implementation):
         pytest.skip("the per-sample loop is GradNorm's procedure; RG has no gradient to loop over")
     if implementation == "tiny_kernel" and batch != 1:
         pytest.skip("the launch-latency yardstick is measured at B=1")
+    if implementation in ("torch_oneliner", "pytorch_ood") and score not in LOGITS_ONLY:
+        pytest.skip("a one-line torch expression and pytorch-ood's scores exist for the logits-only scores")
     generator = torch.Generator().manual_seed(0)
     layer = nn.Linear(num_features, num_classes).to(device=device, dtype=dtype)
     features = torch.randn(batch, num_features, generator=generator).relu().to(device=device, dtype=dtype)
     with torch.no_grad():
         logits = layer(features)
     benchmark.group = f"{score}-{device}-B{batch}-C{num_classes}-D{num_features}-{str(dtype).removeprefix('torch.')}"
-    benchmark.extra_info["bytes_read"] = logits.numel() * logits.element_size() + features.numel() * features.element_size()
+    benchmark.extra_info["bytes_read"] = logits.numel() * logits.element_size() + (
+        0 if score in LOGITS_ONLY else features.numel() * features.element_size())
+    benchmark.extra_info["cpu_capability"] = torch.ops.gradood.cpu_capability()
+    benchmark.extra_info["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
 
     if implementation == "tiny_kernel":
         one = torch.zeros(1, device=device)
@@ -101,7 +133,15 @@ def test_lastlayer_score(benchmark, case, implementation):
 
         def run():
             logits_out.copy_(logits)
-            features_out.copy_(features)
+            if score not in LOGITS_ONLY:
+                features_out.copy_(features)
+            _synchronize(device)
+
+    elif implementation in ("torch_oneliner", "pytorch_ood"):
+        function = ONELINERS[score] if implementation == "torch_oneliner" else _pytorch_ood(score)
+
+        def run():
+            function(logits)
             _synchronize(device)
 
     elif implementation == "autograd_loop":
@@ -123,8 +163,13 @@ def test_lastlayer_score(benchmark, case, implementation):
             torch._dynamo.reset()
             function = torch.compile(getattr(reference, score), dynamic=False)
 
+        if score in LOGITS_ONLY:
+            inputs = (logits,)
+        else:
+            inputs = (logits, features)
+
         def run():
-            function(logits, features)
+            function(*inputs)
             _synchronize(device)
 
     run()  # warm-up (and compilation)

@@ -22,7 +22,7 @@ and from C++ (csrc/ops/*.h).
 
 from gradood import _extension  # noqa: F401  (fails with build instructions if unbuilt)
 from gradood import metrics, reference, scores
-from gradood._ops import TERM_NAMES, LastLayerTerms, lastlayer_terms
+from gradood._ops import TERM_NAMES, LastLayerTerms, cpu_capability, lastlayer_terms
 from gradood.persample import PerSampleGradNorms, PerSampleGradients, persample_grad_norms, persample_gradients
 from gradood.gradient_subspace import GradientSubspace
 from gradood.knn import knn_score
@@ -38,6 +38,7 @@ __all__ = [
     "reference",
     "scores",
     "lastlayer_terms",
+    "cpu_capability",
     "LastLayerTerms",
     "TERM_NAMES",
     "persample_grad_norms",

@@ -6,6 +6,7 @@ torch.compile, torch.export and FakeTensor tracing see its output shapes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Optional
 
@@ -106,6 +107,25 @@ def _react_energy_fake(features, weight, bias, clip):
 _autograd.register()
 
 
+def _below_autograd(*tensors: Optional[torch.Tensor]):
+    """A context that runs an operator below the Autograd dispatch key when no gradient
+    can flow (grad mode off, or no input requiring grad): the Python-registered backward
+    costs ~6 us a call to set up even then. Not while compiling (dynamo traces the
+    plain call) or scripting."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors)):
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
+def cpu_capability() -> str:
+    """The instruction-set level of the CPU kernels in use: "DEFAULT", "AVX2" or "AVX512".
+    Chosen at the first call: GRADOOD_CPU_CAPABILITY=default|avx2|avx512 forces one (the
+    CPU must have it), otherwise torch's level (torch.backends.cpu.get_cpu_capability(),
+    which ATEN_CPU_CAPABILITY sets), capped at what the CPU runs."""
+    return torch.ops.gradood.cpu_capability()
+
+
 def check_kernels_for(where: str, name: str, tensor: torch.Tensor) -> None:
     """Raises when `tensor` is on CUDA but this build has no CUDA kernels."""
     if tensor.is_cuda and not HAS_CUDA_KERNELS:
@@ -164,7 +184,8 @@ def lastlayer_terms(
     Other rows are unaffected. -inf logits get probability 0.
     """
     temperature, clip = _check_inputs(where, logits, features, temperature, clip)
-    terms, argmax = torch.ops.gradood.lastlayer_terms(logits, features, temperature, clip)
+    with _below_autograd(logits, features):
+        terms, argmax = torch.ops.gradood.lastlayer_terms(logits, features, temperature, clip)
     return LastLayerTerms(terms, argmax)
 
 
@@ -191,8 +212,13 @@ def lastlayer_score(
     names the public function in error messages.
     """
     temperature, clip = _check_inputs(where, logits, features, temperature, clip)
+    if logit_term == "max_logit" and feature_term is None and logit_scale == 1.0:
+        # One read of the logits, nothing else: ATen's reduction is as fast as it gets (faster
+        # than the kernel's max pass, which also finds the argmax); NaN rows stay NaN.
+        return logits.amax(dim=1).to(_terms_dtype(logits.dtype))
     feature_index = _NO_FEATURE_TERM if feature_term is None else TERM_NAMES.index(feature_term)
-    return torch.ops.gradood.lastlayer_score(
-        logits, features, TERM_NAMES.index(logit_term), float(logit_scale), feature_index,
-        bool(with_bias), _COMBINE[combine], float(alpha), temperature, clip,
-    )
+    with _below_autograd(logits, features):
+        return torch.ops.gradood.lastlayer_score(
+            logits, features, TERM_NAMES.index(logit_term), float(logit_scale), feature_index,
+            bool(with_bias), _COMBINE[combine], float(alpha), temperature, clip,
+        )

@@ -253,7 +253,8 @@ def react(
     clip = reference._check_react_inputs(where, features, weight, bias, clip)
     check_kernel_dtype(where, "features", features)
     _ops.check_kernels_for(where, "features", features)
-    return torch.ops.gradood.react_energy(features, weight, bias, clip)
+    with _ops._below_autograd(features, weight, bias):
+        return torch.ops.gradood.react_energy(features, weight, bias, clip)
 
 
 def kl_matching(logits: torch.Tensor, templates: torch.Tensor, mode: str = "min") -> torch.Tensor:
