@@ -24,6 +24,8 @@ python -m pip install --no-deps "timm==1.0.31" "torchvision==0.28.0"
 # No build isolation: an isolated build would fetch another torch (setup.py says why).
 python -m pip install --no-build-isolation -e ".[demo,serving,test]"
 
+echo "== CPU instruction-set levels stay in their kernels =="
+bash tests/check_cpu_level_isolation.sh
 echo "== CUDA compile check =="
 bash tests/check_cuda_compile.sh
 bash tests/check_cuda_registration.sh
