@@ -11,6 +11,9 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
+from torch._C._functorch import TransformType
+from torch._functorch import pyfunctorch
 
 from gradood import _autograd
 from gradood import _extension  # noqa: F401  (registers torch.ops.gradood)
@@ -107,6 +110,29 @@ def _react_energy_fake(features, weight, bias, clip):
 _autograd.register()
 
 
+def refuse_unsupported_transforms(where: str, *tensors: Optional[torch.Tensor]) -> None:
+    """The score operators have reverse-mode derivatives only (gradood/_autograd.py):
+    forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) would lose the
+    tangent silently, and torch.func.grad/jacrev cannot run a Python-registered backward.
+    Both are refused with what to do instead; torch.func.vmap alone works."""
+    if torch.compiler.is_compiling():
+        return
+    interpreters = pyfunctorch.retrieve_all_functorch_interpreters()
+    if interpreters and any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in interpreters):
+        raise RuntimeError(
+            f"{where}: gradood's compiled score operators do not run under torch.func.grad, jacrev, jacfwd, "
+            "jvp or hessian; differentiate the batch with torch.autograd.grad (the operators have exact "
+            "reverse-mode derivatives), or use the pure-PyTorch gradood.reference version inside the transform"
+        )
+    if forward_ad._current_level >= 0 and any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(
+            f"{where}: forward-mode AD (dual tensors) is not supported by gradood's compiled score operators "
+            "(their tangent would be lost); use reverse mode (torch.autograd.grad), or the pure-PyTorch "
+            "gradood.reference version"
+        )
+
+
 def _below_autograd(*tensors: Optional[torch.Tensor]):
     """A context that runs an operator below the Autograd dispatch key when no gradient
     can flow (grad mode off, or no input requiring grad): the Python-registered backward
@@ -137,6 +163,7 @@ def check_kernels_for(where: str, name: str, tensor: torch.Tensor) -> None:
 
 def _check_inputs(where: str, logits, features, temperature: float, clip: float) -> tuple:
     check_logits(where, logits)
+    refuse_unsupported_transforms(where, logits, features)
     check_kernel_dtype(where, "logits", logits)
     check_kernels_for(where, "logits", logits)
     if features is not None:

@@ -253,6 +253,7 @@ def react(
     clip = reference._check_react_inputs(where, features, weight, bias, clip)
     check_kernel_dtype(where, "features", features)
     _ops.check_kernels_for(where, "features", features)
+    _ops.refuse_unsupported_transforms(where, features, weight, bias)
     with _ops._below_autograd(features, weight, bias):
         return torch.ops.gradood.react_energy(features, weight, bias, clip)
 

@@ -343,3 +343,44 @@ def test_a_use_outside_the_forward_that_depends_on_the_batch_is_an_error():
     inputs[4, 0] = 5.0  # beyond the probe's samples
     with pytest.raises(ValueError, match="used outside its module's forward.*also after probing again"):
         persample_grad_norms(model, inputs)
+
+
+class _ViewReuse(nn.Module):
+    """After flip(): a view of the weight made outside any pass is used in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.view = None
+
+    def flip(self):
+        self.view = self.a.weight.t()
+
+    def forward(self, x):
+        hidden = torch.tanh(self.a(x))
+        return self.head(hidden + hidden @ self.view if self.view is not None else hidden)
+
+
+class _HookReuse(nn.Module):
+    """After flip(): the layer's own forward hook uses its weight again."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def flip(self):
+        self.a.register_forward_hook(lambda module, args, output: output + F.linear(torch.tanh(output), module.weight))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("build", [_ViewReuse, _HookReuse], ids=["view", "hook"])
+def test_uses_the_probe_cannot_follow_after_a_flip_are_errors(build):
+    torch.manual_seed(0)
+    model = build().double().eval()
+    inputs = torch.randn(5, 4, dtype=torch.float64)
+    persample_grad_norms(model, inputs)
+    model.flip()  # silently 2-33% off before the watch saw views and hooks
+    with pytest.raises(ValueError, match="used outside its module's forward"):
+        persample_grad_norms(model, inputs)

@@ -120,3 +120,23 @@ def test_compiled_fullgraph_training_step_matches_eager():
     for got, expected in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, expected)
     assert any(float(g.abs().sum()) > 0 for g in eager_grads)
+
+
+def test_forward_mode_and_functorch_transforms_are_refused_not_silently_wrong():
+    """jvp/jacfwd would drop the tangent (zeros) and grad/jacrev cannot run the backward:
+    both are a clear error; vmap alone works."""
+    logits = torch.randn(3, 5, dtype=torch.float64)
+    for transform in (lambda f: torch.func.jvp(f, (logits,), (torch.ones_like(logits),)),
+                      lambda f: torch.func.jacfwd(f)(logits), lambda f: torch.func.grad(lambda x: f(x).sum())(logits),
+                      lambda f: torch.func.jacrev(f)(logits)):
+        with pytest.raises(RuntimeError, match="do not run under torch.func"):
+            transform(scores.energy)
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(logits, torch.ones_like(logits))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            scores.msp(dual)
+        assert torch.allclose(scores.msp(logits), reference.msp(logits))  # plain tensors inside the level are fine
+    batched = torch.func.vmap(lambda row: scores.energy(row[None]))(logits)
+    torch.testing.assert_close(batched.squeeze(1), reference.energy(logits))

@@ -274,3 +274,16 @@ def test_energy_of_rows_with_tied_infinite_logits_is_their_log_sum_exp(device, d
                                    rtol=1e-5, atol=1e-5)
     assert torch.equal(expected[:3], torch.tensor([math.inf, -math.inf, math.inf], dtype=torch.float64))
     torch.testing.assert_close(gradood.scores.energy(logits).double().cpu()[:3], expected[:3])
+
+
+@pytest.mark.parametrize("num_classes", [3, 40, 21843])
+def test_minus_infinity_logits_get_exactly_zero_probability(num_classes):
+    """The vector exponential underflows to 0, not to exp(-87.3) ~ 1.2e-38: summed over
+    21,842 classes that floor made gini 16x its float64 value (and collapsed confident rows)."""
+    logits = torch.full((2, num_classes), -float("inf"))
+    logits[:, 0] = 0.0
+    logits[1, 1] = -80.0
+    terms = gradood.lastlayer_terms(logits)
+    exact = gradood.lastlayer_terms(logits.double())
+    torch.testing.assert_close(terms.column("gini").double(), exact.column("gini"), rtol=1e-5, atol=0)
+    assert float(terms.column("gini")[0]) == 0.0 and float(terms.column("max_softmax")[0]) == 1.0

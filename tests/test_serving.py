@@ -216,3 +216,37 @@ def test_large_bodies_are_parsed_off_the_event_loop():
     finally:
         instance.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("replace,message", [
+    ("true", "booleans"), ('"0.5"', "non-numbers"), ("null", "non-numbers"),
+])
+def test_non_numbers_are_refused_not_converted(running, replace, message):
+    port, _, _ = running
+    body = json.dumps({"inputs": [[[[0.0] * 3] * 3] * 2]}).replace("0.0", replace, 1).encode()
+    status, payload = _post(port, body)
+    assert status == 422 and message in payload["error"], payload
+
+
+def test_inputs_the_model_overflows_on_get_a_clear_422(running):
+    port, _, _ = running
+    status, payload = _post(port, {"inputs": [[[[-3.4e38] * 3] * 3] * 2]})
+    assert status == 422 and "not finite for samples [0]" in payload["error"], payload
+
+
+def test_a_declared_oversize_body_is_refused_before_it_is_sent():
+    """Content-Length over the limit and then nothing: the 413 comes at once, the server
+    does not wait for a body it will not read."""
+    model = _model()
+    app = server.build_app(model, SHAPE, "energy", max_batch=8, max_wait_ms=1.0, calibration=torch.randn(16, *SHAPE))
+    port, instance, thread = _start(app)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+            connection.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 10000000\r\n\r\n{")
+            start = time.perf_counter()
+            reply = connection.recv(4096)
+            assert b" 413 " in reply.split(b"\r\n")[0] and time.perf_counter() - start < 1.0, reply[:200]
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)

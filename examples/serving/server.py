@@ -8,13 +8,14 @@ POST /predict  {"inputs": [sample, ...]}  (each sample a nested list of the inpu
   200 {"predictions": [{"class": 3, "probability": 0.91, "ood_score": 12.3, "is_ood": false}, ...]}
   413 batch larger than --max-batch, or a body larger than --max-body-bytes (by default
   what --max-batch samples of the input shape take as JSON, 32 bytes a number);
-  422 malformed JSON (also nested too deeply), wrong shape, non-numbers, numbers
-  beyond float32 (a 401-digit integer), NaN/Inf values or an empty batch; every
+  422 malformed JSON (also nested too deeply), wrong shape, non-numbers (strings,
+  booleans, null), numbers beyond float32 (a 401-digit integer), NaN/Inf values, an
+  empty batch, or inputs the model's outputs overflow on; every
   error, 404/405/500 included, is {"error": "<what and why>"}.
 GET /health -> {"status": "ok"}
 
-Bodies are read in chunks and refused as soon as they pass the limit (what remains is
-drained, never parsed). Bodies over --offload-bytes are parsed in a separate process
+Bodies are read in chunks and refused as soon as they are known to pass the limit (a
+declared Content-Length over it is refused before reading; the rest is never read). Bodies over --offload-bytes are parsed in a separate process
 (json and nested lists hold the interpreter lock for their whole parse), so a large
 request does not stall the small ones: only bytes pass through the event loop.
 
@@ -43,7 +44,7 @@ import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
@@ -60,7 +61,6 @@ DETECTORS = {
 
 
 _BYTES_PER_NUMBER = 32  # "-1.2345678901234567e-05, " and nesting, with room to spare
-_DRAIN_LIMIT = 1 << 28  # a refused body is read and dropped up to this size, then the connection closes
 
 
 class BadRequest(Exception):
@@ -143,11 +143,16 @@ def decode_inputs(body: bytes, input_shape: Tuple[int, ...], max_batch: int) -> 
         raise BadRequest(422, "inputs is an empty batch")
     if len(payload["inputs"]) > max_batch:
         raise BadRequest(413, f"at most {max_batch} samples per request, got {len(payload['inputs'])}")
-    try:
-        with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
-            inputs = np.asarray(payload["inputs"], dtype=np.float32)
+    what = f"inputs must be nested lists of numbers of shape {list(input_shape)}"
+    try:  # without a dtype first: strings, null and ragged lists do not become numbers
+        inputs = np.asarray(payload["inputs"])
     except (TypeError, ValueError, OverflowError, RecursionError) as error:
-        raise BadRequest(422, f"inputs must be nested lists of numbers of shape {list(input_shape)}: {error}")
+        raise BadRequest(422, f"{what}: {error}")
+    if inputs.dtype.kind != "f" or (b"true" in body or b"false" in body) and _holds_bool(payload["inputs"]):
+        raise BadRequest(422, f"{what}; got {'booleans' if inputs.dtype.kind in 'bf' else 'non-numbers'} "
+                              f"({'null' if inputs.dtype.kind == 'O' else inputs.dtype})")
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, refused below
+        inputs = inputs.astype(np.float32)
     if tuple(inputs.shape[1:]) != input_shape:
         raise BadRequest(422, f"each sample must have shape {list(input_shape)}, got {list(inputs.shape[1:])}")
     non_finite = int((~np.isfinite(inputs)).sum())
@@ -156,33 +161,41 @@ def decode_inputs(body: bytes, input_shape: Tuple[int, ...], max_batch: int) -> 
     return inputs
 
 
+def _holds_bool(value) -> bool:
+    """Whether a nested list holds a JSON true/false (numpy would read them as 1.0 and 0.0
+    next to numbers). Only walked when the body contains the words."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            return True
+        if isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def parse_inputs(body: bytes, input_shape: Tuple[int, ...], max_batch: int) -> torch.Tensor:
     return torch.from_numpy(decode_inputs(body, input_shape, max_batch))
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, or BadRequest(413) as soon as it passes `limit` bytes (the rest drained)."""
+    """The body, or BadRequest(413) as soon as it is known to pass `limit` bytes: from the
+    declared Content-Length before reading anything, else when the chunks read pass it. The
+    rest is not read: the answer goes out at once and the server closes the connection."""
     declared = request.headers.get("content-length")
     too_large = BadRequest(413, f"the body is larger than the limit of {limit} bytes (--max-body-bytes)")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        await _drain(request)
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            await _drain(request, size)
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _drain(request: Request, size: int = 0) -> None:
-    with contextlib.suppress(Exception):
+    try:
         async for chunk in request.stream():
             size += len(chunk)
-            if size > _DRAIN_LIMIT:
-                break
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BadRequest(400, "the client disconnected before the body was complete") from None
+    return b"".join(chunks)
 
 
 def _parse_process() -> Optional[ProcessPoolExecutor]:
@@ -231,6 +244,13 @@ def build_app(model: torch.nn.Module, input_shape: Tuple[int, ...], detector: st
             outputs = await batcher.submit(inputs)
         except Exception as error:  # pragma: no cover - reported, never a crash
             return JSONResponse({"error": f"inference failed: {error}"}, status_code=500)
+        finite = torch.isfinite(outputs[0]).all(dim=1)
+        if head is not None:
+            finite &= torch.isfinite(outputs[1])
+        if not bool(finite.all()):  # finite inputs the model overflows on: no class, no score to give
+            bad = torch.nonzero(~finite).flatten().tolist()
+            return JSONResponse({"error": f"the model's outputs are not finite for samples {bad[:10]}: their values "
+                                          "are outside the range the model handles"}, status_code=422)
         probability, label = torch.softmax(outputs[0], dim=1).max(dim=1)
         predictions = []
         for i in range(inputs.shape[0]):

@@ -13,7 +13,9 @@ and raises LayoutChanged; the engine then probes again with this call's inputs
 and repeats the pass once (gradood/persample/engine.py).
 
 Uses without a gradient path are not counted: metadata reads (shape, dtype),
-`detach()`/`.data`, and ops under torch.no_grad().
+`detach()`/`.data`, and ops under torch.no_grad(). Views of the parameter made before the
+pass count as the parameter. Not seen: a custom autograd.Function taking the parameter
+(its forward runs under no_grad); verify=k covers such models.
 """
 
 from __future__ import annotations
@@ -43,8 +45,13 @@ class _OutsideUseWatch(TorchFunctionMode):
         if not torch.is_grad_enabled():
             return result
         for leaf in _operands(args, kwargs):
-            if id(leaf) in self.watched:
-                name, module = self.watched[id(leaf)]
+            key = id(leaf)
+            if key not in self.watched:
+                with torch._C.DisableTorchFunction():  # reading _base is an op the outer modes would see
+                    base = leaf._base
+                key = None if base is None else id(base)
+            if key in self.watched:  # the parameter, or a view of it made before the pass
+                name, module = self.watched[key]
                 if self.running[module] == 0 and _has_tensor(result) and resolve_name(func) not in _NO_GRADIENT:
                     raise LayoutChanged(
                         f"{self.where}: parameter {name!r} is used outside its module's forward (in "
@@ -100,9 +107,11 @@ def watch_outside_uses(where: str, layers: Sequence) -> Iterator[None]:
         running[id(module)] -= 1
 
     try:
-        for module in modules.values():  # first of the pre-hooks: weight_norm-style hooks run inside
+        for module in modules.values():
+            # First of the pre-hooks (weight_norm-style pre-hooks run inside the layer) and first
+            # of the forward hooks (a user's forward hook using the weight again runs outside it).
             handles.append(module.register_forward_pre_hook(enter, prepend=True, with_kwargs=True))
-            handles.append(module.register_forward_hook(leave, always_call=True))
+            handles.append(module.register_forward_hook(leave, prepend=True, always_call=True))
         with _OutsideUseWatch(where, watched, running):
             yield
     finally:
