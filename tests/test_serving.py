@@ -40,16 +40,7 @@ def running():
     model = _model()
     calibration = torch.randn(64, *SHAPE, generator=torch.Generator().manual_seed(1))
     app = server.build_app(model, SHAPE, "rg", max_batch=8, max_wait_ms=20.0, calibration=calibration)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not instance.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
+    port, instance, thread = _start(app)
     yield port, model, calibration
     instance.should_exit = True
     thread.join(timeout=10)

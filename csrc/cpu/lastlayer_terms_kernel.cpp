@@ -52,15 +52,15 @@ void feature_terms_row(const scalar_t* features, int64_t num_features,
 
 // A float view of a row: the row itself for float32, else widened into `buffer`.
 template <typename scalar_t>
-const float* as_float(const scalar_t* row, int64_t count, float* buffer) {
+const float* as_float(const cpu::RowKernels& kernels, const scalar_t* row, int64_t count, float* buffer) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return row;
   } else {
     const auto* bits = reinterpret_cast<const uint16_t*>(row);
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      cpu::row_kernels().widen_bfloat16(bits, count, buffer);
+      kernels.widen_bfloat16(bits, count, buffer);
     } else {
-      cpu::row_kernels().widen_half(bits, count, buffer);
+      kernels.widen_half(bits, count, buffer);
     }
     return buffer;
   }
@@ -116,7 +116,7 @@ void for_each_row(const scalar_t* logits, const scalar_t* features,
       for (int64_t start = begin; start < end; start += tile_rows) {
         const int64_t rows = std::min(tile_rows, end - start);
         const float* tile_logits =
-            as_float(logits + start * num_classes, rows * num_classes, widened_logits);
+            as_float(kernels, logits + start * num_classes, rows * num_classes, widened_logits);
         if (short_rows) {
           kernels.logit_terms_short_rows(tile_logits, rows, num_classes, temperature,
                                          problem.wanted, terms, argmax, fast);
@@ -133,7 +133,7 @@ void for_each_row(const scalar_t* logits, const scalar_t* features,
           if (features != nullptr) {
             const int64_t row = start + r;
             const float* row_features =
-                as_float(features + row * num_features, num_features, widened_features);
+                as_float(kernels, features + row * num_features, num_features, widened_features);
             kernels.feature_terms_row(row_features, num_features,
                                       static_cast<float>(problem.clip), problem.wanted,
                                       row_terms);

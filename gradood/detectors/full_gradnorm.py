@@ -32,7 +32,8 @@ class FullGradNorm(Detector):
         logits: LogitsFn = None,
     ):
         super().__init__(model, head, logits)
-        self.verify = _verify.call_check_count(type(self).__name__, verify) or bool(verify)
+        _verify.call_check_count(type(self).__name__, verify)  # a bad value fails here, not at score time
+        self.verify = verify
         self.temperature, self.params, self.functional_params = temperature, params, functional_params
         self.fallback = fallback
 

@@ -50,7 +50,8 @@ class GRODIN(Detector):
         logits: LogitsFn = None,
     ):
         super().__init__(model, head, logits)
-        self.verify = _verify.call_check_count(type(self).__name__, verify) or bool(verify)
+        _verify.call_check_count(type(self).__name__, verify)  # a bad value fails here, not at score time
+        self.verify = verify
         check_perturbation(type(self).__name__, temperature, epsilon, eps_space, std)
         self.part = check_choice(type(self).__name__, "part", part, ("SG", "G"))
         self.temperature, self.epsilon, self.eps_space, self.std = temperature, epsilon, eps_space, std

@@ -84,7 +84,8 @@ class LowDimGrad(Detector):
         logits: LogitsFn = None,
     ):
         super().__init__(model, head, logits)
-        self.verify = _verify.call_check_count(type(self).__name__, verify) or bool(verify)
+        _verify.call_check_count(type(self).__name__, verify)  # a bad value fails here, not at score time
+        self.verify = verify
         name = type(self).__name__
         if subspace not in SUBSPACES:
             raise ValueError(f"{name}: subspace must be one of {SUBSPACES}, got {subspace!r}")

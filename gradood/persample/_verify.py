@@ -227,11 +227,21 @@ def _call_samples(batch: int, count: int) -> List[int]:
     return sorted(_CALL_SAMPLES.sample(range(batch), min(count, batch)))
 
 
-def _sample_loss(loss, temperature: float, targets: Optional[torch.Tensor], index: int):
+def _chosen_gradients(model: nn.Module, inputs, chosen: Sequence[int], names: Sequence[str], logits_fn,
+                      loss, temperature: float, targets: Optional[torch.Tensor]):
+    """Plain-autograd gradients of the call's own loss for the samples `chosen` of the
+    call, each alone, on one float64 copy of the model (only the pass's round-off counts)."""
     from gradood.persample.losses import per_sample_loss
 
-    own = None if targets is None else targets[index : index + 1]
-    return lambda logits, _position: per_sample_loss(logits, loss, temperature, own)
+    subset = model_io.select(inputs, torch.tensor(list(chosen)))
+    reference, subset, _ = _in_float64(model, subset)
+
+    def own_loss(logits, position):
+        index = chosen[position]
+        own = None if targets is None else targets[index : index + 1]
+        return per_sample_loss(logits, loss, temperature, own)
+
+    return single_sample_gradients(reference, subset, len(chosen), names, logits_fn, own_loss)
 
 
 def check_call_norms(where: str, model: nn.Module, inputs, loss, temperature: float,
@@ -243,11 +253,9 @@ def check_call_norms(where: str, model: nn.Module, inputs, loss, temperature: fl
     rtol, atol = _tolerance(_model_dtype(model))
     names = [name for group in groups for name in group]
     problems = []
-    for index in _call_samples(batch, count):
-        sample = model_io.select(inputs, torch.tensor([index]))
-        reference, sample, _ = _in_float64(model, sample)  # only the pass's round-off counts
-        grads = single_sample_gradients(reference, sample, 1, names, logits_fn,
-                                        _sample_loss(loss, temperature, targets, index))[0]
+    chosen = _call_samples(batch, count)
+    for index, grads in zip(chosen, _chosen_gradients(model, inputs, chosen, names, logits_fn,
+                                                      loss, temperature, targets)):
         per_layer = [sum(float(grads[n].double().square().sum()) for n in group if grads[n] is not None)
                      for group in groups]
         total = sum(per_layer)
@@ -272,11 +280,9 @@ def check_call_gradients(where: str, model: nn.Module, inputs, loss, temperature
     rtol, atol = _tolerance(_model_dtype(model))
     length = sum(float(d.square().sum(1).max()) for d in directions.values()) ** 0.5
     problems = []
-    for index in _call_samples(ours.count, count):
-        sample = model_io.select(inputs, torch.tensor([index]))
-        reference, sample, _ = _in_float64(model, sample)  # only the pass's round-off counts
-        grads = single_sample_gradients(reference, sample, 1, names, logits_fn,
-                                        _sample_loss(loss, temperature, targets, index))[0]
+    chosen = _call_samples(ours.count, count)
+    for index, grads in zip(chosen, _chosen_gradients(model, inputs, chosen, names, logits_fn,
+                                                      loss, temperature, targets)):
         expected = torch.zeros(3, dtype=torch.float64)
         size = 0.0
         for name in names:
