@@ -17,12 +17,14 @@ from torch._functorch import pyfunctorch
 
 from gradood import _autograd
 from gradood import _extension  # noqa: F401  (registers torch.ops.gradood)
+from gradood._C import _plain_cpu_score
 from gradood._checks import check_features, check_kernel_dtype, check_logits, check_positive
 
 #: Columns of `lastlayer_terms(...).terms`, read from the compiled library.
 TERM_NAMES: tuple = tuple(torch.ops.gradood.lastlayer_term_names())
 #: The first NUM_LOGIT_TERMS columns depend on the logits only.
 NUM_LOGIT_TERMS: int = TERM_NAMES.index("feature_l1")
+_TERM_INDEX = {name: index for index, name in enumerate(TERM_NAMES)}
 _NO_FEATURE_TERM = -1
 #: Whether this build of the extension has its CUDA kernels (setup.py: GRADOOD_WITH_CUDA).
 HAS_CUDA_KERNELS: bool = torch._C._dispatch_has_kernel_for_dispatch_key("gradood::lastlayer_score", "CUDA")
@@ -216,6 +218,18 @@ def lastlayer_terms(
     return LastLayerTerms(terms, argmax)
 
 
+def plain_cpu_score(logits, features, logit_term: int, logit_scale, feature_term: int, with_bias, combine: int,
+                    alpha, temperature, clip) -> Optional[torch.Tensor]:
+    """lastlayer_score straight to the CPU kernel (csrc/python_fast_path.cpp) for plain CPU
+    tensors with no gradient to flow and no mode, transform, tracer or autocast in play,
+    the columns given by index; None for everything else, which `lastlayer_score` then
+    checks and dispatches (its errors, modes and autograd are unchanged)."""
+    if forward_ad._current_level >= 0 or torch.compiler.is_compiling():
+        return None
+    return _plain_cpu_score(logits, features, logit_term, logit_scale, feature_term, with_bias, combine, alpha,
+                            temperature, clip)
+
+
 def lastlayer_score(
     where: str,
     logits: torch.Tensor,
@@ -238,6 +252,11 @@ def lastlayer_score(
     or, with_bias, ‖[v, 1]‖ (feature_l1 + 1, sqrt(feature_l2² + 1)). `where`
     names the public function in error messages.
     """
+    score = plain_cpu_score(logits, features, _TERM_INDEX.get(logit_term, -2), logit_scale,
+                            _NO_FEATURE_TERM if feature_term is None else _TERM_INDEX.get(feature_term, -2),
+                            with_bias, _COMBINE.get(combine, -1), alpha, temperature, clip)
+    if score is not None:
+        return score
     temperature, clip = _check_inputs(where, logits, features, temperature, clip)
     if logit_term == "max_logit" and feature_term is None and logit_scale == 1.0:
         # One read of the logits, nothing else: ATen's reduction is as fast as it gets (faster

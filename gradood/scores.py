@@ -133,19 +133,27 @@ def spec_uv(u: str = "energy", v: str = "l1", clip: Optional[float] = None, temp
                      clip=math.inf if clip is None else clip)
 
 
+# The logits-only scores try the plain-CPU fast path first (no spec built): at B=1 the
+# Python around the kernel is most of the cost.
+_MAX_LOGIT, _ENERGY, _MAX_SOFTMAX = (TERM_NAMES.index(name) for name in ("max_logit", "energy", "max_softmax"))
+
+
 def msp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Maximum softmax probability at temperature T. See gradood.reference.msp."""
-    return apply_spec(_PREFIX + "msp", logits, None, spec_msp(temperature))
+    score = _ops.plain_cpu_score(logits, None, _MAX_SOFTMAX, 1.0, -1, False, 0, 0.0, temperature, math.inf)
+    return score if score is not None else apply_spec(_PREFIX + "msp", logits, None, spec_msp(temperature))
 
 
 def max_logit(logits: torch.Tensor) -> torch.Tensor:
     """Maximum logit. See gradood.reference.max_logit."""
-    return apply_spec(_PREFIX + "max_logit", logits, None, spec_max_logit())
+    score = _ops.plain_cpu_score(logits, None, _MAX_LOGIT, 1.0, -1, False, 0, 0.0, 1.0, math.inf)
+    return score if score is not None else apply_spec(_PREFIX + "max_logit", logits, None, spec_max_logit())
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T · logsumexp(f / T). See gradood.reference.energy."""
-    return apply_spec(_PREFIX + "energy", logits, None, spec_energy(temperature))
+    score = _ops.plain_cpu_score(logits, None, _ENERGY, 1.0, -1, False, 0, 0.0, temperature, math.inf)
+    return score if score is not None else apply_spec(_PREFIX + "energy", logits, None, spec_energy(temperature))
 
 
 def gradnorm(
