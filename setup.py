@@ -24,7 +24,7 @@ import os
 import platform
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 try:
     import torch
@@ -118,23 +118,8 @@ def _extension():
     return cpp_extension.CppExtension(**kwargs)
 
 
+# Metadata, dependencies and the `gradood` command: pyproject.toml. Here: the extension only.
 setup(
-    name="gradood",
-    version="0.1.0",
-    description="Gradient-based out-of-distribution scores for PyTorch classifiers",
-    packages=find_packages(include=["gradood", "gradood.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        # Model zoos the interface tests and benchmarks/zoo_sweep.py build models from.
-        "zoo": ["transformers", "timm"],
-        # `gradood demo`: its data sets ship with scikit-learn and scikit-image; plots need matplotlib.
-        "demo": ["scikit-learn", "scikit-image", "matplotlib"],
-        # examples/serving: an ASGI app on Starlette, served by uvicorn.
-        "serving": ["starlette", "uvicorn"],
-    },
-    entry_points={"console_scripts": ["gradood = gradood.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildWithLevels},
     zip_safe=False,

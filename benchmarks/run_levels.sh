@@ -30,5 +30,7 @@ for level in ${LEVELS:-$levels}; do
     -q -p no:cacheprovider --benchmark-json="$out/bench-$level.json" ${PYTEST_ARGS:-} > "$out/pytest-$level.log" ||
     echo "(some benchmarks failed at $level: $out/pytest-$level.log; e.g. torch.compile at the DEFAULT level)"
   python "$root/benchmarks/summarize.py" "$out/bench-$level.json" > "$out/table-$level.md"
+  # the medians alone, small enough to commit (benchmarks/results/; the docs' tables and plots read them)
+  python "$root/benchmarks/summarize.py" --condense "$out/levels-$level.json" --machine "$out/machine.txt" "$out/bench-$level.json"
   cat "$out/table-$level.md"
 done

@@ -13,6 +13,7 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/amax.h>
+#include <ATen/ops/max.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -22,17 +23,24 @@
 
 #include <cmath>
 #include <optional>
+#include <string_view>
+#include <tuple>
 
 #include "common/lastlayer_terms_math.h"
+#include "cpu/lastlayer_rows.h"
 #include "ops/lastlayer_terms.h"
 #include "python_fast_path.h"
 
 namespace gradood {
 namespace {
 
-// Up to this many logits, max_logit runs the kernel's max pass (0.8 us at B=1, C=1000)
-// rather than at::amax (1.2 us); beyond, ATen's reduction is faster (measured 2026-12-02).
-constexpr int64_t kSmallMaxLogit = 16384;
+// max_logit of a small batch runs the kernel's max pass (B=1, C=1000: 0.8 us against
+// 1.2 for at::amax, whose set-up dominates); beyond 16384 logits ATen's reduction is
+// faster, and at the DEFAULT level beyond 16 rows (measured 2026-12-02, AMD EPYC).
+bool small_max_logit(const at::Tensor& logits) {
+  if (logits.numel() > 16384) return false;
+  return logits.size(0) <= 16 || cpu::row_kernels().capability != std::string_view("DEFAULT");
+}
 
 // The dispatch keys of a dense strided CPU tensor (bitwise: DispatchKeySet's `-`
 // keeps backend bits, so subsets are tested with isSupersetOf).
@@ -131,10 +139,13 @@ PyObject* plain_cpu_score(PyObject* /*module*/, PyObject* const* args, Py_ssize_
     pybind11::gil_scoped_release no_gil;  // a large batch runs for milliseconds
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     if (*logit_term == kMaxLogit && !features.has_value() && *logit_scale == 1.0 &&
-        logits.numel() > kSmallMaxLogit) {
-      // One read of the logits: ATen's reduction (NaN rows stay NaN), as the checked path;
-      // below kSmallMaxLogit elements its set-up costs more than the kernel's max pass.
-      score = at::amax(logits, 1);
+        !small_max_logit(logits)) {
+      // One read of the logits by ATen's fastest reduction at this level (NaN rows stay
+      // NaN, as the checked path's amax): at DEFAULT max(dim) is vectorised, amax is not
+      // (B=1024, C=1000: 0.60 ms against 1.0), but costs more to set up.
+      score = cpu::row_kernels().capability == std::string_view("DEFAULT") && logits.numel() > 16384
+                  ? std::get<0>(at::max(logits, 1))
+                  : at::amax(logits, 1);
       if (score.scalar_type() != at::kDouble && score.scalar_type() != at::kFloat) {
         score = score.to(at::kFloat);
       }

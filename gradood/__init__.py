@@ -31,7 +31,7 @@ from gradood.evaluation import Evaluation, evaluate
 from gradood.ood_head import OODHead
 from gradood.tuning import TuneResult, tune
 
-__version__ = "0.1.0"
+from gradood._version import __version__
 
 __all__ = [
     "metrics",

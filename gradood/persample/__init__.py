@@ -6,6 +6,7 @@ from gradood.persample._grads import DenseLayerGradients, LayerGradients, regist
 from gradood.persample._rules import CompositeRule, RuleResult, register_composite_rule, register_rule
 from gradood.persample.engine import PerSampleGradNorms, PerSampleGradients, persample_grad_norms, persample_gradients
 from gradood.persample.losses import LOSSES
+from gradood.persample.supported import supported_layers
 
 __all__ = [
     "persample_grad_norms",
@@ -20,4 +21,5 @@ __all__ = [
     "LayerGradients",
     "DenseLayerGradients",
     "LOSSES",
+    "supported_layers",
 ]

@@ -1,0 +1,128 @@
+"""MkDocs hooks: the pages' generated parts, from the code and the committed benchmark data.
+
+- `{{supported_layers}}` (engine.md): the per-sample engine's rule registry,
+  gradood.persample.supported_layers().
+- `{{benchmark_results}}` (performance.md): a table per machine and instruction-set level,
+  and a plot of the speed-ups, from benchmarks/results/*/levels-*.json (written by
+  benchmarks/run_levels.sh; benchmarks/summarize.py renders the tables).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import io
+import json
+import os
+
+from mkdocs.structure.files import File
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+_PEERS = ("reference", "reference_compiled", "torch_oneliner", "pytorch_ood")
+_PEER_NAMES = {"reference": "eager", "reference_compiled": "torch.compile", "torch_oneliner": "one-line torch",
+               "pytorch_ood": "pytorch-ood"}
+_plots: dict = {}
+
+
+def _summarize():
+    spec = importlib.util.spec_from_file_location("summarize", os.path.join(ROOT, "benchmarks", "summarize.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _supported_layers() -> str:
+    from gradood.persample import supported_layers
+
+    lines = ["| layer class | norms | per-sample gradients (LowDimGrad) | rule |", "|---|---|---|---|"]
+    for row in supported_layers():
+        lines.append(f"| `{row.layer}` | {row.norms} | {'yes' if row.gradients else 'no'} | `{row.rule}` |")
+    return "\n".join(lines)
+
+
+def _machine_line(text: str) -> str:
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    isa = [flag for flag in ("sse4_2", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl") if flag in flags]
+    return (f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, "
+            f"flags include {' '.join(isa) or 'none of sse4_2/avx2/avx512'}; measured {fields.get('date', '?').strip()}")
+
+
+def _speedups(summarize, benchmarks: list) -> dict:
+    """{case: ratio of the fastest peer's median to gradood's} for the last-layer cases."""
+    out = {}
+    for group, row in summarize.rows_by_kind(benchmarks)["lastlayer"].items():
+        peers = [row[name] for name in _PEERS if name in row]
+        if peers and "gradood" in row:
+            out[group.removesuffix("-float32").replace("-cpu", "")] = min(peers) / row["gradood"]
+    return out
+
+
+def _plot(name: str, by_level: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({case for ratios in by_level.values() for case in ratios})
+    figure, axis = plt.subplots(figsize=(10, 0.28 * len(cases) * max(1, len(by_level)) + 1.5))
+    height = 0.8 / max(1, len(by_level))
+    for index, (level, ratios) in enumerate(sorted(by_level.items())):
+        positions = [i + index * height for i in range(len(cases))]
+        axis.barh(positions, [ratios.get(case, 0) for case in cases], height=height, label=level)
+    axis.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))], cases, fontsize=7)
+    axis.axvline(1.0, color="black", linewidth=0.8)
+    axis.set_xscale("log")
+    axis.set_xlabel("fastest peer's median / gradood's (> 1: gradood faster)")
+    axis.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    path = f"generated/{name}-speedups.png"
+    _plots[path] = buffer.getvalue()
+    return path
+
+
+def _benchmark_results() -> str:
+    summarize = _summarize()
+    parts = []
+    for folder in sorted(glob.glob(os.path.join(RESULTS, "*")), reverse=True):
+        files = sorted(glob.glob(os.path.join(folder, "levels-*.json")))
+        if not files:
+            continue
+        name = os.path.basename(folder)
+        by_level, tables = {}, []
+        machine = ""
+        for path in files:
+            data = json.load(open(path))
+            machine = machine or data.get("machine", "")
+            level = os.path.basename(path).removeprefix("levels-").removesuffix(".json").upper()
+            by_level[level] = _speedups(summarize, data["benchmarks"])
+            tables.append(f"#### {level}\n\n" + summarize.markdown(data["benchmarks"]))
+        plot = _plot(name, by_level)
+        parts.append(f"### {name}\n\n{_machine_line(machine)}.\n\n"
+                     f"![gradood against the fastest of {', '.join(_PEER_NAMES.values())}]({plot})\n\n"
+                     + "\n\n".join(tables))
+    if not parts:
+        raise RuntimeError("docs: no benchmarks/results/*/levels-*.json to build the performance page from")
+    return "\n\n".join(parts)
+
+
+_GENERATORS = {"{{supported_layers}}": _supported_layers, "{{benchmark_results}}": _benchmark_results}
+
+
+def on_page_markdown(markdown, page, config, files):
+    for placeholder, generate in _GENERATORS.items():
+        if placeholder in markdown:
+            markdown = markdown.replace(placeholder, generate())
+    return markdown
+
+
+def on_files(files, config):
+    # The plots are made while the performance page renders; register their paths now.
+    _benchmark_results()
+    for path, content in _plots.items():
+        files.append(File.generated(config, path, content=content))
+    return files
