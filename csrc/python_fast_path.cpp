@@ -100,7 +100,8 @@ PyObject* plain_cpu_score(PyObject* /*module*/, PyObject* const* args, Py_ssize_
     PyErr_SetString(PyExc_TypeError, "_plain_cpu_score takes 10 arguments");
     return nullptr;
   }
-  if (!THPVariable_CheckExact(args[0]) || !(args[1] == Py_None || THPVariable_CheckExact(args[1]))) {
+  if (!THPVariable_CheckExact(args[0]) ||
+      !(args[1] == Py_None || THPVariable_CheckExact(args[1]))) {
     Py_RETURN_NONE;
   }
   const at::Tensor& logits = THPVariable_Unpack(args[0]);
@@ -150,8 +151,8 @@ PyObject* plain_cpu_score(PyObject* /*module*/, PyObject* const* args, Py_ssize_
         score = score.to(at::kFloat);
       }
     } else {
-      score = lastlayer_score(logits, features, *logit_term, *logit_scale, *feature_term,
-                              with_bias, *combine, *alpha, *temperature, *clip);
+      score = lastlayer_score(logits, features, *logit_term, *logit_scale, *feature_term, with_bias,
+                              *combine, *alpha, *temperature, *clip);
     }
   }
   return THPVariable_Wrap(std::move(score));
@@ -159,8 +160,8 @@ PyObject* plain_cpu_score(PyObject* /*module*/, PyObject* const* args, Py_ssize_
 }
 
 PyMethodDef fast_path_methods[] = {
-    {"_plain_cpu_score", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_cpu_score)),
-     METH_FASTCALL,
+    {"_plain_cpu_score",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(plain_cpu_score)), METH_FASTCALL,
      "lastlayer_score for plain CPU tensors with no gradient, mode or transform in play; "
      "None where the checked path must run (gradood/_ops.py)."},
     {nullptr, nullptr, 0, nullptr}};

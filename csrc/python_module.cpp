@@ -8,8 +8,8 @@
 #include "python_fast_path.h"
 
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "gradood operators (torch.ops.gradood)",
-      -1, gradood::python_fast_path_methods()};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "gradood operators (torch.ops.gradood)", -1,
+                                          gradood::python_fast_path_methods()};
   return PyModule_Create(&module_def);
 }

@@ -20,18 +20,21 @@ The operators are also reachable as torch.ops.gradood.* (Python, TorchScript)
 and from C++ (csrc/ops/*.h).
 """
 
-from gradood import _extension  # noqa: F401  (fails with build instructions if unbuilt)
-from gradood import metrics, reference, scores
+from gradood import (
+    _extension,  # noqa: F401  (fails with build instructions if unbuilt)
+    detectors,
+    metrics,
+    reference,
+    scores,
+)
 from gradood._ops import TERM_NAMES, LastLayerTerms, cpu_capability, lastlayer_terms
-from gradood.persample import PerSampleGradNorms, PerSampleGradients, persample_grad_norms, persample_gradients
+from gradood._version import __version__
+from gradood.evaluation import Evaluation, evaluate
 from gradood.gradient_subspace import GradientSubspace
 from gradood.knn import knn_score
-from gradood import detectors
-from gradood.evaluation import Evaluation, evaluate
 from gradood.ood_head import OODHead
+from gradood.persample import PerSampleGradients, PerSampleGradNorms, persample_grad_norms, persample_gradients
 from gradood.tuning import TuneResult, tune
-
-from gradood._version import __version__
 
 __all__ = [
     "metrics",

@@ -62,8 +62,9 @@ def _logit_term_grads(logits: torch.Tensor, temperature: float, wanted: List[str
         r = p - onehot
         length = r.norm(dim=1, keepdim=True)
         direction = p * (r - (r * p).sum(1, keepdim=True)) / temperature
-        out["onehot_deviation_l2"] = torch.where(length > 0, direction / length.clamp_min(torch.finfo(f.dtype).tiny),
-                                                 torch.zeros_like(direction))
+        out["onehot_deviation_l2"] = torch.where(
+            length > 0, direction / length.clamp_min(torch.finfo(f.dtype).tiny), torch.zeros_like(direction)
+        )
     return out
 
 
@@ -100,10 +101,15 @@ def _terms_backward(ctx, grad_terms, _grad_argmax):
     grad_logits = grad_features = None
     if ctx.needs_input_grad[0]:
         parts = _logit_term_grads(logits, ctx.temperature, list(TERM_NAMES[:NUM_LOGIT_TERMS]))
-        grad_logits = sum(grad_terms[:, index, None] * parts[name] for index, name in enumerate(TERM_NAMES[:NUM_LOGIT_TERMS]))
+        grad_logits = sum(
+            grad_terms[:, index, None] * parts[name] for index, name in enumerate(TERM_NAMES[:NUM_LOGIT_TERMS])
+        )
     if features is not None and ctx.needs_input_grad[1]:
-        grad_features = sum(grad_terms[:, index, None] * _feature_term_grad(features, name, ctx.clip)
-                            for index, name in enumerate(TERM_NAMES) if index >= NUM_LOGIT_TERMS)
+        grad_features = sum(
+            grad_terms[:, index, None] * _feature_term_grad(features, name, ctx.clip)
+            for index, name in enumerate(TERM_NAMES)
+            if index >= NUM_LOGIT_TERMS
+        )
     return _as(grad_logits, logits), _as(grad_features, features), None, None
 
 

@@ -44,8 +44,7 @@ def check_features(where: str, features: object, logits: torch.Tensor) -> None:
     assert isinstance(features, torch.Tensor)
     if features.shape[0] != logits.shape[0]:
         raise ValueError(
-            f"{where}: features must have the batch size of logits ({logits.shape[0]}), "
-            f"got shape {_shape(features)}"
+            f"{where}: features must have the batch size of logits ({logits.shape[0]}), got shape {_shape(features)}"
         )
     check_same_dtype_device(where, "features", features, logits)
 

@@ -15,8 +15,10 @@ import torch.autograd.forward_ad as forward_ad
 from torch._C._functorch import TransformType
 from torch._functorch import pyfunctorch
 
-from gradood import _autograd
-from gradood import _extension  # noqa: F401  (registers torch.ops.gradood)
+from gradood import (
+    _autograd,
+    _extension,  # noqa: F401  (registers torch.ops.gradood)
+)
 from gradood._C import _plain_cpu_score
 from gradood._checks import check_features, check_kernel_dtype, check_logits, check_positive
 
@@ -42,11 +44,18 @@ def _check_like(op: str, reference_name: str, reference: torch.Tensor, **tensors
     for name, tensor in tensors.items():
         if tensor is None:
             continue
-        torch._check(tensor.dtype == reference.dtype,
-                     lambda: f"{op}: {name} must have the dtype of {reference_name} ({reference.dtype}), got {tensor.dtype}")
-        torch._check(tensor.device == reference.device,
-                     lambda: f"{op}: {name} must be on the device of {reference_name} ({reference.device}), got "
-                             f"{tensor.device}")
+        torch._check(
+            tensor.dtype == reference.dtype,
+            lambda name=name, tensor=tensor: (
+                f"{op}: {name} must have the dtype of {reference_name} ({reference.dtype}), got {tensor.dtype}"
+            ),
+        )
+        torch._check(
+            tensor.device == reference.device,
+            lambda name=name, tensor=tensor: (
+                f"{op}: {name} must be on the device of {reference_name} ({reference.device}), got {tensor.device}"
+            ),
+        )
 
 
 @torch.library.register_fake("gradood::lastlayer_terms")
@@ -64,7 +73,9 @@ def _lastlayer_terms_fake(logits, features, temperature, clip):
 
 
 @torch.library.register_fake("gradood::lastlayer_score")
-def _lastlayer_score_fake(logits, features, logit_term, logit_scale, feature_term, with_bias, combine, alpha, temperature, clip):
+def _lastlayer_score_fake(
+    logits, features, logit_term, logit_scale, feature_term, with_bias, combine, alpha, temperature, clip
+):
     torch._check(logits.dim() == 2, lambda: f"lastlayer_score: logits must be 2-D, got {logits.dim()}-D")
     if features is not None:
         torch._check(features.dim() == 2, lambda: f"lastlayer_score: features must be 2-D, got {features.dim()}-D")
@@ -75,18 +86,24 @@ def _lastlayer_score_fake(logits, features, logit_term, logit_scale, feature_ter
 
 @torch.library.register_fake("gradood::outer_product_sq_norm")
 def _outer_product_sq_norm_fake(activations, grads, method):
-    torch._check(activations.dim() == 3 and grads.dim() == 3,
-                 lambda: "outer_product_sq_norm: activations and grads must be 3-D [N, T, d] and [N, T, p]")
-    torch._check(activations.shape[:2] == grads.shape[:2],
-                 lambda: "outer_product_sq_norm: activations and grads must agree in N and T")
+    torch._check(
+        activations.dim() == 3 and grads.dim() == 3,
+        lambda: "outer_product_sq_norm: activations and grads must be 3-D [N, T, d] and [N, T, p]",
+    )
+    torch._check(
+        activations.shape[:2] == grads.shape[:2],
+        lambda: "outer_product_sq_norm: activations and grads must agree in N and T",
+    )
     _check_like("outer_product_sq_norm", "activations", activations, grads=grads)
     return activations.new_empty((activations.shape[0],), dtype=_terms_dtype(activations.dtype))
 
 
 @torch.library.register_fake("gradood::conv2d_weight_sq_norm")
 def _conv2d_weight_sq_norm_fake(padded_input, grad_output, kernel_size, stride, dilation, groups, method):
-    torch._check(padded_input.dim() == 4 and grad_output.dim() == 4,
-                 lambda: "conv2d_weight_sq_norm: padded_input and grad_output must be 4-D")
+    torch._check(
+        padded_input.dim() == 4 and grad_output.dim() == 4,
+        lambda: "conv2d_weight_sq_norm: padded_input and grad_output must be 4-D",
+    )
     torch._check(padded_input.shape[0] == grad_output.shape[0], lambda: "conv2d_weight_sq_norm: batch sizes differ")
     _check_like("conv2d_weight_sq_norm", "padded_input", padded_input, grad_output=grad_output)
     return padded_input.new_empty((padded_input.shape[0],), dtype=_terms_dtype(padded_input.dtype))
@@ -104,7 +121,9 @@ def _norm_affine_grads_fake(grad_output, input, shift, scale):
 @torch.library.register_fake("gradood::react_energy")
 def _react_energy_fake(features, weight, bias, clip):
     torch._check(features.dim() == 2 and weight.dim() == 2, lambda: "react_energy: features and weight must be 2-D")
-    torch._check(weight.shape[1] == features.shape[1], lambda: "react_energy: weight must be [C, D] for features [B, D]")
+    torch._check(
+        weight.shape[1] == features.shape[1], lambda: "react_energy: weight must be [C, D] for features [B, D]"
+    )
     _check_like("react_energy", "features", features, weight=weight, bias=bias)
     return features.new_empty((features.shape[0],), dtype=_terms_dtype(features.dtype))
 
@@ -127,7 +146,8 @@ def refuse_unsupported_transforms(where: str, *tensors: Optional[torch.Tensor]) 
             "reverse-mode derivatives), or use the pure-PyTorch gradood.reference version inside the transform"
         )
     if forward_ad._current_level >= 0 and any(
-            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
         raise RuntimeError(
             f"{where}: forward-mode AD (dual tensors) is not supported by gradood's compiled score operators "
             "(their tangent would be lost); use reverse mode (torch.autograd.grad), or the pure-PyTorch "
@@ -140,8 +160,9 @@ def _below_autograd(*tensors: Optional[torch.Tensor]):
     can flow (grad mode off, or no input requiring grad): the Python-registered backward
     costs ~6 us a call to set up even then. Not while compiling (dynamo traces the
     plain call) or scripting."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors)):
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    ):
         return contextlib.nullcontext()
     return torch._C._AutoDispatchBelowAutograd()
 
@@ -218,16 +239,18 @@ def lastlayer_terms(
     return LastLayerTerms(terms, argmax)
 
 
-def plain_cpu_score(logits, features, logit_term: int, logit_scale, feature_term: int, with_bias, combine: int,
-                    alpha, temperature, clip) -> Optional[torch.Tensor]:
+def plain_cpu_score(
+    logits, features, logit_term: int, logit_scale, feature_term: int, with_bias, combine: int, alpha, temperature, clip
+) -> Optional[torch.Tensor]:
     """lastlayer_score straight to the CPU kernel (csrc/python_fast_path.cpp) for plain CPU
     tensors with no gradient to flow and no mode, transform, tracer or autocast in play,
     the columns given by index; None for everything else, which `lastlayer_score` then
     checks and dispatches (its errors, modes and autograd are unchanged)."""
     if forward_ad._current_level >= 0 or torch.compiler.is_compiling():
         return None
-    return _plain_cpu_score(logits, features, logit_term, logit_scale, feature_term, with_bias, combine, alpha,
-                            temperature, clip)
+    return _plain_cpu_score(
+        logits, features, logit_term, logit_scale, feature_term, with_bias, combine, alpha, temperature, clip
+    )
 
 
 def lastlayer_score(
@@ -252,9 +275,18 @@ def lastlayer_score(
     or, with_bias, ‖[v, 1]‖ (feature_l1 + 1, sqrt(feature_l2² + 1)). `where`
     names the public function in error messages.
     """
-    score = plain_cpu_score(logits, features, _TERM_INDEX.get(logit_term, -2), logit_scale,
-                            _NO_FEATURE_TERM if feature_term is None else _TERM_INDEX.get(feature_term, -2),
-                            with_bias, _COMBINE.get(combine, -1), alpha, temperature, clip)
+    score = plain_cpu_score(
+        logits,
+        features,
+        _TERM_INDEX.get(logit_term, -2),
+        logit_scale,
+        _NO_FEATURE_TERM if feature_term is None else _TERM_INDEX.get(feature_term, -2),
+        with_bias,
+        _COMBINE.get(combine, -1),
+        alpha,
+        temperature,
+        clip,
+    )
     if score is not None:
         return score
     temperature, clip = _check_inputs(where, logits, features, temperature, clip)
@@ -265,6 +297,14 @@ def lastlayer_score(
     feature_index = _NO_FEATURE_TERM if feature_term is None else TERM_NAMES.index(feature_term)
     with _below_autograd(logits, features):
         return torch.ops.gradood.lastlayer_score(
-            logits, features, TERM_NAMES.index(logit_term), float(logit_scale), feature_index,
-            bool(with_bias), _COMBINE[combine], float(alpha), temperature, clip,
+            logits,
+            features,
+            TERM_NAMES.index(logit_term),
+            float(logit_scale),
+            feature_index,
+            bool(with_bias),
+            _COMBINE[combine],
+            float(alpha),
+            temperature,
+            clip,
         )

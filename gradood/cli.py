@@ -14,8 +14,14 @@ import torch
 def _demo(arguments: argparse.Namespace) -> None:
     from gradood import demo
 
-    demo.run(out=arguments.out, seed=arguments.seed, epochs=arguments.epochs, plots=not arguments.no_plots,
-             bootstrap=arguments.bootstrap, progress=not arguments.no_progress)
+    demo.run(
+        out=arguments.out,
+        seed=arguments.seed,
+        epochs=arguments.epochs,
+        plots=not arguments.no_plots,
+        bootstrap=arguments.bootstrap,
+        progress=not arguments.no_progress,
+    )
 
 
 def _load_model(spec: str) -> torch.nn.Module:
@@ -26,8 +32,10 @@ def _load_model(spec: str) -> torch.nn.Module:
     try:
         import torchvision
     except ImportError:
-        raise SystemExit(f"gradood bench: {spec!r} looks like a torchvision name, but torchvision is not installed; "
-                         "pass 'package.module:factory'")
+        raise SystemExit(
+            f"gradood bench: {spec!r} looks like a torchvision name, but torchvision is not installed; "
+            "pass 'package.module:factory'"
+        ) from None
     return torchvision.models.get_model(spec, weights=None)
 
 
@@ -49,9 +57,17 @@ def _bench(arguments: argparse.Namespace) -> None:
     shape = tuple(int(size) for size in arguments.input_shape.split(","))
     inputs = torch.randn(arguments.batch, *shape, device=arguments.device)
     candidates = {
-        "MSP": D.MSP(model), "Energy": D.Energy(model), "GradNorm": D.GradNorm(model), "ExGrad": D.ExGrad(model),
-        "RG": D.RG(model), "ReAct": D.ReAct(model), "RGAdditive": D.RGAdditive(model), "KLMatching": D.KLMatching(model),
-        "ODIN": D.ODIN(model), "GRODIN": D.GRODIN(model), "FullGradNorm": D.FullGradNorm(model),
+        "MSP": D.MSP(model),
+        "Energy": D.Energy(model),
+        "GradNorm": D.GradNorm(model),
+        "ExGrad": D.ExGrad(model),
+        "RG": D.RG(model),
+        "ReAct": D.ReAct(model),
+        "RGAdditive": D.RGAdditive(model),
+        "KLMatching": D.KLMatching(model),
+        "ODIN": D.ODIN(model),
+        "GRODIN": D.GRODIN(model),
+        "FullGradNorm": D.FullGradNorm(model),
         "LowDimGrad": D.LowDimGrad(model, params=_trailing_parameters(model, 1 << 21), iterations=1),
     }
     fit_data = {"LowDimGrad": [torch.randn_like(inputs) for _ in range(-(-256 // arguments.batch))]}

@@ -37,11 +37,18 @@ class DigitsCNN(nn.Module):
     def __init__(self, num_classes: int = ID_CLASSES):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.hidden = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
         self.fc = nn.Linear(64, num_classes)
@@ -59,7 +66,7 @@ def _import_extras():
         raise SystemExit(
             "gradood demo needs scikit-learn and scikit-image: pip install 'gradood[demo]' "
             f"(or pip install scikit-learn scikit-image matplotlib). ({error})"
-        )
+        ) from error
     return load_digits, skimage.data, skimage.transform
 
 
@@ -70,7 +77,9 @@ def _patches(image: np.ndarray, count: int, rng: np.random.Generator, resize) ->
     image = image.astype(np.float64) / (255.0 if image.max() > 1.0 else 1.0)
     rows = rng.integers(0, image.shape[0] - PATCH, count)
     cols = rng.integers(0, image.shape[1] - PATCH, count)
-    return np.stack([resize(image[r : r + PATCH, c : c + PATCH], (8, 8), anti_aliasing=True) for r, c in zip(rows, cols)])
+    return np.stack(
+        [resize(image[r : r + PATCH, c : c + PATCH], (8, 8), anti_aliasing=True) for r, c in zip(rows, cols)]
+    )
 
 
 def load_data(seed: int = 0) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
@@ -84,9 +93,14 @@ def load_data(seed: int = 0) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.T
     rng.shuffle(in_distribution)
     train, val, test = np.split(in_distribution, [int(0.6 * in_distribution.size), int(0.7 * in_distribution.size)])
     faces = np.stack([transform.resize(face, (8, 8), anti_aliasing=True) for face in data.lfw_subset()])
-    textures = np.concatenate([_patches(getattr(data, name)(), 100, rng, transform.resize) for name in ("brick", "grass", "gravel")])
+    textures = np.concatenate(
+        [_patches(getattr(data, name)(), 100, rng, transform.resize) for name in ("brick", "grass", "gravel")]
+    )
     photographs = np.concatenate(
-        [_patches(getattr(data, name)(), 60, rng, transform.resize) for name in ("camera", "astronaut", "coffee", "chelsea", "rocket")]
+        [
+            _patches(getattr(data, name)(), 60, rng, transform.resize)
+            for name in ("camera", "astronaut", "coffee", "chelsea", "rocket")
+        ]
     )
     raw_ood = {
         "near-ood-digits": images[labels >= ID_CLASSES],
@@ -100,9 +114,12 @@ def load_data(seed: int = 0) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.T
         return torch.as_tensor((array - mean) / std, dtype=torch.float32).unsqueeze(1)
 
     splits = {
-        "train": tensor(images[train]), "train_labels": torch.as_tensor(labels[train]),
-        "val": tensor(images[val]), "val_labels": torch.as_tensor(labels[val]),
-        "test": tensor(images[test]), "test_labels": torch.as_tensor(labels[test]),
+        "train": tensor(images[train]),
+        "train_labels": torch.as_tensor(labels[train]),
+        "val": tensor(images[val]),
+        "val_labels": torch.as_tensor(labels[val]),
+        "test": tensor(images[test]),
+        "test_labels": torch.as_tensor(labels[test]),
     }
     return splits, {name: tensor(array) for name, array in raw_ood.items()}
 
@@ -150,8 +167,14 @@ def build_detectors(model: nn.Module, fit_data: torch.Tensor) -> Dict[str, D.Det
     return detectors
 
 
-def run(out: str = "gradood-demo-report", seed: int = 0, epochs: int = 30, plots: bool = True,
-        bootstrap: int = 100, progress: bool = True) -> Evaluation:
+def run(
+    out: str = "gradood-demo-report",
+    seed: int = 0,
+    epochs: int = 30,
+    plots: bool = True,
+    bootstrap: int = 100,
+    progress: bool = True,
+) -> Evaluation:
     started = time.perf_counter()
     splits, ood = load_data(seed)
     model = train(splits, seed, epochs)
@@ -161,8 +184,12 @@ def run(out: str = "gradood-demo-report", seed: int = 0, epochs: int = 30, plots
     detectors = build_detectors(model, splits["train"])
     batches = lambda tensor: list(tensor.split(256))  # noqa: E731  (DataLoader-like)
     evaluation = evaluate(
-        detectors, batches(splits["test"]), {name: batches(images) for name, images in ood.items()},
-        bootstrap=bootstrap, seed=seed, progress=progress,
+        detectors,
+        batches(splits["test"]),
+        {name: batches(images) for name, images in ood.items()},
+        bootstrap=bootstrap,
+        seed=seed,
+        progress=progress,
     )
     sizes = ", ".join(f"{name} {images.shape[0]}" for name, images in ood.items())
     header: List[str] = [

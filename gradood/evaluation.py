@@ -2,7 +2,7 @@
 their mean, bootstrap spread, throughput; Markdown/JSON reports and optional
 PNG plots (matplotlib).
 
-Conventions (SPEC.md): scores are ID-high; AUROC is symmetric; `fpr95` is the
+Conventions (docs/conventions.md): scores are ID-high; AUROC is symmetric; `fpr95` is the
 papers' FPR at 95% TPR with ID positive and `fpr95_ood_positive` the
 OpenOOD/pytorch-ood variant, under its own name.
 """
@@ -212,4 +212,3 @@ def evaluate(
                 mean[key] = float(np.mean([row[key] for row in per_set]))
         rows.append(mean)
     return Evaluation(rows, all_scores, throughput, ood_names)
-

@@ -59,8 +59,13 @@ def iterate_batches(data: Iterable, limit: Optional[int]) -> Iterator[Tuple[torc
     DataLoader); at most `limit` samples (the last batch cut)."""
     if isinstance(data, torch.Tensor) or model_io.is_mapping(data):
         batches: Iterable = [data]
-    elif isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
-            and data[0].shape[:1] == data[1].shape[:1] and data[1].dim() == 1:
+    elif (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and all(isinstance(t, torch.Tensor) for t in data)
+        and data[0].shape[:1] == data[1].shape[:1]
+        and data[1].dim() == 1
+    ):
         batches = [data]
     else:
         batches = data
@@ -99,7 +104,10 @@ def _merge(state: Optional[dict], batch: Dict[str, Tuple[torch.Tensor, torch.Ten
     for name, (mean_b, squares_b) in batch.items():
         mean, squares = state[name]
         delta = mean_b.double() - mean
-        merged[name] = (mean + delta * (count / total), squares + squares_b.double() + delta.square() * (state["count"] * count / total))
+        merged[name] = (
+            mean + delta * (count / total),
+            squares + squares_b.double() + delta.square() * (state["count"] * count / total),
+        )
     return merged
 
 
@@ -135,16 +143,22 @@ def moments_pass(
             num_classes = grads.logits.shape[1]
             if classes == "labels":
                 if labels is None:
-                    raise ValueError("the data give no labels: pass batches of (inputs, labels), or classes='predicted'")
+                    raise ValueError(
+                        "the data give no labels: pass batches of (inputs, labels), or classes='predicted'"
+                    )
                 indices = labels.to(grads.logits.device).long()
             else:
                 indices = grads.logits.argmax(1)
             if bool(((indices < 0) | (indices >= num_classes)).any()):  # one host sync per batch
-                raise ValueError(f"labels must lie in [0, {num_classes}), got {int(indices.min())}..{int(indices.max())}")
+                raise ValueError(
+                    f"labels must lie in [0, {num_classes}), got {int(indices.min())}..{int(indices.max())}"
+                )
             onehot = torch.nn.functional.one_hot(indices, num_classes).to(dtype)
             if class_sums is None:
-                class_sums = {name: torch.zeros(num_classes, torch.Size(shape).numel(), dtype=dtype, device=onehot.device)
-                              for name, shape in grads.shapes.items()}
+                class_sums = {
+                    name: torch.zeros(num_classes, torch.Size(shape).numel(), dtype=dtype, device=onehot.device)
+                    for name, shape in grads.shapes.items()
+                }
             grads.weighted_sum(onehot, into=class_sums)
             counts = onehot.sum(0).double()
             class_counts = counts if class_counts is None else class_counts + counts
@@ -153,9 +167,15 @@ def moments_pass(
     if state is None:
         raise ValueError("the data hold no batch")
     count = state.pop("count")
-    bad = [name for name, (m, sq) in state.items() if not (bool(torch.isfinite(m).all()) and bool(torch.isfinite(sq).all()))]
+    bad = [
+        name
+        for name, (m, sq) in state.items()
+        if not (bool(torch.isfinite(m).all()) and bool(torch.isfinite(sq).all()))
+    ]
     if bad:
-        raise ValueError(f"the per-sample gradients of the ID data are not finite (NaN/Inf inputs or overflow) in {bad[:5]}")
+        raise ValueError(
+            f"the per-sample gradients of the ID data are not finite (NaN/Inf inputs or overflow) in {bad[:5]}"
+        )
     mean = {name: m for name, (m, _) in state.items()}
     inv = {name: inverse_std(m, s, count, dtype) for name, (m, s) in state.items()}
     return Moments(count, mean, inv), class_sums, class_counts
@@ -184,13 +204,19 @@ def orthonormalise(blocks: Blocks) -> Blocks:
 
 def combine(blocks: Blocks, coefficients: torch.Tensor) -> Blocks:
     """coefficients [K, L] @ blocks: new rows as combinations of the old ones."""
-    return {name: (coefficients.to(block.device, torch.float64) @ block.double()).to(block.dtype) for name, block in blocks.items()}
+    return {
+        name: (coefficients.to(block.device, torch.float64) @ block.double()).to(block.dtype)
+        for name, block in blocks.items()
+    }
 
 
 def random_blocks(shapes: Dict[str, int], rows: int, seed: int, device: torch.device, dtype: torch.dtype) -> Blocks:
     """Gaussian [rows, numel] per parameter from one CPU generator (device-independent)."""
     generator = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(rows, numel, generator=generator, dtype=torch.float64).to(device, dtype) for name, numel in shapes.items()}
+    return {
+        name: torch.randn(rows, numel, generator=generator, dtype=torch.float64).to(device, dtype)
+        for name, numel in shapes.items()
+    }
 
 
 class NormalisedGradients:
@@ -202,8 +228,10 @@ class NormalisedGradients:
 
     def offset(self, blocks: Blocks) -> torch.Tensor:
         """zᵀ D Z [L], float64."""
-        return sum(block.double() @ (self.mean[name] * self.inv_std[name]).to(block.device).double()
-                   for name, block in blocks.items())
+        return sum(
+            block.double() @ (self.mean[name] * self.inv_std[name]).to(block.device).double()
+            for name, block in blocks.items()
+        )
 
     def project(self, grads: PerSampleGradients, blocks: Blocks, offset: torch.Tensor) -> torch.Tensor:
         """X_b Z = G_b (D Z) − zᵀ D Z, D applied one layer at a time."""
@@ -276,7 +304,9 @@ def pca_directions(
             overlap = previous[0].T @ previous[1] @ ritz  # (U_prevᵀ Z_prev)(Zᵀ U)
             cosines = torch.linalg.svdvals(overlap).clamp(max=1.0)
             change = float((1 - cosines.min() ** 2).clamp_min(0).sqrt())
-            value_change = float(((eigenvalues[order] - previous_values).abs() / eigenvalues[order].abs().clamp_min(1e-300)).max())
+            value_change = float(
+                ((eigenvalues[order] - previous_values).abs() / eigenvalues[order].abs().clamp_min(1e-300)).max()
+            )
         previous_values = eigenvalues[order]
         if last:
             del product
@@ -296,13 +326,17 @@ def class_mean_directions(moments: Moments, class_sums: Blocks, class_counts: to
     (float64 arithmetic one block at a time)."""
     empty = (class_counts == 0).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"no ID sample of class(es) {empty[:20]}{'...' if len(empty) > 20 else ''}: the per-class "
-                         "subspace needs every class; fit on more data or restrict to the classes present")
+        raise ValueError(
+            f"no ID sample of class(es) {empty[:20]}{'...' if len(empty) > 20 else ''}: the per-class "
+            "subspace needs every class; fit on more data or restrict to the classes present"
+        )
     counts = class_counts.double()
     norms = torch.zeros_like(counts)
     for name, sums in class_sums.items():
         device = sums.device
-        mean = (sums.double() / counts[:, None].to(device) - moments.mean[name].to(device)[None, :]) * moments.inv_std[name].to(device).double()
+        mean = (sums.double() / counts[:, None].to(device) - moments.mean[name].to(device)[None, :]) * moments.inv_std[
+            name
+        ].to(device).double()
         norms += mean.square().sum(1).to(norms.device)
         sums.copy_(mean)
     norms = norms.sqrt()
@@ -317,15 +351,23 @@ class GradientSubspace:
     """A fitted subspace: G_low = ((g − z)/σ) V = g M − c, with M = V/σ stored
     per parameter as [K, numel] in `dtype`, and c = Σ M z (from the stored M)."""
 
-    def __init__(self, mean: Blocks, inv_std: Blocks, scaled_directions: Blocks, shapes: Dict[str, Tuple[int, ...]],
-                 eigenvalues: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        mean: Blocks,
+        inv_std: Blocks,
+        scaled_directions: Blocks,
+        shapes: Dict[str, Tuple[int, ...]],
+        eigenvalues: Optional[torch.Tensor] = None,
+    ):
         self.mean, self.inv_std, self.scaled_directions = mean, inv_std, scaled_directions
         self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
         self.eigenvalues = eigenvalues
-        self.offset = sum(block.double() @ mean[name].double().to(block.device) for name, block in scaled_directions.items())
+        self.offset = sum(
+            block.double() @ mean[name].double().to(block.device) for name, block in scaled_directions.items()
+        )
 
     @classmethod
-    def from_directions(cls, moments: Moments, fit: SubspaceFit, shapes, dtype: torch.dtype) -> "GradientSubspace":
+    def from_directions(cls, moments: Moments, fit: SubspaceFit, shapes, dtype: torch.dtype) -> GradientSubspace:
         """Consumes fit.directions (each V block is replaced by M = V/σ in `dtype`)."""
         scaled = {}
         for name in list(fit.directions):
@@ -348,18 +390,28 @@ class GradientSubspace:
         for name, block in self.scaled_directions.items():
             inv = self.inv_std[name].to(block.device)
             value = block.to(inv.dtype)
-            result[name] = torch.where(inv > 0, value / torch.where(inv > 0, inv, torch.ones_like(inv)), torch.zeros_like(value))
+            result[name] = torch.where(
+                inv > 0, value / torch.where(inv > 0, inv, torch.ones_like(inv)), torch.zeros_like(value)
+            )
         return result
 
     def state_dict(self) -> dict:
-        return {"mean": self.mean, "inv_std": self.inv_std, "scaled_directions": self.scaled_directions,
-                "shapes": self.shapes, "eigenvalues": self.eigenvalues}
+        return {
+            "mean": self.mean,
+            "inv_std": self.inv_std,
+            "scaled_directions": self.scaled_directions,
+            "shapes": self.shapes,
+            "eigenvalues": self.eigenvalues,
+        }
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "GradientSubspace":
-        return cls(state["mean"], state["inv_std"], state["scaled_directions"], state["shapes"], state.get("eigenvalues"))
+    def from_state_dict(cls, state: dict) -> GradientSubspace:
+        return cls(
+            state["mean"], state["inv_std"], state["scaled_directions"], state["shapes"], state.get("eigenvalues")
+        )
 
-    def to(self, device) -> "GradientSubspace":
+    def to(self, device) -> GradientSubspace:
         move = lambda blocks: {name: value.to(device) for name, value in blocks.items()}  # noqa: E731
-        return GradientSubspace(move(self.mean), move(self.inv_std), move(self.scaled_directions), self.shapes, self.eigenvalues)
-
+        return GradientSubspace(
+            move(self.mean), move(self.inv_std), move(self.scaled_directions), self.shapes, self.eigenvalues
+        )

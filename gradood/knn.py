@@ -31,7 +31,9 @@ def knn_score(queries: torch.Tensor, bank: torch.Tensor, k: int = 5, metric: str
     if metric not in METRICS:
         raise ValueError(f"{where}: metric must be one of {METRICS}, got {metric!r}")
     if queries.dim() != 2 or bank.dim() != 2 or queries.shape[1] != bank.shape[1]:
-        raise ValueError(f"{where}: queries [B, K] and bank [N, K] must share K, got {tuple(queries.shape)} and {tuple(bank.shape)}")
+        raise ValueError(
+            f"{where}: queries [B, K] and bank [N, K] must share K, got {tuple(queries.shape)} and {tuple(bank.shape)}"
+        )
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= bank.shape[0]:
         raise ValueError(f"{where}: k must be an integer in [1, {bank.shape[0]}] (the bank size), got {k!r}")
     if queries.device != bank.device:

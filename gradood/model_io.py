@@ -76,8 +76,9 @@ def check_inputs(where: str, inputs: object) -> int:
     batch = next(iter(sizes.values()))
     if batch in (None, 0) or any(size != batch for size in sizes.values()):
         shapes = ", ".join(f"{key}: {tuple(value.shape)}" for key, value in found.items())
-        raise ValueError(f"{where}: every tensor of the inputs must hold the same non-empty batch in dimension 0, "
-                         f"got {shapes}")
+        raise ValueError(
+            f"{where}: every tensor of the inputs must hold the same non-empty batch in dimension 0, got {shapes}"
+        )
     return batch
 
 
@@ -90,8 +91,10 @@ def map_tensors(inputs: Inputs, function: Callable[[torch.Tensor], torch.Tensor]
     if isinstance(inputs, torch.Tensor):
         return function(inputs)
     if not isinstance(inputs, Mapping):
-        raise TypeError("inputs must be a tensor or a mapping of keyword arguments to tensors (a tokenised batch), "
-                        f"got {type(inputs).__name__}; score a DataLoader batch by batch, or use gradood.evaluate")
+        raise TypeError(
+            "inputs must be a tensor or a mapping of keyword arguments to tensors (a tokenised batch), "
+            f"got {type(inputs).__name__}; score a DataLoader batch by batch, or use gradood.evaluate"
+        )
     return {key: function(value) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
 
 
@@ -121,7 +124,8 @@ def signature(inputs: Inputs) -> tuple:
     if isinstance(inputs, torch.Tensor):
         return (tuple(inputs.shape[1:]), inputs.dtype, inputs.device.type)
     return tuple(
-        (key, tuple(value.shape[1:]), value.dtype, value.device.type) if isinstance(value, torch.Tensor)
+        (key, tuple(value.shape[1:]), value.dtype, value.device.type)
+        if isinstance(value, torch.Tensor)
         else (key, type(value).__name__, repr(value)[:64])
         for key, value in sorted(inputs.items())
     )

@@ -23,12 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradood import model_io
-from gradood._ops import TERM_NAMES, _COMBINE
+from gradood._ops import _COMBINE, TERM_NAMES
 from gradood.detectors import KLMatching, ReAct
 from gradood.detectors._base import Detector
 from gradood.model_io import Inputs, LogitsFn
 from gradood.scores import ScoreSpec
-
 
 
 class _PlaceFeatures(nn.Module):
@@ -88,8 +87,12 @@ class OODHead(nn.Module):
             )
         weight, bias = detector.head_weight_bias()
         self.register_buffer("weight", weight.clone())
-        self.register_buffer("bias", bias.clone() if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype,
-                                                                                        device=weight.device))
+        self.register_buffer(
+            "bias",
+            bias.clone()
+            if bias is not None
+            else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device),
+        )
         self.body = copy.deepcopy(model)
         if head.kind == "mean":  # the model's (head₁(v₁) + head₂(v₂))/2 becomes [v₁; v₂]/2
             widths = [model.get_submodule(name).weight[0].numel() for name in head.names]
@@ -124,7 +127,9 @@ class OODHead(nn.Module):
             missing = detector.templates.isnan().any(dim=1)
             templates = detector.templates.masked_fill(missing[:, None], 1.0)  # logs in their float64 (reference)
             zero = templates == 0  # 0 · log 0 = 0, p · log(p/0) = inf (gradood.reference)
-            self.log_templates = torch.where(zero, torch.zeros_like(templates), templates.log()).to(weight.device, torch.float32)
+            self.log_templates = torch.where(zero, torch.zeros_like(templates), templates.log()).to(
+                weight.device, torch.float32
+            )
             self.zero_templates = zero.to(weight.device, torch.float32)
             self.missing_templates = torch.where(missing, float("inf"), 0.0).to(weight.device, torch.float32)
             spec = ScoreSpec("energy")
@@ -160,7 +165,16 @@ class OODHead(nn.Module):
             score_features: Optional[torch.Tensor] = None
             if self.feature_term >= 0:
                 score_features = features
-            score = torch.ops.gradood.lastlayer_score(logits, score_features, self.logit_term, self.logit_scale,
-                                                      self.feature_term, self.with_bias, self.combine, self.alpha,
-                                                      self.temperature, self.clip)
+            score = torch.ops.gradood.lastlayer_score(
+                logits,
+                score_features,
+                self.logit_term,
+                self.logit_scale,
+                self.feature_term,
+                self.with_bias,
+                self.combine,
+                self.alpha,
+                self.temperature,
+                self.clip,
+            )
         return logits, score

@@ -115,7 +115,7 @@ def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 def _delta_norm(logits: torch.Tensor, loss: str, p: float, temperature: float) -> torch.Tensor:
-    """‖δ‖_p with δ = ∂L/∂f for a per-sample loss L (SPEC.md table); for
+    """‖δ‖_p with δ = ∂L/∂f for a per-sample loss L (the table of docs/conventions.md); for
     "expected_ce" the expectation E_{y~p} ‖δ_y‖_p of the per-label norms."""
     probs, one_minus, is_pred = _softmax(logits, temperature)
     num_classes = logits.shape[1]
@@ -149,7 +149,7 @@ def lastlayer_grad_norm(
 
     For f = W v + b and δ = ∂L/∂f, ∇_W L = δ vᵀ and ∇_b L = δ, so
         ‖∇_W L‖_p = ‖δ‖_p · ‖v‖_p,   ‖[∇_W L, ∇_b L]‖_p = ‖δ‖_p · (‖v‖_p^p + 1)^(1/p)
-    (SPEC.md, "The last-layer closed form"). Losses, with δ:
+    (docs/conventions.md, "The last-layer closed form"). Losses, with δ:
         "kl_uniform"   KL(u ‖ softmax(f/T))           (p - u) / T     (GradNorm)
         "ce_pred"      CE(f/T, ŷ)                     (p - e_ŷ) / T   (GRODIN)
         "expected_ce"  E_{y~p} of the norm for CE(f/T, y), (p - e_y) / T  (ExGrad)
@@ -385,7 +385,9 @@ def kl_matching(logits: torch.Tensor, templates: torch.Tensor, mode: str = "min"
             f"got shape {tuple(templates.shape)}"
         )
     if templates.device != logits.device:
-        raise ValueError(f"{where}: templates must be on the device of logits ({logits.device}), got {templates.device}")
+        raise ValueError(
+            f"{where}: templates must be on the device of logits ({logits.device}), got {templates.device}"
+        )
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logits = logits.to(compute)
     missing = templates.isnan().any(dim=1)
@@ -408,4 +410,3 @@ def kl_matching(logits: torch.Tensor, templates: torch.Tensor, mode: str = "min"
     if mode == "min":
         return -divergences.amin(dim=1)
     return -divergences.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
-

@@ -87,8 +87,13 @@ def spec_energy(temperature: float = 1.0, where: str = _PREFIX + "energy") -> Sc
     return ScoreSpec("energy", temperature=check_temperature(where, temperature))
 
 
-def spec_gradnorm(num_classes: int, temperature: float = 1.0, scale: str = "paper", include_bias: bool = False,
-                  where: str = _PREFIX + "gradnorm") -> ScoreSpec:
+def spec_gradnorm(
+    num_classes: int,
+    temperature: float = 1.0,
+    scale: str = "paper",
+    include_bias: bool = False,
+    where: str = _PREFIX + "gradnorm",
+) -> ScoreSpec:
     scale = check_choice(where, "scale", scale, ("paper", "official"))
     temperature = check_temperature(where, temperature)
     factor = num_classes if scale == "official" else 1
@@ -100,24 +105,41 @@ def spec_exgrad(temperature: float = 1.0, where: str = _PREFIX + "exgrad") -> Sc
     return ScoreSpec("gini", -2 / temperature, "feature_l1", temperature=temperature)
 
 
-def spec_grodin_last_layer(temperature: float = 1.0, include_bias: bool = True,
-                           where: str = _PREFIX + "grodin_last_layer") -> ScoreSpec:
+def spec_grodin_last_layer(
+    temperature: float = 1.0, include_bias: bool = True, where: str = _PREFIX + "grodin_last_layer"
+) -> ScoreSpec:
     temperature = check_temperature(where, temperature)
     return ScoreSpec("onehot_deviation_l2", -1 / temperature, "feature_l2", include_bias, temperature=temperature)
 
 
 def spec_rg(clip: float = 1.0, temperature: float = 1.0, where: str = _PREFIX + "rg") -> ScoreSpec:
-    return ScoreSpec("energy", 1.0, "feature_clipped_l1", temperature=check_temperature(where, temperature),
-                     clip=check_positive(where, "clip", clip, allow_inf=True))
+    return ScoreSpec(
+        "energy",
+        1.0,
+        "feature_clipped_l1",
+        temperature=check_temperature(where, temperature),
+        clip=check_positive(where, "clip", clip, allow_inf=True),
+    )
 
 
 def spec_rg_additive(clip: float = 1.0, alpha: float = 1.0, where: str = _PREFIX + "rg_additive") -> ScoreSpec:
-    return ScoreSpec("energy", 1.0, "feature_clipped_l1", combine="sum", alpha=check_real(where, "alpha", alpha),
-                     clip=check_positive(where, "clip", clip, allow_inf=True))
+    return ScoreSpec(
+        "energy",
+        1.0,
+        "feature_clipped_l1",
+        combine="sum",
+        alpha=check_real(where, "alpha", alpha),
+        clip=check_positive(where, "clip", clip, allow_inf=True),
+    )
 
 
-def spec_uv(u: str = "energy", v: str = "l1", clip: Optional[float] = None, temperature: float = 1.0,
-            where: str = _PREFIX + "uv") -> ScoreSpec:
+def spec_uv(
+    u: str = "energy",
+    v: str = "l1",
+    clip: Optional[float] = None,
+    temperature: float = 1.0,
+    where: str = _PREFIX + "uv",
+) -> ScoreSpec:
     u = check_choice(where, "u", u, reference.U_TERMS)
     v = check_choice(where, "v", v, reference.V_TERMS)
     clip = check_optional_clip(where, clip, needed=v == "clipped_l1")
@@ -129,8 +151,9 @@ def spec_uv(u: str = "energy", v: str = "l1", clip: Optional[float] = None, temp
         "gradnorm": ("uniform_deviation_l1", 1 / temperature),
         "exgrad": ("gini", -2 / temperature),
     }[u]
-    return ScoreSpec(logit_term, logit_scale, _FEATURE_TERMS[v], temperature=temperature,
-                     clip=math.inf if clip is None else clip)
+    return ScoreSpec(
+        logit_term, logit_scale, _FEATURE_TERMS[v], temperature=temperature, clip=math.inf if clip is None else clip
+    )
 
 
 # The logits-only scores try the plain-CPU fast path first (no spec built): at B=1 the
@@ -183,7 +206,9 @@ def grodin_last_layer(
 ) -> torch.Tensor:
     """GRODIN's last-layer term, -(‖p - e_ŷ‖_2 / T) · ‖[v, 1]‖_2.
     See gradood.reference.grodin_last_layer."""
-    return apply_spec(_PREFIX + "grodin_last_layer", logits, features, spec_grodin_last_layer(temperature, include_bias))
+    return apply_spec(
+        _PREFIX + "grodin_last_layer", logits, features, spec_grodin_last_layer(temperature, include_bias)
+    )
 
 
 def rg(logits: torch.Tensor, features: torch.Tensor, clip: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
@@ -233,8 +258,16 @@ def lastlayer_grad_norm(
     feature_term = "feature_l2" if p == 2.0 else "feature_l1"
     if loss == "energy":  # δ = p and ‖p‖_1 = 1: the feature norm alone (0·U keeps NaN rows NaN)
         return lastlayer_score(
-            where, logits, features, "energy", 0.0, feature_term, with_bias=include_bias,
-            combine="sum", alpha=1.0, temperature=temperature,
+            where,
+            logits,
+            features,
+            "energy",
+            0.0,
+            feature_term,
+            with_bias=include_bias,
+            combine="sum",
+            alpha=1.0,
+            temperature=temperature,
         )
     logit_term, logit_scale = {
         "kl_uniform": ("uniform_deviation_l1", 1 / temperature),

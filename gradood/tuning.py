@@ -15,7 +15,7 @@ from gradood.detectors import GRODIN, ODIN, RG, ReAct, RGAdditive
 from gradood.detectors._base import Data, Detector
 from gradood.evaluation import score_data
 
-#: SPEC.md: ε in 21 points over [0, 0.004], T in {1, 2, 5, ..., 1000} (GRODIN's grid; ODIN's too).
+#: ε in 21 points over [0, 0.004], T in {1, 2, 5, ..., 1000} (GRODIN's grid; ODIN's too).
 PERTURBATION_GRID: Dict[str, List[Any]] = {
     "temperature": [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
     "epsilon": [float(x) for x in np.round(np.linspace(0.0, 0.004, 21), 6)],
@@ -23,15 +23,22 @@ PERTURBATION_GRID: Dict[str, List[Any]] = {
 #: Percentiles of ID activations for the clipping threshold (ReAct's sweep).
 PERCENTILE_GRID: Dict[str, List[Any]] = {"percentile": [65.0, 80.0, 85.0, 90.0, 95.0, 99.0]}
 
-_DEFAULT_GRIDS = {ODIN: PERTURBATION_GRID, GRODIN: PERTURBATION_GRID, ReAct: PERCENTILE_GRID, RG: PERCENTILE_GRID,
-                  RGAdditive: PERCENTILE_GRID}
+_DEFAULT_GRIDS = {
+    ODIN: PERTURBATION_GRID,
+    GRODIN: PERTURBATION_GRID,
+    ReAct: PERCENTILE_GRID,
+    RG: PERCENTILE_GRID,
+    RGAdditive: PERCENTILE_GRID,
+}
 
 
 def default_grid(detector_factory: Callable[..., Detector]) -> Dict[str, List[Any]]:
     """The default grid of a detector class (or a functools.partial of one)."""
     target = detector_factory.func if isinstance(detector_factory, functools.partial) else detector_factory
     if target not in _DEFAULT_GRIDS:
-        raise ValueError(f"tune: no default grid for {getattr(target, '__name__', target)!r}; pass grid={{name: values}}")
+        raise ValueError(
+            f"tune: no default grid for {getattr(target, '__name__', target)!r}; pass grid={{name: values}}"
+        )
     return _DEFAULT_GRIDS[target]
 
 
@@ -56,7 +63,7 @@ def tune(
     is built, fitted on `fit_data` (default id_val) where it has ID statistics,
     and scored on id_val and ood_val; the AUROC decides. grid=None takes the
     default grid of the detector class (functools.partial(ODIN, model) and the
-    like): the ODIN/GRODIN (T, ε) grid of SPEC.md or the percentile grid."""
+    like): the ODIN/GRODIN (T, ε) grid (GRODIN's) or the percentile grid."""
     grid = default_grid(detector_factory) if grid is None else grid
     if not grid:
         raise ValueError("tune: the grid is empty")

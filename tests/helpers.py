@@ -34,7 +34,7 @@ def _mp_context():
 
 
 def mp_lastlayer_norm(logits_row, features_row, loss: str, p: float, temperature: float, include_bias: bool) -> float:
-    """‖δ‖_p · ‖[v(, 1)]‖_p in 60-digit arithmetic from float64 inputs (SPEC.md table)."""
+    """‖δ‖_p · ‖[v(, 1)]‖_p in 60-digit arithmetic from float64 inputs (docs/conventions.md, the last-layer table)."""
     mp = _mp_context()
     f = [mp.mpf(float(x)) for x in logits_row]
     v = [mp.mpf(float(x)) for x in features_row]

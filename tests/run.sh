@@ -13,7 +13,7 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install "torch==2.13.0"
 fi
 python -m pip install --upgrade pip
-python -m pip install "setuptools>=64" wheel ninja numpy pytest pytest-benchmark hypothesis
+python -m pip install "setuptools>=77" wheel ninja numpy pytest pytest-benchmark hypothesis
 # The model zoos the interface tests build models from (random weights, no download).
 # timm and torchvision without their dependencies: pip would otherwise replace a CPU
 # torch by the CUDA build. On the test machines this torchvision wheel is built for a
@@ -22,8 +22,18 @@ python -m pip install "setuptools>=64" wheel ninja numpy pytest pytest-benchmark
 python -m pip install "transformers==5.24.0" huggingface_hub safetensors pyyaml pillow
 python -m pip install --no-deps "timm==1.0.31" "torchvision==0.28.0"
 # No build isolation: an isolated build would fetch another torch (setup.py says why).
-python -m pip install --no-build-isolation -e ".[demo,serving,test]"
+python -m pip install --no-build-isolation -e ".[demo,serving,test,docs,dev]"
 
+echo "== habits: ruff (lint, format), mypy, clang-format =="
+ruff check gradood
+ruff format --check gradood
+mypy
+find csrc tests/cpp examples/cpp \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.inc' \) -print0 |
+  xargs -0 clang-format --dry-run --Werror
+echo "== docs: mkdocs build, warnings as errors =="
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir "$(mktemp -d)/site"
+echo "== the wheel: sdist, wheel, fresh venv, smoke test outside the checkout =="
+bash tests/check_wheel.sh
 echo "== CPU instruction-set levels stay in their kernels =="
 bash tests/check_cpu_level_isolation.sh
 echo "== CUDA compile check =="

@@ -10,7 +10,7 @@ import torch
 
 from gradood import metrics
 
-# Brute-force definitions (SPEC.md, "Metrics") ---------------------------------
+# Brute-force definitions (docs/conventions.md, "Metrics") ---------------------------------
 
 
 def brute_auroc(id_scores, ood_scores):

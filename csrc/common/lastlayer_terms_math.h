@@ -30,16 +30,16 @@ namespace gradood {
 // Columns of the [B, n_terms] output of lastlayer_terms. The logit terms come
 // first; the feature terms are present only when features are given.
 enum LastLayerTerm : int64_t {
-  kMaxLogit = 0,           // max_j f_j
-  kEnergy = 1,             // T * logsumexp(f / T)
-  kMaxSoftmax = 2,         // max_j softmax(f / T)_j
-  kUniformDeviationL1 = 3, // sum_j |p_j - 1/C|
-  kGini = 4,               // sum_j p_j (1 - p_j)
-  kOneHotDeviationL2 = 5,  // || p - e_argmax ||_2
+  kMaxLogit = 0,            // max_j f_j
+  kEnergy = 1,              // T * logsumexp(f / T)
+  kMaxSoftmax = 2,          // max_j softmax(f / T)_j
+  kUniformDeviationL1 = 3,  // sum_j |p_j - 1/C|
+  kGini = 4,                // sum_j p_j (1 - p_j)
+  kOneHotDeviationL2 = 5,   // || p - e_argmax ||_2
   kNumLogitTerms = 6,
-  kFeatureL1 = 6,          // sum_i |v_i|
-  kFeatureL2 = 7,          // sqrt(sum_i v_i^2)
-  kFeatureClippedL1 = 8,   // sum_i min(|v_i|, clip)
+  kFeatureL1 = 6,         // sum_i |v_i|
+  kFeatureL2 = 7,         // sqrt(sum_i v_i^2)
+  kFeatureClippedL1 = 8,  // sum_i min(|v_i|, clip)
   kNumTerms = 9,
 };
 
@@ -83,8 +83,7 @@ GRADOOD_HOST_DEVICE bool precedes(acc_t a, int64_t ia, acc_t b, int64_t ib) {
 
 // Associative merge of two states (online softmax with an argmax).
 template <typename acc_t>
-GRADOOD_HOST_DEVICE MaxState<acc_t> merge(const MaxState<acc_t>& a,
-                                          const MaxState<acc_t>& b,
+GRADOOD_HOST_DEVICE MaxState<acc_t> merge(const MaxState<acc_t>& a, const MaxState<acc_t>& b,
                                           acc_t inv_temperature) {
   if (b.argmax == kNoIndex) return a;
   if (a.argmax == kNoIndex) return b;
@@ -94,16 +93,15 @@ GRADOOD_HOST_DEVICE MaxState<acc_t> merge(const MaxState<acc_t>& a,
   // The loser's max becomes one of the "others" of the winner. Equal maxima rescale by 1,
   // also when both are +inf or both -inf (where the difference is NaN): a row with two +inf
   // logits has energy +inf, an all -inf row -inf, as log-sum-exp has.
-  const acc_t rescale = lose.max == win.max ? acc_t(1) : std::exp((lose.max - win.max) * inv_temperature);
+  const acc_t rescale =
+      lose.max == win.max ? acc_t(1) : std::exp((lose.max - win.max) * inv_temperature);
   return {win.max, win.argmax, win.others + (lose.others + acc_t(1)) * rescale};
 }
 
 template <typename acc_t>
-GRADOOD_HOST_DEVICE MaxState<acc_t> push(const MaxState<acc_t>& state,
-                                         acc_t logit, int64_t index,
+GRADOOD_HOST_DEVICE MaxState<acc_t> push(const MaxState<acc_t>& state, acc_t logit, int64_t index,
                                          acc_t inv_temperature) {
-  return merge(state, MaxState<acc_t>{logit, index, acc_t(0)},
-               inv_temperature);
+  return merge(state, MaxState<acc_t>{logit, index, acc_t(0)}, inv_temperature);
 }
 
 // Second pass over a row: sums over j != argmax of |p_j - 1/C| and p_j^2.
@@ -114,10 +112,8 @@ struct SoftmaxSums {
 };
 
 template <typename acc_t>
-GRADOOD_HOST_DEVICE void accumulate_softmax(SoftmaxSums<acc_t>& sums,
-                                            acc_t logit, acc_t max,
-                                            acc_t inv_temperature,
-                                            acc_t inv_sum, acc_t uniform) {
+GRADOOD_HOST_DEVICE void accumulate_softmax(SoftmaxSums<acc_t>& sums, acc_t logit, acc_t max,
+                                            acc_t inv_temperature, acc_t inv_sum, acc_t uniform) {
   const acc_t p = std::exp((logit - max) * inv_temperature) * inv_sum;
   sums.uniform_deviation += std::fabs(p - uniform);
   sums.squares += p * p;
@@ -131,8 +127,7 @@ struct FeatureSums {
 };
 
 template <typename acc_t>
-GRADOOD_HOST_DEVICE void accumulate_feature(FeatureSums<acc_t>& sums,
-                                            acc_t value, acc_t clip) {
+GRADOOD_HOST_DEVICE void accumulate_feature(FeatureSums<acc_t>& sums, acc_t value, acc_t clip) {
   const acc_t magnitude = std::fabs(value);
   sums.l1 += magnitude;
   sums.squares += magnitude * magnitude;
@@ -145,8 +140,7 @@ GRADOOD_HOST_DEVICE void accumulate_feature(FeatureSums<acc_t>& sums,
 // `wanted` ones are written (the others are left untouched).
 template <typename acc_t>
 GRADOOD_HOST_DEVICE void finalize_logit_terms(const MaxState<acc_t>& state,
-                                              const SoftmaxSums<acc_t>& sums,
-                                              int64_t num_classes,
+                                              const SoftmaxSums<acc_t>& sums, int64_t num_classes,
                                               acc_t temperature, acc_t* out,
                                               TermMask wanted = kAllTerms) {
   const acc_t total = acc_t(1) + state.others;
@@ -161,24 +155,21 @@ GRADOOD_HOST_DEVICE void finalize_logit_terms(const MaxState<acc_t>& state,
     // p_max - 1/C as (1 - 1/C) - (1 - p_max): no cancellation in 1 - p_max.
     const acc_t uniform = acc_t(1) / static_cast<acc_t>(num_classes);
     out[kUniformDeviationL1] =
-        std::fabs((acc_t(1) - uniform) - one_minus_max_softmax) +
-        sums.uniform_deviation;
+        std::fabs((acc_t(1) - uniform) - one_minus_max_softmax) + sums.uniform_deviation;
   }
   if (wanted & term_bit(kGini)) {
     // p_max (1 - p_max) + sum_{j != argmax} (p_j - p_j^2), with
     // sum_{j != argmax} p_j = 1 - p_max.
-    out[kGini] = max_softmax * one_minus_max_softmax +
-                 (one_minus_max_softmax - sums.squares);
+    out[kGini] = max_softmax * one_minus_max_softmax + (one_minus_max_softmax - sums.squares);
   }
   if (wanted & term_bit(kOneHotDeviationL2)) {
-    out[kOneHotDeviationL2] = std::sqrt(
-        one_minus_max_softmax * one_minus_max_softmax + sums.squares);
+    out[kOneHotDeviationL2] =
+        std::sqrt(one_minus_max_softmax * one_minus_max_softmax + sums.squares);
   }
 }
 
 template <typename acc_t>
-GRADOOD_HOST_DEVICE void finalize_feature_terms(const FeatureSums<acc_t>& sums,
-                                                acc_t* out,
+GRADOOD_HOST_DEVICE void finalize_feature_terms(const FeatureSums<acc_t>& sums, acc_t* out,
                                                 TermMask wanted = kAllTerms) {
   if (wanted & term_bit(kFeatureL1)) out[kFeatureL1] = sums.l1;
   if (wanted & term_bit(kFeatureL2)) out[kFeatureL2] = std::sqrt(sums.squares);
@@ -210,8 +201,7 @@ GRADOOD_HOST_DEVICE TermMask score_terms(const ScoreSpec<acc_t>& spec) {
 }
 
 template <typename acc_t>
-GRADOOD_HOST_DEVICE acc_t compose_score(const acc_t* terms,
-                                        const ScoreSpec<acc_t>& spec) {
+GRADOOD_HOST_DEVICE acc_t compose_score(const acc_t* terms, const ScoreSpec<acc_t>& spec) {
   const acc_t output_term = spec.logit_scale * terms[spec.logit_term];
   if (spec.feature_term == kNoFeatureTerm) return output_term;
   acc_t feature_term = terms[spec.feature_term];

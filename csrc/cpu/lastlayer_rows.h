@@ -29,8 +29,8 @@ struct RowKernels {
   // The same for `rows` (<= kRowTile) consecutive rows of num_classes (<= kMaxShortRow)
   // logits: out is rows x kNumTerms; ok[r] false where row r needs the scalar path.
   void (*logit_terms_short_rows)(const float* logits, int64_t rows, int64_t num_classes,
-                                 float temperature, uint32_t wanted, float* out,
-                                 int64_t* argmax, bool* ok);
+                                 float temperature, uint32_t wanted, float* out, int64_t* argmax,
+                                 bool* ok);
   // The `wanted` feature terms (feature_l1, feature_l2, feature_clipped_l1) of one row.
   void (*feature_terms_row)(const float* features, int64_t num_features, float clip,
                             uint32_t wanted, float* out);

@@ -43,8 +43,9 @@ Level supported() {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512dq");
   return avx512 ? kAvx512 : avx2 ? kAvx2 : kDefault;
 #else
   return kDefault;
@@ -55,7 +56,8 @@ Level parse(const std::string& name) {
   const std::string level = upper(name);
   if (level == "AVX512") return kAvx512;
   if (level == "AVX2") return kAvx2;
-  return kDefault;  // DEFAULT, and ATen's non-x86 levels (VSX, ZVECTOR, SVE256), which we do not build
+  return kDefault;  // DEFAULT, and ATen's non-x86 levels (VSX, ZVECTOR, SVE256), which we do not
+                    // build
 }
 
 Level choose() {
@@ -67,7 +69,9 @@ Level choose() {
                 "GRADOOD_CPU_CAPABILITY must be default, avx2 or avx512, got '", forced, "'");
     TORCH_CHECK(parse(level) <= cpu_has, "GRADOOD_CPU_CAPABILITY=", forced,
                 " asks for instructions this CPU does not have; the highest it runs is ",
-                cpu_has == kAvx512 ? "avx512" : cpu_has == kAvx2 ? "avx2" : "default");
+                cpu_has == kAvx512 ? "avx512"
+                : cpu_has == kAvx2 ? "avx2"
+                                   : "default");
     return parse(level);
   }
   // ATen's level (ATEN_CPU_CAPABILITY sets it for torch's kernels too), within the CPU's.
@@ -77,7 +81,7 @@ Level choose() {
 }  // namespace
 
 const RowKernels& row_kernels() {
-  static const RowKernels& kernels = [] () -> const RowKernels& {
+  static const RowKernels& kernels = []() -> const RowKernels& {
     switch (choose()) {
 #ifdef GRADOOD_X86_LEVELS
       case kAvx512:

@@ -21,8 +21,8 @@ namespace gradood {
 namespace {
 
 template <typename scalar_t, typename acc_t>
-void logit_terms_row(const scalar_t* logits, int64_t num_classes,
-                     acc_t temperature, acc_t* out, int64_t* argmax) {
+void logit_terms_row(const scalar_t* logits, int64_t num_classes, acc_t temperature, acc_t* out,
+                     int64_t* argmax) {
   const acc_t inv_temperature = acc_t(1) / temperature;
   MaxState<acc_t> state = empty_max_state<acc_t>();
   for (int64_t j = 0; j < num_classes; ++j) {
@@ -33,16 +33,15 @@ void logit_terms_row(const scalar_t* logits, int64_t num_classes,
   SoftmaxSums<acc_t> sums{acc_t(0), acc_t(0)};
   for (int64_t j = 0; j < num_classes; ++j) {
     if (j == state.argmax) continue;
-    accumulate_softmax(sums, static_cast<acc_t>(logits[j]), state.max,
-                       inv_temperature, inv_sum, uniform);
+    accumulate_softmax(sums, static_cast<acc_t>(logits[j]), state.max, inv_temperature, inv_sum,
+                       uniform);
   }
   finalize_logit_terms(state, sums, num_classes, temperature, out);
   *argmax = state.argmax;
 }
 
 template <typename scalar_t, typename acc_t>
-void feature_terms_row(const scalar_t* features, int64_t num_features,
-                       acc_t clip, acc_t* out) {
+void feature_terms_row(const scalar_t* features, int64_t num_features, acc_t clip, acc_t* out) {
   FeatureSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};
   for (int64_t i = 0; i < num_features; ++i) {
     accumulate_feature(sums, static_cast<acc_t>(features[i]), clip);
@@ -52,7 +51,8 @@ void feature_terms_row(const scalar_t* features, int64_t num_features,
 
 // A float view of a row: the row itself for float32, else widened into `buffer`.
 template <typename scalar_t>
-const float* as_float(const cpu::RowKernels& kernels, const scalar_t* row, int64_t count, float* buffer) {
+const float* as_float(const cpu::RowKernels& kernels, const scalar_t* row, int64_t count,
+                      float* buffer) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return row;
   } else {
@@ -79,8 +79,8 @@ struct RowProblem {
 // to emit(row, terms, argmax). Terms are accumulated in double for float64
 // inputs and in float otherwise.
 template <typename scalar_t, typename Emit>
-void for_each_row(const scalar_t* logits, const scalar_t* features,
-                  const RowProblem& problem, const Emit& emit) {
+void for_each_row(const scalar_t* logits, const scalar_t* features, const RowProblem& problem,
+                  const Emit& emit) {
   const int64_t num_classes = problem.num_classes;
   const int64_t num_features = problem.num_features;
   // About 32k elements per task keeps the scheduling overhead negligible.
@@ -93,8 +93,8 @@ void for_each_row(const scalar_t* logits, const scalar_t* features,
         logit_terms_row<double, double>(logits + row * num_classes, num_classes,
                                         problem.temperature, terms, &argmax);
         if (features != nullptr) {
-          feature_terms_row<double, double>(features + row * num_features,
-                                            num_features, problem.clip, terms);
+          feature_terms_row<double, double>(features + row * num_features, num_features,
+                                            problem.clip, terms);
         }
         emit(row, terms, argmax);
       }
@@ -121,22 +121,21 @@ void for_each_row(const scalar_t* logits, const scalar_t* features,
           kernels.logit_terms_short_rows(tile_logits, rows, num_classes, temperature,
                                          problem.wanted, terms, argmax, fast);
         } else {
-          fast[0] = kernels.logit_terms_row(tile_logits, num_classes, temperature,
-                                            problem.wanted, terms, argmax, exps);
+          fast[0] = kernels.logit_terms_row(tile_logits, num_classes, temperature, problem.wanted,
+                                            terms, argmax, exps);
         }
         for (int64_t r = 0; r < rows; ++r) {
           float* row_terms = terms + r * kNumTerms;
           if (!fast[r]) {
-            logit_terms_row<float, float>(tile_logits + r * num_classes, num_classes,
-                                          temperature, row_terms, argmax + r);
+            logit_terms_row<float, float>(tile_logits + r * num_classes, num_classes, temperature,
+                                          row_terms, argmax + r);
           }
           if (features != nullptr) {
             const int64_t row = start + r;
             const float* row_features =
                 as_float(kernels, features + row * num_features, num_features, widened_features);
-            kernels.feature_terms_row(row_features, num_features,
-                                      static_cast<float>(problem.clip), problem.wanted,
-                                      row_terms);
+            kernels.feature_terms_row(row_features, num_features, static_cast<float>(problem.clip),
+                                      problem.wanted, row_terms);
           }
           emit(start + r, row_terms, argmax[r]);
         }
@@ -159,9 +158,9 @@ ContiguousInputs prepare(const at::Tensor& logits, const std::optional<at::Tenso
   ContiguousInputs inputs;
   inputs.logits = logits.contiguous();
   if (features.has_value()) inputs.features = features->contiguous();
-  inputs.problem = RowProblem{logits.size(0), logits.size(1),
-                              features.has_value() ? features->size(1) : 0,
-                              temperature, clip, wanted};
+  inputs.problem =
+      RowProblem{logits.size(0), logits.size(1), features.has_value() ? features->size(1) : 0,
+                 temperature,    clip,           wanted};
   return inputs;
 }
 
@@ -174,13 +173,14 @@ const scalar_t* features_ptr(const ContiguousInputs& inputs) {
   return inputs.features.defined() ? inputs.features.const_data_ptr<scalar_t>() : nullptr;
 }
 
-std::tuple<at::Tensor, at::Tensor> lastlayer_terms_cpu(
-    const at::Tensor& logits, const std::optional<at::Tensor>& features,
-    double temperature, double clip) {
+std::tuple<at::Tensor, at::Tensor> lastlayer_terms_cpu(const at::Tensor& logits,
+                                                       const std::optional<at::Tensor>& features,
+                                                       double temperature, double clip) {
   const ContiguousInputs inputs = prepare(logits, features, temperature, clip, kAllTerms);
   const int64_t num_terms = features.has_value() ? kNumTerms : kNumLogitTerms;
   const int64_t batch = inputs.problem.batch;
-  at::Tensor terms = at::empty({batch, num_terms}, logits.options().dtype(accumulator_dtype(logits)));
+  at::Tensor terms =
+      at::empty({batch, num_terms}, logits.options().dtype(accumulator_dtype(logits)));
   at::Tensor argmax = at::empty({batch}, logits.options().dtype(at::kLong));
   if (batch == 0) return {terms, argmax};
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -199,11 +199,11 @@ std::tuple<at::Tensor, at::Tensor> lastlayer_terms_cpu(
 
 at::Tensor lastlayer_score_cpu(const at::Tensor& logits, const std::optional<at::Tensor>& features,
                                int64_t logit_term, double logit_scale, int64_t feature_term,
-                               bool with_bias, int64_t combine, double alpha,
-                               double temperature, double clip) {
+                               bool with_bias, int64_t combine, double alpha, double temperature,
+                               double clip) {
   check_lastlayer_score_spec(features, logit_term, feature_term, with_bias, combine);
-  const TermMask wanted = score_terms(ScoreSpec<double>{logit_term, logit_scale, feature_term,
-                                                        with_bias, combine, alpha});
+  const TermMask wanted = score_terms(
+      ScoreSpec<double>{logit_term, logit_scale, feature_term, with_bias, combine, alpha});
   const ContiguousInputs inputs = prepare(logits, features, temperature, clip, wanted);
   const int64_t batch = inputs.problem.batch;
   at::Tensor scores = at::empty({batch}, logits.options().dtype(accumulator_dtype(logits)));
@@ -211,8 +211,9 @@ at::Tensor lastlayer_score_cpu(const at::Tensor& logits, const std::optional<at:
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "lastlayer_score_cpu", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        const ScoreSpec<acc_t> spec{logit_term, static_cast<acc_t>(logit_scale), feature_term,
-                                    with_bias, combine, static_cast<acc_t>(alpha)};
+        const ScoreSpec<acc_t> spec{logit_term,   static_cast<acc_t>(logit_scale),
+                                    feature_term, with_bias,
+                                    combine,      static_cast<acc_t>(alpha)};
         acc_t* scores_out = scores.mutable_data_ptr<acc_t>();
         for_each_row(inputs.logits.const_data_ptr<scalar_t>(), features_ptr<scalar_t>(inputs),
                      inputs.problem, [&](int64_t row, const acc_t* row_terms, int64_t) {

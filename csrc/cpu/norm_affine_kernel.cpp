@@ -9,7 +9,8 @@
 namespace gradood {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> norm_affine_grads_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+std::tuple<at::Tensor, at::Tensor> norm_affine_grads_cpu(const at::Tensor& grad_output,
+                                                         const at::Tensor& input,
                                                          const std::optional<at::Tensor>& shift,
                                                          const at::Tensor& scale) {
   check_norm_affine_inputs(grad_output, input, shift, scale);

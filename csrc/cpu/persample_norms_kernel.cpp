@@ -47,7 +47,8 @@ at::Tensor outer_product_sq_norm_cpu(const at::Tensor& activations, const at::Te
   at::Tensor out = at::zeros({count}, activations.options().dtype(acc));
   if (count == 0 || positions == 0 || in_features == 0 || out_features == 0) return out;
   const int64_t rows = chunk_rows(
-      method == 0 ? positions * positions : std::max(in_features * out_features, positions * (in_features + out_features)),
+      method == 0 ? positions * positions
+                  : std::max(in_features * out_features, positions * (in_features + out_features)),
       activations.numel() + grads.numel());
   for (int64_t start = 0; start < count; start += rows) {
     const int64_t length = std::min(rows, count - start);
@@ -60,9 +61,10 @@ at::Tensor outer_product_sq_norm_cpu(const at::Tensor& activations, const at::Te
 
 at::Tensor conv2d_weight_sq_norm_cpu(const at::Tensor& padded_input, const at::Tensor& grad_output,
                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                     at::IntArrayRef dilation, int64_t groups, const std::string& method_name) {
-  const int method =
-      check_conv2d_inputs(padded_input, grad_output, kernel_size, stride, dilation, groups, method_name);
+                                     at::IntArrayRef dilation, int64_t groups,
+                                     const std::string& method_name) {
+  const int method = check_conv2d_inputs(padded_input, grad_output, kernel_size, stride, dilation,
+                                         groups, method_name);
   const auto acc = accumulator_type(padded_input);
   const int64_t batch = padded_input.size(0);
   const int64_t positions = grad_output.size(2) * grad_output.size(3);
@@ -71,18 +73,23 @@ at::Tensor conv2d_weight_sq_norm_cpu(const at::Tensor& padded_input, const at::T
   at::Tensor out = at::zeros({batch}, padded_input.options().dtype(acc));
   if (batch == 0 || positions == 0 || in_per_group == 0 || out_per_group == 0) return out;
   const int64_t product = method == 0 ? positions * positions : in_per_group * out_per_group;
-  const int64_t rows =
-      chunk_rows(groups * std::max(product, positions * in_per_group), padded_input.numel() + grad_output.numel());
+  const int64_t rows = chunk_rows(groups * std::max(product, positions * in_per_group),
+                                  padded_input.numel() + grad_output.numel());
   for (int64_t start = 0; start < batch; start += rows) {
     const int64_t length = std::min(rows, batch - start);
-    const at::Tensor patches = at::im2col(padded_input.narrow(0, start, length).to(acc), kernel_size, dilation,
-                                          {0, 0}, stride);  // [b, C_in·kh·kw, T]
+    const at::Tensor patches =
+        at::im2col(padded_input.narrow(0, start, length).to(acc), kernel_size, dilation, {0, 0},
+                   stride);  // [b, C_in·kh·kw, T]
     // [b·groups, T, d] and [b·groups, T, p] as transposed views: the GEMMs take them
     // as they are, so neither the patches nor the gradients are copied again.
-    const at::Tensor a = patches.reshape({length * groups, in_per_group, positions}).transpose(1, 2);
-    const at::Tensor g =
-        grad_output.narrow(0, start, length).to(acc).reshape({length * groups, out_per_group, positions}).transpose(1, 2);
-    out.narrow(0, start, length).copy_(chunk_sq_norm(a, g, method).reshape({length, groups}).sum(1));
+    const at::Tensor a =
+        patches.reshape({length * groups, in_per_group, positions}).transpose(1, 2);
+    const at::Tensor g = grad_output.narrow(0, start, length)
+                             .to(acc)
+                             .reshape({length * groups, out_per_group, positions})
+                             .transpose(1, 2);
+    out.narrow(0, start, length)
+        .copy_(chunk_sq_norm(a, g, method).reshape({length, groups}).sum(1));
   }
   return out;
 }

@@ -42,11 +42,17 @@ using accumulator_t = std::conditional_t<std::is_same_v<scalar_t, double>, doubl
 
 // An input element (float, double, __half, __nv_bfloat16) as acc_t.
 template <typename acc_t>
-__device__ __forceinline__ acc_t to_acc(float value) { return static_cast<acc_t>(value); }
+__device__ __forceinline__ acc_t to_acc(float value) {
+  return static_cast<acc_t>(value);
+}
 template <typename acc_t>
-__device__ __forceinline__ acc_t to_acc(double value) { return static_cast<acc_t>(value); }
+__device__ __forceinline__ acc_t to_acc(double value) {
+  return static_cast<acc_t>(value);
+}
 template <typename acc_t>
-__device__ __forceinline__ acc_t to_acc(__half value) { return static_cast<acc_t>(__half2float(value)); }
+__device__ __forceinline__ acc_t to_acc(__half value) {
+  return static_cast<acc_t>(__half2float(value));
+}
 template <typename acc_t>
 __device__ __forceinline__ acc_t to_acc(__nv_bfloat16 value) {
   return static_cast<acc_t>(__bfloat162float(value));

@@ -37,9 +37,9 @@ CudaInputs prepare(const at::Tensor& logits, const std::optional<at::Tensor>& fe
   return inputs;
 }
 
-std::tuple<at::Tensor, at::Tensor> lastlayer_terms_cuda(
-    const at::Tensor& logits, const std::optional<at::Tensor>& features,
-    double temperature, double clip) {
+std::tuple<at::Tensor, at::Tensor> lastlayer_terms_cuda(const at::Tensor& logits,
+                                                        const std::optional<at::Tensor>& features,
+                                                        double temperature, double clip) {
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const CudaInputs inputs = prepare(logits, features, temperature, clip);
   const int64_t batch = logits.size(0);
@@ -53,8 +53,8 @@ std::tuple<at::Tensor, at::Tensor> lastlayer_terms_cuda(
         using cuda_t = typename cuda::CudaType<scalar_t>::type;
         using acc_t = cuda::accumulator_t<scalar_t>;
         C10_CUDA_CHECK((cuda::launch_lastlayer_terms<cuda_t, acc_t>(
-            cuda::device_ptr<scalar_t>(inputs.logits), cuda::device_ptr<scalar_t>(inputs.features), batch,
-            logits.size(1), inputs.num_features, temperature, clip,
+            cuda::device_ptr<scalar_t>(inputs.logits), cuda::device_ptr<scalar_t>(inputs.features),
+            batch, logits.size(1), inputs.num_features, temperature, clip,
             terms.mutable_data_ptr<acc_t>(), argmax.mutable_data_ptr<int64_t>(), stream)));
       });
   return {terms, argmax};
@@ -62,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor> lastlayer_terms_cuda(
 
 at::Tensor lastlayer_score_cuda(const at::Tensor& logits, const std::optional<at::Tensor>& features,
                                 int64_t logit_term, double logit_scale, int64_t feature_term,
-                                bool with_bias, int64_t combine, double alpha,
-                                double temperature, double clip) {
+                                bool with_bias, int64_t combine, double alpha, double temperature,
+                                double clip) {
   check_lastlayer_score_spec(features, logit_term, feature_term, with_bias, combine);
   const c10::cuda::CUDAGuard device_guard(logits.device());
   const CudaInputs inputs = prepare(logits, features, temperature, clip);
@@ -75,11 +75,12 @@ at::Tensor lastlayer_score_cuda(const at::Tensor& logits, const std::optional<at
       at::kHalf, at::kBFloat16, logits.scalar_type(), "lastlayer_score_cuda", [&] {
         using cuda_t = typename cuda::CudaType<scalar_t>::type;
         using acc_t = cuda::accumulator_t<scalar_t>;
-        const ScoreSpec<acc_t> spec{logit_term, static_cast<acc_t>(logit_scale), feature_term,
-                                    with_bias, combine, static_cast<acc_t>(alpha)};
+        const ScoreSpec<acc_t> spec{logit_term,   static_cast<acc_t>(logit_scale),
+                                    feature_term, with_bias,
+                                    combine,      static_cast<acc_t>(alpha)};
         C10_CUDA_CHECK((cuda::launch_lastlayer_score<cuda_t, acc_t>(
-            cuda::device_ptr<scalar_t>(inputs.logits), cuda::device_ptr<scalar_t>(inputs.features), batch,
-            logits.size(1), inputs.num_features, temperature, clip, spec,
+            cuda::device_ptr<scalar_t>(inputs.logits), cuda::device_ptr<scalar_t>(inputs.features),
+            batch, logits.size(1), inputs.num_features, temperature, clip, spec,
             scores.mutable_data_ptr<acc_t>(), stream)));
       });
   return scores;

@@ -1,7 +1,7 @@
 // CUDA kernels of gradood::lastlayer_terms and lastlayer_score. A row is
 // processed by a group of kRowThreads threads: a whole 256-thread block (long
-// rows) or one warp (short rows: 8 rows per block, no block-wide barriers). The group strides over the row's logits
-// twice (online max/log-sum-exp, then the softmax sums) and over its features
+// rows) or one warp (short rows: 8 rows per block, no block-wide barriers). The group strides over
+// the row's logits twice (online max/log-sum-exp, then the softmax sums) and over its features
 // once, with 16-byte loads where the row is 16-byte aligned, and reduces
 // with warp shuffles (and shared memory across the warps of a block). Row
 // math: common/lastlayer_terms_math.h.
@@ -17,7 +17,6 @@
 namespace gradood {
 namespace cuda {
 namespace {
-
 
 // Calls visit(value, index) for the elements of row[0, n) this thread owns, in
 // order: chunks of 16 bytes' worth of elements, chunk c to thread
@@ -42,10 +41,12 @@ __device__ __forceinline__ void for_each_element(const scalar_t* row, int64_t n,
       for (int64_t k = 0; k < kVector; ++k) values[k] = row[c * kVector + k];
     }
 #pragma unroll
-    for (int64_t k = 0; k < kVector; ++k) visit(to_acc<accumulator_t<scalar_t>>(values[k]), c * kVector + k);
+    for (int64_t k = 0; k < kVector; ++k)
+      visit(to_acc<accumulator_t<scalar_t>>(values[k]), c * kVector + k);
   }
   if (thread == chunks % kRowThreads) {
-    for (int64_t j = chunks * kVector; j < n; ++j) visit(to_acc<accumulator_t<scalar_t>>(row[j]), j);
+    for (int64_t j = chunks * kVector; j < n; ++j)
+      visit(to_acc<accumulator_t<scalar_t>>(row[j]), j);
   }
 }
 
@@ -78,7 +79,8 @@ struct RowGroup<kWarpSize> {  // one warp per row: shuffles only
     state = warp_merge(state, inv_temperature);
     MaxState<acc_t> result;  // lane 0's state, to every lane
     result.max = __shfl_sync(0xffffffffu, state.max, 0);
-    result.argmax = static_cast<int64_t>(__shfl_sync(0xffffffffu, static_cast<long long>(state.argmax), 0));
+    result.argmax =
+        static_cast<int64_t>(__shfl_sync(0xffffffffu, static_cast<long long>(state.argmax), 0));
     result.others = __shfl_sync(0xffffffffu, state.others, 0);
     return result;
   }
@@ -133,9 +135,10 @@ struct RowGroup<kThreads> {  // one block per row: warps, then shared memory
 // compose_score(terms, spec) to out[row].
 template <typename scalar_t, typename acc_t, bool kScore, int kRowThreads>
 __global__ void __launch_bounds__(kThreads)
-    lastlayer_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ features, int64_t batch,
-                     int64_t num_classes, int64_t num_features, acc_t temperature, acc_t clip,
-                     ScoreSpec<acc_t> spec, acc_t* __restrict__ out, int64_t* __restrict__ argmax) {
+    lastlayer_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ features,
+                     int64_t batch, int64_t num_classes, int64_t num_features, acc_t temperature,
+                     acc_t clip, ScoreSpec<acc_t> spec, acc_t* __restrict__ out,
+                     int64_t* __restrict__ argmax) {
   using Group = RowGroup<kRowThreads>;
   constexpr int kRowsPerBlock = kThreads / kRowThreads;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kRowThreads;
@@ -163,17 +166,19 @@ __global__ void __launch_bounds__(kThreads)
 
   acc_t terms[kNumTerms];  // complete in the row's first thread only
   if (thread == 0) {
-    finalize_logit_terms(state, SoftmaxSums<acc_t>{logit_sums[0], logit_sums[1]}, num_classes, temperature,
-                         terms);
+    finalize_logit_terms(state, SoftmaxSums<acc_t>{logit_sums[0], logit_sums[1]}, num_classes,
+                         temperature, terms);
   }
   if (features != nullptr) {  // uniform across the block
     FeatureSums<acc_t> feature_sums{acc_t(0), acc_t(0), acc_t(0)};
-    for_each_element<kRowThreads>(features + row * num_features, num_features, thread,
-                                  [&](acc_t value, int64_t) { accumulate_feature(feature_sums, value, clip); });
+    for_each_element<kRowThreads>(
+        features + row * num_features, num_features, thread,
+        [&](acc_t value, int64_t) { accumulate_feature(feature_sums, value, clip); });
     acc_t feature_values[3] = {feature_sums.l1, feature_sums.squares, feature_sums.clipped_l1};
     Group::sum(feature_values);
     if (thread == 0) {
-      finalize_feature_terms(FeatureSums<acc_t>{feature_values[0], feature_values[1], feature_values[2]}, terms);
+      finalize_feature_terms(
+          FeatureSums<acc_t>{feature_values[0], feature_values[1], feature_values[2]}, terms);
     }
   }
   if (thread != 0) return;
@@ -200,9 +205,9 @@ int row_threads(int64_t num_classes, int64_t num_features) {
 }
 
 template <typename scalar_t, typename acc_t, bool kScore>
-cudaError_t launch(const scalar_t* logits, const scalar_t* features, int64_t batch, int64_t num_classes,
-                   int64_t num_features, double temperature, double clip, const ScoreSpec<acc_t>& spec, acc_t* out,
-                   int64_t* argmax, cudaStream_t stream) {
+cudaError_t launch(const scalar_t* logits, const scalar_t* features, int64_t batch,
+                   int64_t num_classes, int64_t num_features, double temperature, double clip,
+                   const ScoreSpec<acc_t>& spec, acc_t* out, int64_t* argmax, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   const acc_t t = static_cast<acc_t>(temperature), c = static_cast<acc_t>(clip);
   if (row_threads(num_classes, num_features) == kWarpSize) {
@@ -223,37 +228,31 @@ cudaError_t launch(const scalar_t* logits, const scalar_t* features, int64_t bat
 }  // namespace
 
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_lastlayer_terms(const scalar_t* logits,
-                                   const scalar_t* features, int64_t batch,
-                                   int64_t num_classes, int64_t num_features,
-                                   double temperature, double clip,
-                                   acc_t* terms, int64_t* argmax,
+cudaError_t launch_lastlayer_terms(const scalar_t* logits, const scalar_t* features, int64_t batch,
+                                   int64_t num_classes, int64_t num_features, double temperature,
+                                   double clip, acc_t* terms, int64_t* argmax,
                                    cudaStream_t stream) {
   const ScoreSpec<acc_t> unused{};
-  return launch<scalar_t, acc_t, false>(logits, features, batch, num_classes,
-                                        num_features, temperature, clip, unused,
-                                        terms, argmax, stream);
+  return launch<scalar_t, acc_t, false>(logits, features, batch, num_classes, num_features,
+                                        temperature, clip, unused, terms, argmax, stream);
 }
 
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_lastlayer_score(const scalar_t* logits,
-                                   const scalar_t* features, int64_t batch,
-                                   int64_t num_classes, int64_t num_features,
-                                   double temperature, double clip,
-                                   const ScoreSpec<acc_t>& spec, acc_t* scores,
+cudaError_t launch_lastlayer_score(const scalar_t* logits, const scalar_t* features, int64_t batch,
+                                   int64_t num_classes, int64_t num_features, double temperature,
+                                   double clip, const ScoreSpec<acc_t>& spec, acc_t* scores,
                                    cudaStream_t stream) {
-  return launch<scalar_t, acc_t, true>(logits, features, batch, num_classes,
-                                       num_features, temperature, clip, spec,
-                                       scores, nullptr, stream);
+  return launch<scalar_t, acc_t, true>(logits, features, batch, num_classes, num_features,
+                                       temperature, clip, spec, scores, nullptr, stream);
 }
 
-#define GRADOOD_INSTANTIATE_LASTLAYER_TERMS(scalar_t, acc_t)                \
-  template cudaError_t launch_lastlayer_terms<scalar_t, acc_t>(             \
-      const scalar_t*, const scalar_t*, int64_t, int64_t, int64_t, double, \
-      double, acc_t*, int64_t*, cudaStream_t);                             \
-  template cudaError_t launch_lastlayer_score<scalar_t, acc_t>(             \
-      const scalar_t*, const scalar_t*, int64_t, int64_t, int64_t, double, \
-      double, const ScoreSpec<acc_t>&, acc_t*, cudaStream_t);
+#define GRADOOD_INSTANTIATE_LASTLAYER_TERMS(scalar_t, acc_t)                               \
+  template cudaError_t launch_lastlayer_terms<scalar_t, acc_t>(                            \
+      const scalar_t*, const scalar_t*, int64_t, int64_t, int64_t, double, double, acc_t*, \
+      int64_t*, cudaStream_t);                                                             \
+  template cudaError_t launch_lastlayer_score<scalar_t, acc_t>(                            \
+      const scalar_t*, const scalar_t*, int64_t, int64_t, int64_t, double, double,         \
+      const ScoreSpec<acc_t>&, acc_t*, cudaStream_t);
 
 GRADOOD_INSTANTIATE_LASTLAYER_TERMS(float, float)
 GRADOOD_INSTANTIATE_LASTLAYER_TERMS(__half, float)

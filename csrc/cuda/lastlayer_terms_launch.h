@@ -16,20 +16,15 @@ namespace cuda {
 // kNumLogitTerms columns, else kNumTerms). acc_t is float, or double for
 // double inputs. Returns the launch status; no host synchronisation.
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_lastlayer_terms(const scalar_t* logits,
-                                   const scalar_t* features, int64_t batch,
-                                   int64_t num_classes, int64_t num_features,
-                                   double temperature, double clip,
-                                   acc_t* terms, int64_t* argmax,
-                                   cudaStream_t stream);
+cudaError_t launch_lastlayer_terms(const scalar_t* logits, const scalar_t* features, int64_t batch,
+                                   int64_t num_classes, int64_t num_features, double temperature,
+                                   double clip, acc_t* terms, int64_t* argmax, cudaStream_t stream);
 
 // One score per row: compose_score(terms, spec) written to scores[row].
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_lastlayer_score(const scalar_t* logits,
-                                   const scalar_t* features, int64_t batch,
-                                   int64_t num_classes, int64_t num_features,
-                                   double temperature, double clip,
-                                   const ScoreSpec<acc_t>& spec, acc_t* scores,
+cudaError_t launch_lastlayer_score(const scalar_t* logits, const scalar_t* features, int64_t batch,
+                                   int64_t num_classes, int64_t num_features, double temperature,
+                                   double clip, const ScoreSpec<acc_t>& spec, acc_t* scores,
                                    cudaStream_t stream);
 
 }  // namespace cuda

@@ -25,12 +25,15 @@ struct Inputs {
 
 // Accumulates the two sums of (b, c) over t = first, first + step, ...
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void accumulate(const Inputs<scalar_t>& in, int64_t b, int64_t c, int64_t first,
-                                           int64_t step, int64_t positions, acc_t& weight, acc_t& bias) {
+__device__ __forceinline__ void accumulate(const Inputs<scalar_t>& in, int64_t b, int64_t c,
+                                           int64_t first, int64_t step, int64_t positions,
+                                           acc_t& weight, acc_t& bias) {
   for (int64_t t = first; t < positions; t += step) {
-    const acc_t g = to_acc<acc_t>(in.grad_output[b * in.grad.batch + c * in.grad.channel + t * in.grad.position]);
+    const acc_t g = to_acc<acc_t>(
+        in.grad_output[b * in.grad.batch + c * in.grad.channel + t * in.grad.position]);
     acc_t x = to_acc<acc_t>(in.input[b * in.in.batch + c * in.in.channel + t * in.in.position]);
-    if (in.shift != nullptr) x -= to_acc<acc_t>(in.shift[b * in.sh.batch + c * in.sh.channel + t * in.sh.position]);
+    if (in.shift != nullptr)
+      x -= to_acc<acc_t>(in.shift[b * in.sh.batch + c * in.sh.channel + t * in.sh.position]);
     x *= to_acc<acc_t>(in.scale[b * in.sc.batch + c * in.sc.channel + t * in.sc.position]);
     weight += g * x;
     bias += g;
@@ -84,33 +87,34 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace
 
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_norm_affine_grads(const scalar_t* grad_output, Strided3 grad_strides, const scalar_t* input,
-                                     Strided3 input_strides, const scalar_t* shift, Strided3 shift_strides,
+cudaError_t launch_norm_affine_grads(const scalar_t* grad_output, Strided3 grad_strides,
+                                     const scalar_t* input, Strided3 input_strides,
+                                     const scalar_t* shift, Strided3 shift_strides,
                                      const scalar_t* scale, Strided3 scale_strides, int64_t batch,
-                                     int64_t channels, int64_t positions, acc_t* weight, acc_t* bias,
-                                     cudaStream_t stream) {
+                                     int64_t channels, int64_t positions, acc_t* weight,
+                                     acc_t* bias, cudaStream_t stream) {
   if (batch == 0 || channels == 0) return cudaSuccess;
-  const Inputs<scalar_t> in{grad_output, grad_strides, input, input_strides, shift, shift_strides, scale,
-                            scale_strides};
+  const Inputs<scalar_t> in{grad_output, grad_strides,  input, input_strides,
+                            shift,       shift_strides, scale, scale_strides};
   const bool positions_adjacent = grad_strides.position == 1 || grad_strides.channel != 1;
   const int64_t per_block = positions_adjacent ? kWarps : kWarpSize;
   const int64_t channel_blocks = ceil_div(channels, per_block);
   if (batch > 0x7fffffffLL || channel_blocks > 65535) return cudaErrorInvalidValue;  // grid limits
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(channel_blocks));
   if (positions_adjacent) {
-    GRADOOD_LAUNCH(grid, kThreads, stream, lanes_along_positions_kernel<scalar_t, acc_t>)(in, channels, positions,
-                                                                                          weight, bias);
+    GRADOOD_LAUNCH(grid, kThreads, stream, lanes_along_positions_kernel<scalar_t, acc_t>)(
+        in, channels, positions, weight, bias);
   } else {
-    GRADOOD_LAUNCH(grid, kThreads, stream, lanes_along_channels_kernel<scalar_t, acc_t>)(in, channels, positions,
-                                                                                         weight, bias);
+    GRADOOD_LAUNCH(grid, kThreads, stream, lanes_along_channels_kernel<scalar_t, acc_t>)(
+        in, channels, positions, weight, bias);
   }
   return gradood_launch_status();
 }
 
-#define GRADOOD_INSTANTIATE_NORM_AFFINE(scalar_t, acc_t)                                                     \
-  template cudaError_t launch_norm_affine_grads<scalar_t, acc_t>(                                           \
-      const scalar_t*, Strided3, const scalar_t*, Strided3, const scalar_t*, Strided3, const scalar_t*,     \
-      Strided3, int64_t, int64_t, int64_t, acc_t*, acc_t*, cudaStream_t);
+#define GRADOOD_INSTANTIATE_NORM_AFFINE(scalar_t, acc_t)                               \
+  template cudaError_t launch_norm_affine_grads<scalar_t, acc_t>(                      \
+      const scalar_t*, Strided3, const scalar_t*, Strided3, const scalar_t*, Strided3, \
+      const scalar_t*, Strided3, int64_t, int64_t, int64_t, acc_t*, acc_t*, cudaStream_t);
 
 GRADOOD_INSTANTIATE_NORM_AFFINE(float, float)
 GRADOOD_INSTANTIATE_NORM_AFFINE(__half, float)

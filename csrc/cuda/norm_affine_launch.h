@@ -22,11 +22,12 @@ struct Strided3 {
 // shift may be nullptr (RMSNorm: no centring). weight and bias are [B, C]
 // contiguous, in acc_t (float, or double for double inputs).
 template <typename scalar_t, typename acc_t>
-cudaError_t launch_norm_affine_grads(const scalar_t* grad_output, Strided3 grad_strides, const scalar_t* input,
-                                     Strided3 input_strides, const scalar_t* shift, Strided3 shift_strides,
+cudaError_t launch_norm_affine_grads(const scalar_t* grad_output, Strided3 grad_strides,
+                                     const scalar_t* input, Strided3 input_strides,
+                                     const scalar_t* shift, Strided3 shift_strides,
                                      const scalar_t* scale, Strided3 scale_strides, int64_t batch,
-                                     int64_t channels, int64_t positions, acc_t* weight, acc_t* bias,
-                                     cudaStream_t stream);
+                                     int64_t channels, int64_t positions, acc_t* weight,
+                                     acc_t* bias, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace gradood

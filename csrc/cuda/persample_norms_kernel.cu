@@ -11,9 +11,9 @@ namespace gradood {
 namespace cuda {
 namespace {
 
-constexpr int kTile = 64;           // output tile edge
-constexpr int kStep = 16;           // reduction steps per shared-memory stage
-constexpr int kSub = kTile / 16;    // register tile edge: 16×16 threads × 4×4
+constexpr int kTile = 64;         // output tile edge
+constexpr int kStep = 16;         // reduction steps per shared-memory stage
+constexpr int kSub = kTile / 16;  // register tile edge: 16×16 threads × 4×4
 
 // Element readers: (n, t, k) -> value, zero outside rows × columns.
 template <typename scalar_t, typename acc_t>
@@ -24,8 +24,8 @@ struct DenseReader {
   __device__ acc_t at(int64_t n, int64_t t, int64_t k) const {
     if (t >= m.rows || k >= m.columns) return acc_t(0);
     const int64_t b = n / m.groups, g = n % m.groups;
-    return to_acc<acc_t>(m.data[b * m.batch_stride + g * m.group_stride + t * m.row_stride +
-                                k * m.column_stride]);
+    return to_acc<acc_t>(
+        m.data[b * m.batch_stride + g * m.group_stride + t * m.row_stride + k * m.column_stride]);
   }
   // Whether consecutive k are adjacent in memory (loads then walk k fastest).
   __device__ bool columns_contiguous() const { return m.column_stride == 1; }
@@ -44,8 +44,9 @@ struct PatchReader {
     const int64_t c = k / (m.kernel_w * m.kernel_h);
     const int64_t y = oy * m.stride_h + ky * m.dilation_h;
     const int64_t x = ox * m.stride_w + kx * m.dilation_w;
-    return to_acc<acc_t>(m.data[b * m.batch_stride + (g * m.channels_per_group + c) * m.channel_stride +
-                                y * m.height_stride + x * m.width_stride]);
+    return to_acc<acc_t>(
+        m.data[b * m.batch_stride + (g * m.channels_per_group + c) * m.channel_stride +
+               y * m.height_stride + x * m.width_stride]);
   }
   // Output positions are adjacent in memory along x when width_stride == 1.
   __device__ bool columns_contiguous() const { return false; }
@@ -157,7 +158,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = blockIdx.x;
   acc_t products = 0;
   for (int64_t pair = blockIdx.y; pair < tiles; pair += gridDim.y) {
-    int64_t i = 0, first = 0;  // pair -> (i, j): row i of the triangle holds position_tiles - i pairs
+    int64_t i = 0,
+            first = 0;  // pair -> (i, j): row i of the triangle holds position_tiles - i pairs
     while (pair >= first + (position_tiles - i)) {
       first += position_tiles - i;
       ++i;
@@ -166,7 +168,8 @@ __global__ void __launch_bounds__(kThreads)
     acc_t gram_a[kSub][kSub] = {}, gram_g[kSub][kSub] = {};
     tile_product(Operand<A, false>{activations}, Operand<A, false>{activations}, n, i * kTile,
                  j * kTile, gram_a);
-    tile_product(Operand<G, false>{grads}, Operand<G, false>{grads}, n, i * kTile, j * kTile, gram_g);
+    tile_product(Operand<G, false>{grads}, Operand<G, false>{grads}, n, i * kTile, j * kTile,
+                 gram_g);
     const acc_t weight = i == j ? acc_t(1) : acc_t(2);
 #pragma unroll
     for (int r = 0; r < kSub; ++r) {
@@ -218,8 +221,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // out[b] = Σ over b's `per_sample` consecutive partials, in order.
 template <typename acc_t>
-__global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t batch, int64_t per_sample,
-                                    acc_t* __restrict__ out) {
+__global__ void sum_partials_kernel(const acc_t* __restrict__ partials, int64_t batch,
+                                    int64_t per_sample, acc_t* __restrict__ out) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
   acc_t total = 0;
@@ -241,7 +244,8 @@ bool direct(int64_t activation_columns, int64_t grad_columns) {
 }
 
 // Tiles of one sample-group's work for the method (see the kernels).
-int64_t tiles_per_sample(int method, int64_t rows, int64_t activation_columns, int64_t grad_columns) {
+int64_t tiles_per_sample(int method, int64_t rows, int64_t activation_columns,
+                         int64_t grad_columns) {
   if (method == kGhost) {
     const int64_t tiles = ceil_div(rows, kTile);
     return tiles * (tiles + 1) / 2;
@@ -251,7 +255,8 @@ int64_t tiles_per_sample(int method, int64_t rows, int64_t activation_columns, i
 }
 
 // Blocks per sample-group: one per tile, up to the grid's y limit.
-int64_t blocks_per_sample(int method, int64_t rows, int64_t activation_columns, int64_t grad_columns) {
+int64_t blocks_per_sample(int method, int64_t rows, int64_t activation_columns,
+                          int64_t grad_columns) {
   const int64_t tiles = tiles_per_sample(method, rows, activation_columns, grad_columns);
   return tiles < kMaxGridY ? tiles : kMaxGridY;
 }
@@ -277,7 +282,8 @@ cudaError_t launch(const A& activations, const G& grads, int64_t batch, int64_t 
     GRADOOD_LAUNCH(grid, kThreads, stream, ghost_kernel<acc_t, A, G>)(
         activations, grads, ceil_div(rows, kTile), tiles, workspace);
   } else if (direct(activation_columns, grad_columns)) {
-    GRADOOD_LAUNCH(grid, kThreads, stream, direct_kernel<acc_t, A, G>)(activations, grads, workspace);
+    GRADOOD_LAUNCH(grid, kThreads, stream, direct_kernel<acc_t, A, G>)(activations, grads,
+                                                                       workspace);
   } else {
     GRADOOD_LAUNCH(grid, kThreads, stream, materialise_kernel<acc_t, A, G>)(
         activations, grads, ceil_div(activation_columns, kTile), tiles, workspace);
@@ -291,37 +297,40 @@ cudaError_t launch(const A& activations, const G& grads, int64_t batch, int64_t 
 
 }  // namespace
 
-int64_t sq_norm_workspace_size(int method, int64_t samples, int64_t rows, int64_t activation_columns,
-                               int64_t grad_columns) {
+int64_t sq_norm_workspace_size(int method, int64_t samples, int64_t rows,
+                               int64_t activation_columns, int64_t grad_columns) {
   if (rows == 0 || activation_columns == 0 || grad_columns == 0) return 0;
   return samples * blocks_per_sample(method, rows, activation_columns, grad_columns);
 }
 
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_outer_product_sq_norm(const DenseRows<scalar_t>& activations,
-                                         const DenseRows<scalar_t>& grads, int64_t batch, int method,
-                                         acc_t* workspace, acc_t* out, cudaStream_t stream) {
-  return launch(DenseReader<scalar_t, acc_t>{activations}, DenseReader<scalar_t, acc_t>{grads}, batch,
-                activations.groups, method, activations.rows, activations.columns, grads.columns,
-                workspace, out, stream);
+                                         const DenseRows<scalar_t>& grads, int64_t batch,
+                                         int method, acc_t* workspace, acc_t* out,
+                                         cudaStream_t stream) {
+  return launch(DenseReader<scalar_t, acc_t>{activations}, DenseReader<scalar_t, acc_t>{grads},
+                batch, activations.groups, method, activations.rows, activations.columns,
+                grads.columns, workspace, out, stream);
 }
 
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_conv2d_weight_sq_norm(const PatchRows<scalar_t>& patches,
-                                         const DenseRows<scalar_t>& grads, int64_t batch, int method,
-                                         acc_t* workspace, acc_t* out, cudaStream_t stream) {
+                                         const DenseRows<scalar_t>& grads, int64_t batch,
+                                         int method, acc_t* workspace, acc_t* out,
+                                         cudaStream_t stream) {
   return launch(PatchReader<scalar_t, acc_t>{patches}, DenseReader<scalar_t, acc_t>{grads}, batch,
                 patches.groups, method, patches.out_h * patches.out_w,
-                patches.channels_per_group * patches.kernel_h * patches.kernel_w, grads.columns, workspace,
-                out, stream);
+                patches.channels_per_group * patches.kernel_h * patches.kernel_w, grads.columns,
+                workspace, out, stream);
 }
 
-#define GRADOOD_INSTANTIATE_SQ_NORMS(scalar_t, acc_t)                                                 \
-  template cudaError_t launch_outer_product_sq_norm<scalar_t, acc_t>(                                 \
-      const DenseRows<scalar_t>&, const DenseRows<scalar_t>&, int64_t, int, acc_t*, acc_t*,           \
-      cudaStream_t);                                                                                   \
-  template cudaError_t launch_conv2d_weight_sq_norm<scalar_t, acc_t>(                                 \
-      const PatchRows<scalar_t>&, const DenseRows<scalar_t>&, int64_t, int, acc_t*, acc_t*, cudaStream_t);
+#define GRADOOD_INSTANTIATE_SQ_NORMS(scalar_t, acc_t)                                       \
+  template cudaError_t launch_outer_product_sq_norm<scalar_t, acc_t>(                       \
+      const DenseRows<scalar_t>&, const DenseRows<scalar_t>&, int64_t, int, acc_t*, acc_t*, \
+      cudaStream_t);                                                                        \
+  template cudaError_t launch_conv2d_weight_sq_norm<scalar_t, acc_t>(                       \
+      const PatchRows<scalar_t>&, const DenseRows<scalar_t>&, int64_t, int, acc_t*, acc_t*, \
+      cudaStream_t);
 
 GRADOOD_INSTANTIATE_SQ_NORMS(float, float)
 GRADOOD_INSTANTIATE_SQ_NORMS(__half, float)

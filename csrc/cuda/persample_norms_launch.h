@@ -55,25 +55,22 @@ struct PatchRows {
 // sample-groups with `rows` positions, `activation_columns` = in_features per
 // group and `grad_columns` = out_features per group.
 int64_t sq_norm_workspace_size(int method, int64_t samples, int64_t rows,
-                               int64_t activation_columns,
-                               int64_t grad_columns);
+                               int64_t activation_columns, int64_t grad_columns);
 
 // out[b] for b < batch (acc_t: float, or double for double inputs);
 // activations and grads share `groups`; batch * groups sample-groups.
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_outer_product_sq_norm(const DenseRows<scalar_t>& activations,
-                                         const DenseRows<scalar_t>& grads,
-                                         int64_t batch, int method,
-                                         acc_t* workspace, acc_t* out,
+                                         const DenseRows<scalar_t>& grads, int64_t batch,
+                                         int method, acc_t* workspace, acc_t* out,
                                          cudaStream_t stream);
 
 // The same with the activations read as convolution patches (implicit GEMM):
 // the unfolded input is never formed.
 template <typename scalar_t, typename acc_t>
 cudaError_t launch_conv2d_weight_sq_norm(const PatchRows<scalar_t>& patches,
-                                         const DenseRows<scalar_t>& grads,
-                                         int64_t batch, int method,
-                                         acc_t* workspace, acc_t* out,
+                                         const DenseRows<scalar_t>& grads, int64_t batch,
+                                         int method, acc_t* workspace, acc_t* out,
                                          cudaStream_t stream);
 
 }  // namespace cuda

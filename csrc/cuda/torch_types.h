@@ -28,7 +28,8 @@ struct CudaType<at::BFloat16> {
 template <typename scalar_t>
 const typename CudaType<scalar_t>::type* device_ptr(const at::Tensor& tensor) {
   if (!tensor.defined()) return nullptr;
-  return reinterpret_cast<const typename CudaType<scalar_t>::type*>(tensor.const_data_ptr<scalar_t>());
+  return reinterpret_cast<const typename CudaType<scalar_t>::type*>(
+      tensor.const_data_ptr<scalar_t>());
 }
 
 }  // namespace cuda

@@ -98,11 +98,9 @@ inline unsigned warp_threads() {
 }
 
 inline bool valid_config(dim3 grid, dim3 block) {
-  const unsigned long long threads =
-      1ull * block.x * block.y * block.z;
-  return threads >= 1 && threads <= 1024 && block.z <= 64 && grid.x >= 1 &&
-         grid.y >= 1 && grid.z >= 1 && grid.y <= 65535 && grid.z <= 65535 &&
-         grid.x <= 0x7fffffffu;
+  const unsigned long long threads = 1ull * block.x * block.y * block.z;
+  return threads >= 1 && threads <= 1024 && block.z <= 64 && grid.x >= 1 && grid.y >= 1 &&
+         grid.z >= 1 && grid.y <= 65535 && grid.z <= 65535 && grid.x <= 0x7fffffffu;
 }
 
 // Runs kernel(args...) over the grid; threads are created once per launch and
@@ -168,7 +166,9 @@ inline cudaError_t take_last_error() {
 #define warpSize 32
 
 inline void __syncthreads() { ::gradood::emulation::current.context->barrier.arrive_and_wait(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { ::gradood::emulation::warp().barrier.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  ::gradood::emulation::warp().barrier.arrive_and_wait();
+}
 
 template <typename T>
 T __shfl_sync(unsigned, T value, int source, int width = 32) {
@@ -198,7 +198,9 @@ T atomicAdd(T* address, T value) {
 }
 
 template <typename T>
-T __ldg(const T* address) { return *address; }
+T __ldg(const T* address) {
+  return *address;
+}
 
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }

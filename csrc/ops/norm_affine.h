@@ -15,7 +15,8 @@ namespace gradood {
 //   weight[b, c] = Σ_t g · (x − shift) · scale,   bias[b, c] = Σ_t g
 // shift may be absent (RMSNorm). Returns ([B, C], [B, C]) in float64 for
 // float64 inputs, else float32.
-std::tuple<at::Tensor, at::Tensor> norm_affine_grads(const at::Tensor& grad_output, const at::Tensor& input,
+std::tuple<at::Tensor, at::Tensor> norm_affine_grads(const at::Tensor& grad_output,
+                                                     const at::Tensor& input,
                                                      const std::optional<at::Tensor>& shift,
                                                      const at::Tensor& scale);
 

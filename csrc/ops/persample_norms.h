@@ -14,8 +14,7 @@ namespace gradood {
 // or "materialise" (the p×d product, squared and summed); the two are equal
 // in exact arithmetic and differ in cost. Returns [N]: float64 for float64
 // inputs, else float32.
-at::Tensor outer_product_sq_norm(const at::Tensor& activations,
-                                 const at::Tensor& grads,
+at::Tensor outer_product_sq_norm(const at::Tensor& activations, const at::Tensor& grads,
                                  const std::string& method);
 
 // Per sample b: ‖∂ℓ_b/∂W‖_F² of a 2-D convolution's weight, from its input
@@ -23,21 +22,16 @@ at::Tensor outer_product_sq_norm(const at::Tensor& activations,
 // w.r.t. its output, grad_output [B, C_out, H_out, W_out]; per group the
 // patches are the activations of outer_product_sq_norm (never unfolded on
 // CUDA). Returns [B] (float64 for float64 inputs, else float32).
-at::Tensor conv2d_weight_sq_norm(const at::Tensor& padded_input,
-                                 const at::Tensor& grad_output,
-                                 at::IntArrayRef kernel_size,
-                                 at::IntArrayRef stride,
+at::Tensor conv2d_weight_sq_norm(const at::Tensor& padded_input, const at::Tensor& grad_output,
+                                 at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                  at::IntArrayRef dilation, int64_t groups,
                                  const std::string& method);
 
 // Shared validation of every backend; the method as 0 (ghost) or 1 (materialise).
-int check_outer_product_inputs(const at::Tensor& activations,
-                               const at::Tensor& grads,
+int check_outer_product_inputs(const at::Tensor& activations, const at::Tensor& grads,
                                const std::string& method);
-int check_conv2d_inputs(const at::Tensor& padded_input,
-                        const at::Tensor& grad_output,
+int check_conv2d_inputs(const at::Tensor& padded_input, const at::Tensor& grad_output,
                         at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                        at::IntArrayRef dilation, int64_t groups,
-                        const std::string& method);
+                        at::IntArrayRef dilation, int64_t groups, const std::string& method);
 
 }  // namespace gradood

@@ -35,13 +35,15 @@ at::Tensor react_energy(const at::Tensor& features, const at::Tensor& weight,
 void check_react_energy_inputs(const at::Tensor& features, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, double clip) {
   constexpr const char* op = "react_energy";
-  TORCH_CHECK(features.dim() == 2, op, ": features must be 2-D [B, D], got shape ", features.sizes());
+  TORCH_CHECK(features.dim() == 2, op, ": features must be 2-D [B, D], got shape ",
+              features.sizes());
   const auto dtype = features.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": features must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      op, ": features must be float32, float64, float16 or bfloat16, got ", dtype);
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == features.size(1) && weight.size(0) >= 1, op,
-              ": weight must be [C, ", features.size(1), "] with C >= 1 to match features [B, D], got shape ",
-              weight.sizes());
+              ": weight must be [C, ", features.size(1),
+              "] with C >= 1 to match features [B, D], got shape ", weight.sizes());
   check_dtype_and_device_match(op, "weight", weight, "the features'", features);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [",

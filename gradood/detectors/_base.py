@@ -75,8 +75,16 @@ class Detector:
     #: Names of the fitted statistics (attributes) saved by state_dict().
     fitted: Tuple[str, ...] = ()
     #: Constructor arguments that are not configuration of the scores (saved states ignore them).
-    not_configuration: Tuple[str, ...] = ("self", "model", "head", "logits", "progress", "functional_params", "fallback",
-                                         "verify")
+    not_configuration: Tuple[str, ...] = (
+        "self",
+        "model",
+        "head",
+        "logits",
+        "progress",
+        "functional_params",
+        "fallback",
+        "verify",
+    )
 
     def __init_subclass__(cls, **kwargs):
         """Records each detector's constructor arguments (the outermost __init__'s, with
@@ -94,11 +102,15 @@ class Detector:
             if "_configuration" not in self.__dict__:  # the outermost constructor: a parent's sees the same call
                 bound = signature.bind(self, *args, **kw)
                 bound.apply_defaults()
-                self._configuration = {name: value for name, value in bound.arguments.items()
-                                       if name not in type(self).not_configuration and _plain(value)}
+                self._configuration = {
+                    name: value
+                    for name, value in bound.arguments.items()
+                    if name not in type(self).not_configuration and _plain(value)
+                }
             init(self, *args, **kw)
 
         cls.__init__ = recording_init
+
     #: False for scores of the logits alone (MSP, MaxLogit, Energy, ODIN, KL matching):
     #: they also work on models whose logits no linear head produces (SqueezeNet).
     uses_features: bool = True
@@ -108,8 +120,9 @@ class Detector:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name}: model must be an nn.Module, got {type(model).__name__}")
         if logits is not None and not callable(logits):
-            raise TypeError(f"{name}: logits must be a callable mapping the model's output to logits, got "
-                            f"{type(logits).__name__}")
+            raise TypeError(
+                f"{name}: logits must be a callable mapping the model's output to logits, got {type(logits).__name__}"
+            )
         self.model = model
         self.logits_fn = logits
         self.head_name: Optional[HeadName] = None
@@ -121,7 +134,9 @@ class Detector:
         if head is not None:
             names = (head,) if isinstance(head, str) else tuple(head)
             if not 1 <= len(names) <= 2 or not all(isinstance(n, str) for n in names):
-                raise TypeError(f"{name}: head must be a module name or a pair of names (two averaged heads), got {head!r}")
+                raise TypeError(
+                    f"{name}: head must be a module name or a pair of names (two averaged heads), got {head!r}"
+                )
             modules = dict(model.named_modules())
             for module_name in names:
                 if module_name not in modules:
@@ -135,7 +150,9 @@ class Detector:
     def head(self) -> nn.Module:
         """The head module (the first of two averaged heads)."""
         if self.head_name is None:
-            raise RuntimeError(f"{type(self).__name__}: the head is found on the first forward pass; score or fit first")
+            raise RuntimeError(
+                f"{type(self).__name__}: the head is found on the first forward pass; score or fit first"
+            )
         names = (self.head_name,) if isinstance(self.head_name, str) else self.head_name
         return self.model.get_submodule(names[0])
 
@@ -143,7 +160,9 @@ class Detector:
         """(W [C, D], b [C] or None) of the head (for two averaged heads, the equivalent
         single head: W = [W₁ W₂], b = (b₁ + b₂)/2; gradood.detectors._head)."""
         if self._head is None:
-            raise RuntimeError(f"{type(self).__name__}: the head is found on the first forward pass; score or fit first")
+            raise RuntimeError(
+                f"{type(self).__name__}: the head is found on the first forward pass; score or fit first"
+            )
         return _head.weight_bias(self.model, self._head)
 
     def forward_features(self, inputs: Inputs) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +212,9 @@ class Detector:
             if self._named_head is not None:
                 kind = _head.kind_of(self._named_head, captured, logits)
                 if kind is None:
-                    modules = ", ".join(f"{n!r} ({type(self.model.get_submodule(n)).__name__})" for n in self._named_head)
+                    modules = ", ".join(
+                        f"{n!r} ({type(self.model.get_submodule(n)).__name__})" for n in self._named_head
+                    )
                     raise ValueError(
                         f"{where}: head {modules} does not produce the model's logits {tuple(logits.shape)} (its output "
                         "differs, was modified in place afterwards, is not its weight and bias applied to its input, "
@@ -238,7 +259,10 @@ class Detector:
                 handle.remove()
         logits = self.model_logits(output, batch)
         #: Whether the model took keyword arguments and returned something other than the logits (for OODHead).
-        self.model_interface = (model_io.is_mapping(inputs), not isinstance(output, torch.Tensor) or self.logits_fn is not None)
+        self.model_interface = (
+            model_io.is_mapping(inputs),
+            not isinstance(output, torch.Tensor) or self.logits_fn is not None,
+        )
         return logits, self.head_features(captured, logits)
 
     # -- scoring ----------------------------------------------------------------------
@@ -255,7 +279,7 @@ class Detector:
             raise NotImplementedError(f"{type(self).__name__} needs the inputs: use score(inputs)")
         return scores.apply_spec(f"{type(self).__name__}.score_features", logits, features, spec)
 
-    def lastlayer_spec(self, num_classes: int) -> Optional["scores.ScoreSpec"]:
+    def lastlayer_spec(self, num_classes: int) -> Optional[scores.ScoreSpec]:
         """The fused kernel's recipe for this detector's score (gradood.scores.ScoreSpec),
         for detectors that are one lastlayer_score call; None otherwise."""
         return None
@@ -267,7 +291,7 @@ class Detector:
             raise ValueError(f"{type(self).__name__}: the data holds no batch")
         return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
-    def fit(self, id_data: Data) -> "Detector":
+    def fit(self, id_data: Data) -> Detector:
         """Fits the detector's ID statistics (none for this detector); returns self."""
         return self
 
@@ -301,7 +325,7 @@ class Detector:
         state["configuration"] = dict(self.__dict__.get("_configuration", {}))
         return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> "Detector":
+    def load_state_dict(self, state: Dict[str, Any]) -> Detector:
         where = f"{type(self).__name__}.load_state_dict"
         expected = set(self.fitted) | {"threshold", "head_name", "head_kind", "configuration"}
         if set(state) != expected:
@@ -321,11 +345,13 @@ class Detector:
         if head_name is not None:
             names = (head_name,) if isinstance(head_name, str) else tuple(head_name)
             if kind not in _head.KINDS or len(names) != (2 if kind == "mean" else 1):
-                raise ValueError(f"{type(self).__name__}.load_state_dict: head {head_name!r} of kind {kind!r} is invalid")
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: head {head_name!r} of kind {kind!r} is invalid"
+                )
             self._head, self.head_name = _head.Head(names, kind), head_name
         return self
 
-    def to(self, device: Union[str, torch.device]) -> "Detector":
+    def to(self, device: Union[str, torch.device]) -> Detector:
         """Moves the fitted statistics (not the model, which stays the caller's)."""
         for name in self.fitted:
             value = getattr(self, name)

@@ -127,8 +127,12 @@ def _flat_output(call: Call, logits: torch.Tensor) -> Optional[torch.Tensor]:
 
 def _token_positions(output: torch.Tensor, logits: torch.Tensor) -> Optional[torch.Tensor]:
     """For a [B, T, C] output: per sample, the positions whose row equals the logits ([B, T] bool), or None."""
-    if output.dim() != 3 or output.shape[0] != logits.shape[0] or output.shape[2] != logits.shape[1] \
-            or output.dtype != logits.dtype:
+    if (
+        output.dim() != 3
+        or output.shape[0] != logits.shape[0]
+        or output.shape[2] != logits.shape[1]
+        or output.dtype != logits.dtype
+    ):
         return None
     expected = logits[:, None, :]
     matches = ((output == expected) | (output.isnan() & expected.isnan())).all(2)
@@ -145,7 +149,8 @@ def produces(head: Head, captured: Captured, logits: torch.Tensor) -> bool:
     else:
         outputs = [_flat_output(captured[name], logits) for name in head.names]
         equal = all(output is not None for output in outputs) and _same(
-            outputs[0] if head.kind == "linear" else (outputs[0] + outputs[1]) / 2, logits)
+            outputs[0] if head.kind == "linear" else (outputs[0] + outputs[1]) / 2, logits
+        )
     # The comparison with the logits first: the recomputation of the head is the costly check.
     return equal and all(is_affine(captured[name]) for name in head.names)
 
@@ -189,8 +194,10 @@ def features(where: str, head: Head, captured: Captured, logits: torch.Tensor) -
     inputs, output = captured[head.names[0]].input, captured[head.names[0]].output
     matches = _token_positions(output, logits)
     if matches is None:
-        raise ValueError(f"{where}: head {head.names[0]!r} is run on every token, but for some sample no token's "
-                         "output equals the logits")
+        raise ValueError(
+            f"{where}: head {head.names[0]!r} is run on every token, but for some sample no token's "
+            "output equals the logits"
+        )
     position = matches.to(torch.int64).argmax(1)  # the first matching token
     picked = inputs[torch.arange(inputs.shape[0], device=inputs.device), position.to(inputs.device)]
     several = matches.sum(1) > 1

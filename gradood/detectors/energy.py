@@ -15,7 +15,9 @@ from gradood.model_io import LogitsFn
 class Energy(Detector):
     uses_features = False
 
-    def __init__(self, model: nn.Module, temperature: float = 1.0, head: Optional[HeadName] = None, logits: LogitsFn = None):
+    def __init__(
+        self, model: nn.Module, temperature: float = 1.0, head: Optional[HeadName] = None, logits: LogitsFn = None
+    ):
         super().__init__(model, head, logits)
         self.temperature = temperature
         scores.spec_energy(temperature, where=type(self).__name__)  # the arguments checked now, not at first use

@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from gradood.detectors._base import Detector, eval_mode
-from gradood.persample import persample_grad_norms
-from gradood.persample.engine import ParamSelector
 from gradood.detectors._head import HeadName
 from gradood.model_io import Inputs, LogitsFn
-from gradood.persample import _verify
+from gradood.persample import _verify, persample_grad_norms
+from gradood.persample.engine import ParamSelector
 
 
 class FullGradNorm(Detector):
@@ -40,6 +39,13 @@ class FullGradNorm(Detector):
     def score(self, inputs: Inputs) -> torch.Tensor:
         with eval_mode(self.model):
             return persample_grad_norms(
-                self.model, inputs, "kl_uniform", self.temperature, params=self.params,
-                functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn, verify=self.verify,
+                self.model,
+                inputs,
+                "kl_uniform",
+                self.temperature,
+                params=self.params,
+                functional_params=self.functional_params,
+                fallback=self.fallback,
+                logits=self.logits_fn,
+                verify=self.verify,
             ).norms

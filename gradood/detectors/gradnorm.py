@@ -14,7 +14,14 @@ from gradood.model_io import LogitsFn
 
 
 class GradNorm(Detector):
-    def __init__(self, model: nn.Module, temperature: float = 1.0, scale: str = "paper", head: Optional[HeadName] = None, logits: LogitsFn = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        temperature: float = 1.0,
+        scale: str = "paper",
+        head: Optional[HeadName] = None,
+        logits: LogitsFn = None,
+    ):
         super().__init__(model, head, logits)
         self.temperature = temperature
         self.scale = scale

@@ -23,12 +23,11 @@ from torch import nn
 
 from gradood._checks import check_choice
 from gradood.detectors._base import Detector, eval_mode
-from gradood.detectors.odin import Std, check_perturbation, odin_perturbation
-from gradood.persample import persample_grad_norms
-from gradood.persample.engine import ParamSelector
 from gradood.detectors._head import HeadName
+from gradood.detectors.odin import Std, check_perturbation, odin_perturbation
 from gradood.model_io import Inputs, LogitsFn
-from gradood.persample import _verify
+from gradood.persample import _verify, persample_grad_norms
+from gradood.persample.engine import ParamSelector
 
 
 class GRODIN(Detector):
@@ -62,22 +61,44 @@ class GRODIN(Detector):
         perturbed, original_labels = inputs, None
         if self.epsilon > 0:
             perturbed, original_labels = odin_perturbation(
-                self.model, inputs, self.temperature, self.epsilon, self.eps_space, self.std, self.logits_fn,
-                self.perturb, type(self).__name__,
+                self.model,
+                inputs,
+                self.temperature,
+                self.epsilon,
+                self.eps_space,
+                self.std,
+                self.logits_fn,
+                self.perturb,
+                type(self).__name__,
             )
         # Without a perturbation the re-predicted label is the original one.
         keep_labels = original_labels is not None and not self.repredict
         with eval_mode(self.model):
             if keep_labels:
                 result = persample_grad_norms(
-                    self.model, perturbed, "ce", self.temperature, targets=original_labels, params=self.params,
-                    functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn, verify=self.verify,
+                    self.model,
+                    perturbed,
+                    "ce",
+                    self.temperature,
+                    targets=original_labels,
+                    params=self.params,
+                    functional_params=self.functional_params,
+                    fallback=self.fallback,
+                    logits=self.logits_fn,
+                    verify=self.verify,
                 )
                 labels = original_labels
             else:
                 result = persample_grad_norms(
-                    self.model, perturbed, "ce_pred", self.temperature, params=self.params,
-                    functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn, verify=self.verify,
+                    self.model,
+                    perturbed,
+                    "ce_pred",
+                    self.temperature,
+                    params=self.params,
+                    functional_params=self.functional_params,
+                    fallback=self.fallback,
+                    logits=self.logits_fn,
+                    verify=self.verify,
                 )
                 labels = result.logits.argmax(dim=1)
         if self.part == "SG":

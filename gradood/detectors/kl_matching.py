@@ -30,12 +30,14 @@ class KLMatching(Detector):
         self.mode = check_choice(type(self).__name__, "mode", mode, ("min", "predicted"))
         self.templates: Optional[torch.Tensor] = None
 
-    def fit(self, id_data: Data) -> "KLMatching":
+    def fit(self, id_data: Data) -> KLMatching:
         logits = self.collect(id_data)[0].double()
         probs = torch.softmax(logits, dim=1)
         num_classes = logits.shape[1]
         predicted = logits.argmax(1)
-        sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device).index_add_(0, predicted, probs)
+        sums = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=logits.device).index_add_(
+            0, predicted, probs
+        )
         counts = torch.bincount(predicted, minlength=num_classes).unsqueeze(1).double()
         self.templates = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
         return self

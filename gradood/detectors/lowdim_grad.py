@@ -38,20 +38,20 @@ from torch import nn
 
 from gradood import model_io, scores
 from gradood.detectors._base import Data, Detector, eval_mode
+from gradood.detectors._head import HeadName
 from gradood.detectors.rg import activation_percentile
 from gradood.gradient_subspace import (
     GradientSubspace,
-    progress_bar,
     class_mean_directions,
     iterate_batches,
     moments_pass,
     pca_directions,
+    progress_bar,
 )
 from gradood.knn import METRICS, knn_score, normalise_rows
-from gradood.persample.engine import ParamSelector, PerSampleGradients, _select, persample_gradients
-from gradood.detectors._head import HeadName
 from gradood.model_io import Inputs, LogitsFn
 from gradood.persample import _verify
+from gradood.persample.engine import ParamSelector, PerSampleGradients, _select, persample_gradients
 
 SUBSPACES = ("pca", "class")
 
@@ -91,8 +91,13 @@ class LowDimGrad(Detector):
             raise ValueError(f"{name}: subspace must be one of {SUBSPACES}, got {subspace!r}")
         if subspace == "class" and dim is not None:
             raise ValueError(f"{name}: subspace='class' has one direction per class; leave dim unset")
-        for argument, value, low in (("dim", dim, 1), ("neighbours", neighbours, 1), ("oversample", oversample, 0),
-                                     ("iterations", iterations, 1), ("max_samples", max_samples, 1)):
+        for argument, value, low in (
+            ("dim", dim, 1),
+            ("neighbours", neighbours, 1),
+            ("oversample", oversample, 0),
+            ("iterations", iterations, 1),
+            ("max_samples", max_samples, 1),
+        ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
                 raise ValueError(f"{name}: {argument} must be an integer ≥ {low}, got {value!r}")
         if metric not in METRICS:
@@ -134,8 +139,14 @@ class LowDimGrad(Detector):
             capture = self._head.names
         with eval_mode(self.model):
             grads = persample_gradients(
-                self.model, model_io.to_device(inputs, self._device()), "logsumexp", params=self.params,
-                functional_params=self.functional_params, fallback=self.fallback, logits=self.logits_fn, verify=self.verify,
+                self.model,
+                model_io.to_device(inputs, self._device()),
+                "logsumexp",
+                params=self.params,
+                functional_params=self.functional_params,
+                fallback=self.fallback,
+                logits=self.logits_fn,
+                verify=self.verify,
                 capture=capture,
             )
         if features is not None:
@@ -159,15 +170,17 @@ class LowDimGrad(Detector):
 
         return batches
 
-    def fit(self, id_data: Data) -> "LowDimGrad":
+    def fit(self, id_data: Data) -> LowDimGrad:
         """Fits z, σ, the subspace, the KNN bank (every fit sample) and ReAct's clip
         on ID data: a tensor, an (inputs, labels) pair, or a re-iterable of batches
         (a DataLoader; not a one-shot iterator). Labels are needed for
         subspace='class' with classes='labels'."""
         name = type(self).__name__
         if not isinstance(id_data, (torch.Tensor, tuple, list)) and iter(id_data) is id_data:
-            raise TypeError(f"{name}.fit: id_data is a one-shot iterator, but fitting makes several passes; "
-                            "pass a DataLoader, a list of batches or a tensor")
+            raise TypeError(
+                f"{name}.fit: id_data is a one-shot iterator, but fitting makes several passes; "
+                "pass a DataLoader, a list of batches or a tensor"
+            )
         passes = self._passes(id_data)
         if self.ensemble:  # ReAct needs the linear head, found on one batch; the KNN term does not
             first = next(iter(passes()), None)
@@ -179,7 +192,9 @@ class LowDimGrad(Detector):
         try:
             moments, class_sums, class_counts = moments_pass(
                 lambda inputs: self._gradients(inputs, features if self.ensemble else None),
-                passes(), self.classes if self.subspace_kind == "class" else None, progress=report,
+                passes(),
+                self.classes if self.subspace_kind == "class" else None,
+                progress=report,
             )
         except ValueError as error:
             raise ValueError(f"{name}.fit: {error}") from None
@@ -190,10 +205,20 @@ class LowDimGrad(Detector):
             if self.dim > total:
                 raise ValueError(f"{name}.fit: dim={self.dim} exceeds the {total} selected parameters")
             if moments.count <= self.dim:
-                raise ValueError(f"{name}.fit: PCA with dim={self.dim} needs more than {self.dim} ID samples, "
-                                 f"got {moments.count}")
-            fit = pca_directions(self._gradients, passes, moments, self.dim, self.oversample, self.iterations,
-                                 self.seed, self._device(), self.progress)
+                raise ValueError(
+                    f"{name}.fit: PCA with dim={self.dim} needs more than {self.dim} ID samples, got {moments.count}"
+                )
+            fit = pca_directions(
+                self._gradients,
+                passes,
+                moments,
+                self.dim,
+                self.oversample,
+                self.iterations,
+                self.seed,
+                self._device(),
+                self.progress,
+            )
         else:
             try:
                 fit = class_mean_directions(moments, class_sums, class_counts)
@@ -216,10 +241,14 @@ class LowDimGrad(Detector):
             self.bank = torch.cat(rows)
         if self.bank.shape[0] < self.neighbours:
             self.subspace = self.bank = None
-            raise ValueError(f"{name}.fit: neighbours={self.neighbours} needs at least that many fit samples, got "
-                             f"{moments.count}; lower neighbours or fit on more data")
+            raise ValueError(
+                f"{name}.fit: neighbours={self.neighbours} needs at least that many fit samples, got "
+                f"{moments.count}; lower neighbours or fit on more data"
+            )
         if self.ensemble:
-            self.clip = activation_percentile(torch.cat(features), self.react_percentile, f"{type(self).__name__}.fit (react_percentile)")
+            self.clip = activation_percentile(
+                torch.cat(features), self.react_percentile, f"{type(self).__name__}.fit (react_percentile)"
+            )
         self.fit_info = {
             "samples": moments.count,
             "dim": self.subspace.dim,
@@ -267,10 +296,12 @@ class LowDimGrad(Detector):
         state["subspace"] = None if self.subspace is None else self.subspace.state_dict()
         return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> "LowDimGrad":
+    def load_state_dict(self, state: Dict[str, Any]) -> LowDimGrad:
         saved = (state.get("subspace") or {}).get("shapes")
         if saved is not None:  # the directions must be over the parameters this detector selects, shape for shape
-            selected = {name: tuple(p.shape) for name, p in _select(self.model, self.params, type(self).__name__).items()}
+            selected = {
+                name: tuple(p.shape) for name, p in _select(self.model, self.params, type(self).__name__).items()
+            }
             saved = {name: tuple(shape) for name, shape in saved.items()}
             if saved != selected:
                 differ = sorted(set(saved) ^ set(selected)) or sorted(n for n in saved if saved[n] != selected[n])
@@ -284,7 +315,7 @@ class LowDimGrad(Detector):
             self.subspace = GradientSubspace.from_state_dict(state["subspace"])
         return self
 
-    def to(self, device) -> "LowDimGrad":
+    def to(self, device) -> LowDimGrad:
         if self.subspace is not None:
             self.subspace = self.subspace.to(device)
         if self.bank is not None:

@@ -25,8 +25,8 @@ from gradood import model_io, scores
 from gradood._checks import check_choice, check_positive
 from gradood.detectors._base import Detector, eval_mode
 from gradood.detectors._head import HeadName
-from gradood.persample._workarounds import batch_norm_gradient_layout
 from gradood.model_io import Inputs, LogitsFn
+from gradood.persample._workarounds import batch_norm_gradient_layout
 
 Std = Union[None, float, Sequence[float], torch.Tensor]
 
@@ -47,23 +47,29 @@ def check_perturbation(where: str, temperature: float, epsilon: float, eps_space
 def _check_std_channels(where: str, std: Std, tensor: torch.Tensor) -> None:
     count = torch.as_tensor(std).numel()
     if count != 1 and (tensor.dim() < 2 or tensor.shape[1] != count):
-        raise ValueError(f"{where}: std has {count} values but the input has {tensor.shape[1] if tensor.dim() > 1 else 0} "
-                         f"channels (dimension 1 of shape {tuple(tensor.shape)})")
+        raise ValueError(
+            f"{where}: std has {count} values but the input has {tensor.shape[1] if tensor.dim() > 1 else 0} "
+            f"channels (dimension 1 of shape {tuple(tensor.shape)})"
+        )
 
 
 def perturbed_entries(where: str, inputs: Inputs, perturb: Optional[Sequence[str]]) -> Tuple[str, ...]:
     """The names of the inputs ODIN's step perturbs ("" for a tensor)."""
     if isinstance(inputs, torch.Tensor):
         if not inputs.is_floating_point():
-            raise ValueError(f"{where}: epsilon > 0 perturbs the inputs, which must be floating-point, got {inputs.dtype}")
+            raise ValueError(
+                f"{where}: epsilon > 0 perturbs the inputs, which must be floating-point, got {inputs.dtype}"
+            )
         return ("",)
     floats = [key for key, value in model_io.tensors(inputs).items() if value.is_floating_point()]
     if perturb is not None:
         names = (perturb,) if isinstance(perturb, str) else tuple(perturb)
         wrong = [name for name in names if name not in floats]
         if wrong or not names:
-            raise ValueError(f"{where}: perturb={perturb!r} must name floating-point tensors of the inputs "
-                             f"(floating-point entries: {floats})")
+            raise ValueError(
+                f"{where}: perturb={perturb!r} must name floating-point tensors of the inputs "
+                f"(floating-point entries: {floats})"
+            )
         return names
     if len(floats) != 1:
         raise ValueError(
@@ -75,8 +81,15 @@ def perturbed_entries(where: str, inputs: Inputs, perturb: Optional[Sequence[str
 
 
 def odin_perturbation(
-    model: nn.Module, inputs: Inputs, temperature: float, epsilon: float, eps_space: str, std: Std,
-    logits: LogitsFn = None, perturb: Optional[Sequence[str]] = None, where: str = "ODIN",
+    model: nn.Module,
+    inputs: Inputs,
+    temperature: float,
+    epsilon: float,
+    eps_space: str,
+    std: Std,
+    logits: LogitsFn = None,
+    perturb: Optional[Sequence[str]] = None,
+    where: str = "ODIN",
 ) -> Tuple[Inputs, torch.Tensor]:
     """(x̃, ŷ): the ODIN-perturbed inputs and the labels predicted on the original
     inputs. The gradient is taken w.r.t. the inputs only: no `.grad` is written."""
@@ -127,7 +140,16 @@ class ODIN(Detector):
     def score(self, inputs: Inputs) -> torch.Tensor:
         perturbed = inputs
         if self.epsilon > 0:
-            perturbed, _ = odin_perturbation(self.model, inputs, self.temperature, self.epsilon, self.eps_space,
-                                             self.std, self.logits_fn, self.perturb, type(self).__name__)
+            perturbed, _ = odin_perturbation(
+                self.model,
+                inputs,
+                self.temperature,
+                self.epsilon,
+                self.eps_space,
+                self.std,
+                self.logits_fn,
+                self.perturb,
+                type(self).__name__,
+            )
         logits, _ = self.forward_features(perturbed)
         return scores.msp(logits, self.temperature)

@@ -64,7 +64,7 @@ class RG(Detector):
         self.clip = None if percentile is not None else clip
         self.temperature, self.percentile = temperature, percentile
 
-    def fit(self, id_data: Data) -> "RG":
+    def fit(self, id_data: Data) -> RG:
         if self.percentile is not None:
             self.clip = activation_percentile(self.collect(id_data)[1], self.percentile, f"{type(self).__name__}.fit")
         return self
@@ -91,7 +91,7 @@ class RGAdditive(Detector):
         self.clip, self.a, self.percentile = clip, a, percentile
         self.alpha: Optional[float] = None
 
-    def fit(self, id_data: Data) -> "RGAdditive":
+    def fit(self, id_data: Data) -> RGAdditive:
         logits, features = self.collect(id_data)
         if self.percentile is not None:
             self.clip = activation_percentile(features, self.percentile, f"{type(self).__name__}.fit")

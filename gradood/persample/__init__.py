@@ -4,7 +4,7 @@ linear.py, conv.py, norm.py, embedding.py, attention.py."""
 
 from gradood.persample._grads import DenseLayerGradients, LayerGradients, register_grad_rule
 from gradood.persample._rules import CompositeRule, RuleResult, register_composite_rule, register_rule
-from gradood.persample.engine import PerSampleGradNorms, PerSampleGradients, persample_grad_norms, persample_gradients
+from gradood.persample.engine import PerSampleGradients, PerSampleGradNorms, persample_grad_norms, persample_gradients
 from gradood.persample.losses import LOSSES
 from gradood.persample.supported import supported_layers
 

@@ -47,8 +47,9 @@ def linear_rows(pieces: Pieces) -> Tuple[torch.Tensor, torch.Tensor]:
 def _one_call_norms(layer, pieces: Pieces) -> RuleResult:
     if layer.rule is DIRECT_EMBEDDING:
         ((ids, grads),) = pieces.values()
-        return RuleResult({layer.parameter_names[0]: embedding_rule(layer.module, ids, grads).squared_norms["weight"]},
-                          "direct")
+        return RuleResult(
+            {layer.parameter_names[0]: embedding_rule(layer.module, ids, grads).squared_norms["weight"]}, "direct"
+        )
     if layer.rule is DIRECT_LINEAR:
         result = sum_of_outer_products_sq_norm(*linear_rows(pieces))
         return RuleResult({layer.parameter_names[0]: result.squared_norms["weight"]}, result.method)
@@ -68,7 +69,11 @@ def _one_call_gradients(layer, pieces: Pieces) -> LayerGradients:
         numel = activations.shape[2] * grads.shape[2]
 
         def materialise(start: int, end: int):
-            return {layer.parameter_names[0]: outer_product_sums(activations[start:end], grads[start:end]).reshape(end - start, -1)}
+            return {
+                layer.parameter_names[0]: outer_product_sums(activations[start:end], grads[start:end]).reshape(
+                    end - start, -1
+                )
+            }
 
         return DenseLayerGradients(activations.shape[0], {layer.parameter_names[0]: numel}, materialise)
     if isinstance(layer.rule, CompositeRule):
@@ -81,8 +86,11 @@ def _one_call_gradients(layer, pieces: Pieces) -> LayerGradients:
 def layer_norms(layer, pieces: Pieces) -> Tuple[torch.Tensor, str]:
     """The layer's per-sample squared norm [B], summed over its selected parameters, and its method."""
     if _reuse.is_reused(pieces):
-        joined = None if isinstance(layer.rule, CompositeRule) or layer.rule is torch_func_rule \
+        joined = (
+            None
+            if isinstance(layer.rule, CompositeRule) or layer.rule is torch_func_rule
             else _reuse.concatenated(layer.module, pieces)
+        )
         if joined is None:
             gradients = _reuse.reused_gradients(pieces, lambda call: _one_call_gradients(layer, call))
             squared = _reuse.squared_norms(gradients.restrict(tuple(layer.parameter_names)))
@@ -94,8 +102,11 @@ def layer_norms(layer, pieces: Pieces) -> Tuple[torch.Tensor, str]:
 
 def layer_gradients(layer, pieces: Pieces) -> LayerGradients:
     if _reuse.is_reused(pieces):
-        joined = None if isinstance(layer.rule, CompositeRule) or layer.rule is torch_func_rule \
+        joined = (
+            None
+            if isinstance(layer.rule, CompositeRule) or layer.rule is torch_func_rule
             else _reuse.concatenated(layer.module, pieces)
+        )
         if joined is None:
             return _reuse.reused_gradients(pieces, lambda call: _one_call_gradients(layer, call))
         pieces = joined

@@ -107,8 +107,13 @@ class ProbeTracker(TorchFunctionMode):
     uses are the layer's output's, not its parameters' outside its forward).
     layer_output(tensor, layer) marks a layer's output on the layer's exit."""
 
-    def __init__(self, watched: Dict[int, str], inputs: Sequence[torch.Tensor], stack: List[str],
-                 on_use: Callable[[str, Tuple[str, ...], frozenset], None]):
+    def __init__(
+        self,
+        watched: Dict[int, str],
+        inputs: Sequence[torch.Tensor],
+        stack: List[str],
+        on_use: Callable[[str, Tuple[str, ...], frozenset], None],
+    ):
         super().__init__()
         self.watched, self.stack, self.on_use = watched, stack, on_use
         self.derived = WeakIdKeyDictionary()  # tensor -> (parameter names, layers it came out of)
@@ -150,10 +155,16 @@ class ProbeTracker(TorchFunctionMode):
             stack = tuple(self.stack)
             for name in sorted(sources):
                 self.on_use(name, stack, via)
-            self.records.append(OpRecord(
-                func_name(func), kinds, tuple(getattr(leaf, "shape", None) for leaf in leaves),
-                tuple(s for _, s, _ in described), tuple(output.shape for output in outputs), stack,
-            ))
+            self.records.append(
+                OpRecord(
+                    func_name(func),
+                    kinds,
+                    tuple(getattr(leaf, "shape", None) for leaf in leaves),
+                    tuple(s for _, s, _ in described),
+                    tuple(output.shape for output in outputs),
+                    stack,
+                )
+            )
             for output in outputs:
                 if meeting:
                     self.batch[output] = True
@@ -198,8 +209,9 @@ class Step(NamedTuple):
     output_fold: int = 1
 
 
-def plan_steps(where: str, probes: Sequence[List[OpRecord]], direct: Set[str],
-               sizes: Tuple[int, int]) -> Tuple[List[Step], Dict[str, Tuple[str, Tuple[str, ...]]]]:
+def plan_steps(
+    where: str, probes: Sequence[List[OpRecord]], direct: Set[str], sizes: Tuple[int, int]
+) -> Tuple[List[Step], Dict[str, Tuple[str, Tuple[str, ...]]]]:
     """The pass's steps from the two probes' records, for the ops that touch a
     direct parameter, and the problems found: parameter name -> (why its per-sample
     gradient cannot be separated this way, the modules active at the op)."""
@@ -221,7 +233,9 @@ def plan_steps(where: str, probes: Sequence[List[OpRecord]], direct: Set[str],
         folds = tuple(folded_factor(sa, sb, sizes) if d is None else 1 for sa, sb, d in zip(a.shapes, b.shapes, dims))
         dims = tuple(0 if k > 1 else d for d, k in zip(dims, folds))
         output_dim = _scaling_dim(a.output_shapes[0], b.output_shapes[0], sizes) if meeting else None
-        output_fold = folded_factor(a.output_shapes[0], b.output_shapes[0], sizes) if meeting and output_dim is None else 1
+        output_fold = (
+            folded_factor(a.output_shapes[0], b.output_shapes[0], sizes) if meeting and output_dim is None else 1
+        )
         if output_fold > 1:
             output_dim = 0
         if meeting:
@@ -231,7 +245,9 @@ def plan_steps(where: str, probes: Sequence[List[OpRecord]], direct: Set[str],
             elif output_dim is None:
                 problem = f"has no batch dimension in its output (shape {tuple(a.output_shapes[0])})"
             elif any(k == "batch" and d is None for k, d in zip(kinds, dims)):
-                problem = "takes a tensor whose batch dimension could not be found (a batch folded into another dimension?)"
+                problem = (
+                    "takes a tensor whose batch dimension could not be found (a batch folded into another dimension?)"
+                )
             elif any(k == "derived" and f > 1 for k, f in zip(kinds, folds)):
                 problem = "takes a parameter-derived tensor folded with the batch"
             if problem:
@@ -298,10 +314,15 @@ class PassTracker(TorchFunctionMode):
     F.linear with a direct weight goes to `linear_piece(name, step, x, output,
     batch dim) -> output`."""
 
-    def __init__(self, where: str, steps: List[Step], proxies: Dict[int, str],
-                 sink: Callable[[torch.Tensor, torch.Tensor, frozenset, str], None],
-                 linear_piece: Callable[[str, int, torch.Tensor, torch.Tensor, int, int], torch.Tensor],
-                 embedding_piece: Optional[Callable[..., Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]] = None):
+    def __init__(
+        self,
+        where: str,
+        steps: List[Step],
+        proxies: Dict[int, str],
+        sink: Callable[[torch.Tensor, torch.Tensor, frozenset, str], None],
+        linear_piece: Callable[[str, int, torch.Tensor, torch.Tensor, int, int], torch.Tensor],
+        embedding_piece: Optional[Callable[..., Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]] = None,
+    ):
         super().__init__()
         self.where, self.steps, self.proxies = where, steps, proxies
         self.sink, self.linear_piece, self.embedding_piece = sink, linear_piece, embedding_piece
@@ -310,13 +331,16 @@ class PassTracker(TorchFunctionMode):
         self.backward_started = False
 
     def _touches(self, leaves) -> bool:
-        return any(isinstance(leaf, torch.Tensor) and (id(leaf) in self.proxies or leaf in self.derived)
-                   for leaf in leaves)
+        return any(
+            isinstance(leaf, torch.Tensor) and (id(leaf) in self.proxies or leaf in self.derived) for leaf in leaves
+        )
 
     def finish(self) -> None:
         if self.position != len(self.steps):
-            raise LayoutChanged(f"{self.where}: the forward ran {self.position} of the {len(self.steps)} ops on "
-                               "parameters the layout probe saw: it depends on the data")
+            raise LayoutChanged(
+                f"{self.where}: the forward ran {self.position} of the {len(self.steps)} ops on "
+                "parameters the layout probe saw: it depends on the data"
+            )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -361,8 +385,14 @@ class PassTracker(TorchFunctionMode):
         if padding_idx is not None and padding_idx < 0:
             padding_idx += weight.shape[0]
         (name,) = step.sources[1]
-        record = self.embedding_piece(name, self.position - 1, step.dims[0], step.folds[0], padding_idx,
-                                      bool(options.get("scale_grad_by_freq", False)))
+        record = self.embedding_piece(
+            name,
+            self.position - 1,
+            step.dims[0],
+            step.folds[0],
+            padding_idx,
+            bool(options.get("scale_grad_by_freq", False)),
+        )
         return None if record is None else record(ids, func(*args, **kwargs))
 
     def _linear(self, leaves, step: Step, where: Tuple[int, int, Optional[int]]) -> torch.Tensor:
@@ -376,14 +406,26 @@ class PassTracker(TorchFunctionMode):
             return output
         result = output + bias
         if step.kinds[at_bias] in ("param", "derived"):
-            result = self._hook(result, lambda grad: [(bias, reduce_to(_keep_batch(grad, step.output_dim, step.output_fold),
-                                                                          bias.shape), step.sources[at_bias])], "op-add")
+            result = self._hook(
+                result,
+                lambda grad: [
+                    (
+                        bias,
+                        reduce_to(_keep_batch(grad, step.output_dim, step.output_fold), bias.shape),
+                        step.sources[at_bias],
+                    )
+                ],
+                "op-add",
+            )
         return result
 
     def _meeting(self, func, args, kwargs, leaves, spec, step: Step) -> torch.Tensor:
         # An in-place op overwrites its batch operand: keep the values it had for the VJP.
-        before = {i: leaf.detach().clone() for i, leaf in enumerate(leaves) if step.kinds[i] == "batch"} \
-            if _in_place(func) else {}
+        before = (
+            {i: leaf.detach().clone() for i, leaf in enumerate(leaves) if step.kinds[i] == "batch"}
+            if _in_place(func)
+            else {}
+        )
         result = func(*args, **kwargs)
         if not isinstance(result, torch.Tensor):
             raise RuntimeError(f"{self.where}: {step.name} on direct parameters must return one tensor")
@@ -391,32 +433,73 @@ class PassTracker(TorchFunctionMode):
         if norm is not None:  # a norm op with a direct weight/bias: its own rule (gradood/persample/_op_rules.py)
             return self._hook(result, norm, "op-norm")
         operands = [i for i, kind in enumerate(step.kinds) if kind in ("param", "derived")]
-        if step.name in _ADDITIVE and not kwargs and len(operands) == 1 and operands[0] < 2 and len(leaves) == 2 \
-                and step.dims[operands[0]] is None and leaves[operands[0]].dim() <= result.dim():
+        if (
+            step.name in _ADDITIVE
+            and not kwargs
+            and len(operands) == 1
+            and operands[0] < 2
+            and len(leaves) == 2
+            and step.dims[operands[0]] is None
+            and leaves[operands[0]].dim() <= result.dim()
+        ):
             index = operands[0]
             operand = leaves[index]
             negate = (step.name in _NEGATED_SECOND and index == 1) or (step.name == "__rsub__" and index == 0)
             sign = -1.0 if negate else 1.0
-            return self._hook(result, lambda grad: [(operand, sign * reduce_to(
-                _keep_batch(grad, step.output_dim, step.output_fold), operand.shape), step.sources[index])], "op-add")
-        if step.name in _MULTIPLICATIVE and not kwargs and len(operands) == 1 and len(leaves) == 2 \
-                and step.dims[operands[0]] is None and leaves[operands[0]].dim() <= result.dim():
+            return self._hook(
+                result,
+                lambda grad: [
+                    (
+                        operand,
+                        sign * reduce_to(_keep_batch(grad, step.output_dim, step.output_fold), operand.shape),
+                        step.sources[index],
+                    )
+                ],
+                "op-add",
+            )
+        if (
+            step.name in _MULTIPLICATIVE
+            and not kwargs
+            and len(operands) == 1
+            and len(leaves) == 2
+            and step.dims[operands[0]] is None
+            and leaves[operands[0]].dim() <= result.dim()
+        ):
             index = operands[0]
             operand, other = leaves[index], leaves[1 - index]
-            if step.kinds[1 - index] == "batch" and other.dim() == result.dim() and step.dims[1 - index] == step.output_dim \
-                    and step.folds[1 - index] == step.output_fold and other.shape == result.shape:
+            if (
+                step.kinds[1 - index] == "batch"
+                and other.dim() == result.dim()
+                and step.dims[1 - index] == step.output_dim
+                and step.folds[1 - index] == step.output_fold
+                and other.shape == result.shape
+            ):
                 # x ⊙ D: sample i's cotangent of D is g_i ⊙ x_i summed to D's shape (x saved as the op saves it)
                 saved_other = before.get(1 - index, other.detach())
-                return self._hook(result, lambda grad: [(operand, reduce_to(
-                    _keep_batch(grad * saved_other, step.output_dim, step.output_fold), operand.shape),
-                    step.sources[index])], "op-mul")
-        saved = [before.get(i, leaf.detach()) if isinstance(leaf, torch.Tensor) and step.kinds[i] == "batch" else leaf
-                 for i, leaf in enumerate(leaves)]
+                return self._hook(
+                    result,
+                    lambda grad: [
+                        (
+                            operand,
+                            reduce_to(
+                                _keep_batch(grad * saved_other, step.output_dim, step.output_fold), operand.shape
+                            ),
+                            step.sources[index],
+                        )
+                    ],
+                    "op-mul",
+                )
+        saved = [
+            before.get(i, leaf.detach()) if isinstance(leaf, torch.Tensor) and step.kinds[i] == "batch" else leaf
+            for i, leaf in enumerate(leaves)
+        ]
         for i in operands:
             saved[i] = leaves[i]
         return self._hook(result, lambda grad: replay_vjp(func, saved, spec, step, grad), "op-vjp")
 
-    def _hook(self, result: torch.Tensor, cotangents: Callable[[torch.Tensor], Cotangents], method: str) -> torch.Tensor:
+    def _hook(
+        self, result: torch.Tensor, cotangents: Callable[[torch.Tensor], Cotangents], method: str
+    ) -> torch.Tensor:
         """Hooks the meeting's output; returns the tensor the forward continues from."""
         if not result.requires_grad:
             return result
@@ -436,8 +519,11 @@ def replay_vjp(func, leaves: list, spec, step: Step, grad: torch.Tensor) -> Cota
     to one sample, batch dimension kept with size 1 (a folded batch: the sample's k
     rows). The cotangent of an operand holding the batch is placed at its sample's
     slice of a zero tensor of its shape."""
-    sliced = [i for i, kind in enumerate(step.kinds) if kind == "batch" or (kind in ("param", "derived")
-                                                                            and step.dims[i] is not None)]
+    sliced = [
+        i
+        for i, kind in enumerate(step.kinds)
+        if kind == "batch" or (kind in ("param", "derived") and step.dims[i] is not None)
+    ]
     operands = [i for i, kind in enumerate(step.kinds) if kind in ("param", "derived")]
     folds = step.folds or (1,) * len(step.kinds)
     clone = _in_place(func)

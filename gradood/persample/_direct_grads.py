@@ -40,8 +40,9 @@ class DirectGradients:
     """Accumulates the per-sample gradients [B, numel] (or, with squared_only, the
     squared norms [B] of single-contribution parameters) of the direct parameters."""
 
-    def __init__(self, sources: Sequence[Source], batch: int, counts: Dict[str, int], squared_only: bool,
-                 dtype: torch.dtype):
+    def __init__(
+        self, sources: Sequence[Source], batch: int, counts: Dict[str, int], squared_only: bool, dtype: torch.dtype
+    ):
         self.batch, self.counts, self.dtype = batch, counts, dtype
         self.proxies: Dict[str, torch.Tensor] = {s.name: s.parameter.detach().requires_grad_() for s in sources}
         self.numels = {s.name: s.parameter.numel() for s in sources}
@@ -84,13 +85,17 @@ class DirectGradients:
     @staticmethod
     def _derivation_vjp(operand: torch.Tensor, proxies: List[torch.Tensor], chunk: torch.Tensor):
         try:
-            return torch.autograd.grad(operand, proxies, chunk, is_grads_batched=True, retain_graph=True,
-                                       allow_unused=True)
+            return torch.autograd.grad(
+                operand, proxies, chunk, is_grads_batched=True, retain_graph=True, allow_unused=True
+            )
         except RuntimeError:  # an op of the derivation without a batching rule: one sample at a time
-            per_sample = [torch.autograd.grad(operand, proxies, row, retain_graph=True, allow_unused=True)
-                          for row in chunk]
-            return [None if per_sample[0][k] is None else torch.stack([grads[k] for grads in per_sample])
-                    for k in range(len(proxies))]
+            per_sample = [
+                torch.autograd.grad(operand, proxies, row, retain_graph=True, allow_unused=True) for row in chunk
+            ]
+            return [
+                None if per_sample[0][k] is None else torch.stack([grads[k] for grads in per_sample])
+                for k in range(len(proxies))
+            ]
 
     def take_piece(self, name: str) -> bool:
         """Whether W's only use may be a recorder piece (a layer rule's norms from the
@@ -101,8 +106,15 @@ class DirectGradients:
         self.single.discard(name)
         return True
 
-    def linear_piece(self, name: str, inputs: torch.Tensor, output: torch.Tensor, batch_dim: int, fold: int,
-                     record: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
+    def linear_piece(
+        self,
+        name: str,
+        inputs: torch.Tensor,
+        output: torch.Tensor,
+        batch_dim: int,
+        fold: int,
+        record: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor],
+    ) -> torch.Tensor:
         """F.linear(x, W) with a direct W: the recorder's linear piece when it is W's
         only use (the linear rule's norms), else Σ_t g_t x_tᵀ added per sample."""
         if self.take_piece(name):
@@ -122,7 +134,9 @@ class DirectGradients:
             grads = grads.reshape(grads.shape[0], -1, grads.shape[-1])
             rows = max(1, _CHUNK_ELEMENTS // max(1, self.numels[name]))
             for start in range(0, grads.shape[0], rows):
-                self._add(name, start, outer_product_sums(activations[start : start + rows], grads[start : start + rows]))
+                self._add(
+                    name, start, outer_product_sums(activations[start : start + rows], grads[start : start + rows])
+                )
 
         return on_gradient(output, on_grad) if output.requires_grad else output  # a copy where it is a view
 

@@ -23,7 +23,7 @@ t (Σ_t g_tᵀ M_k a_t) costs T·K·p·d.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ class LayerGradients:
         """Per parameter: (mean over the batch [numel], Σ_i (G_i − mean)² [numel])."""
         raise NotImplementedError
 
-    def restrict(self, names: Tuple[str, ...]) -> "LayerGradients":
+    def restrict(self, names: Tuple[str, ...]) -> LayerGradients:
         """The same gradients for these parameters only (those the caller selected)."""
         if set(names) != set(self.numels):
             raise NotImplementedError(f"{type(self).__name__} cannot drop parameters")
@@ -83,7 +83,9 @@ class DenseLayerGradients(LayerGradients):
     sample ranges small enough that one chunk holds ≤ _CHUNK_ELEMENTS elements
     beyond what `per_sample_cost` elements per sample the rule reports."""
 
-    def __init__(self, count: int, numels: Dict[str, int], materialise: Callable[[int, int], Chunk], per_sample_cost: int = 0):
+    def __init__(
+        self, count: int, numels: Dict[str, int], materialise: Callable[[int, int], Chunk], per_sample_cost: int = 0
+    ):
         self.count, self.numels, self._materialise = count, dict(numels), materialise
         self._per_sample_cost = per_sample_cost
         self._chunk = max(1, _CHUNK_ELEMENTS // max(1, sum(numels.values()), per_sample_cost))
@@ -144,12 +146,15 @@ GradRule = Callable[[nn.Module, torch.Tensor, torch.Tensor], LayerGradients]
 _GRAD_RULES: Dict[object, GradRule] = {}  # by class or qualified class name
 
 
+_AnyGradRule = TypeVar("_AnyGradRule", bound=Callable[..., "LayerGradients"])
+
+
 def register_grad_rule(*module_types):
     """Registers the decorated function (module, input, grad_output) -> LayerGradients
     as the per-sample gradient rule of these module classes (exact classes, or
     qualified class names)."""
 
-    def decorate(rule: GradRule) -> GradRule:
+    def decorate(rule: _AnyGradRule) -> _AnyGradRule:
         for module_type in module_types:
             _GRAD_RULES[module_type] = rule
         return rule

@@ -55,7 +55,7 @@ from gradood.persample.fallback import torch_func_rule
 
 _PROBE_SIZES = (2, 3)
 _CACHE_PER_MODEL = 8
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict] = weakref.WeakKeyDictionary()
 _BROADCAST = contextvars.ContextVar("gradood_persample_broadcast", default=True)
 
 
@@ -69,11 +69,18 @@ def without_broadcast():
         _BROADCAST.reset(token)
 
 
-def cache_key(model: nn.Module, inputs: Inputs, layers: Sequence, sources: Sequence[Source], use_fallback: bool,
-              broadcast: bool) -> tuple:
-    return (model_io.signature(inputs), use_fallback, tuple(source.name for source in sources),
-            tuple((layer.name, layer.parameter_names) for layer in layers), tuple(map(id, model.modules())),
-            _hooks(model), broadcast)
+def cache_key(
+    model: nn.Module, inputs: Inputs, layers: Sequence, sources: Sequence[Source], use_fallback: bool, broadcast: bool
+) -> tuple:
+    return (
+        model_io.signature(inputs),
+        use_fallback,
+        tuple(source.name for source in sources),
+        tuple((layer.name, layer.parameter_names) for layer in layers),
+        tuple(map(id, model.modules())),
+        _hooks(model),
+        broadcast,
+    )
 
 
 def forget(model: nn.Module) -> None:
@@ -81,9 +88,10 @@ def forget(model: nn.Module) -> None:
     _CACHE.pop(model, None)
 
 
-def remember(model: nn.Module, key: tuple, layout: "Layout") -> None:
+def remember(model: nn.Module, key: tuple, layout: Layout) -> None:
     """Keeps `layout` for calls with this key (the broadcast-free one after a failed check)."""
     _CACHE.setdefault(model, OrderedDict())[key] = layout
+
 
 Key = Tuple[str, Optional[str]]  # (layer, piece)
 
@@ -100,9 +108,17 @@ class Layout:
     checks up to 3; a first call with one sample, or with identical ones, cannot
     show mixing, so a later call with more distinct samples checks again)."""
 
-    def __init__(self, batch_dims: Dict[Key, int], hosts: Dict[str, str], broadcast: Set[Key], direct: Set[str],
-                 direct_layers: Set[str], steps: List[Step], replayed: Dict[str, Tuple[str, ...]],
-                 folds: Dict[Key, int]):
+    def __init__(
+        self,
+        batch_dims: Dict[Key, int],
+        hosts: Dict[str, str],
+        broadcast: Set[Key],
+        direct: Set[str],
+        direct_layers: Set[str],
+        steps: List[Step],
+        replayed: Dict[str, Tuple[str, ...]],
+        folds: Dict[Key, int],
+    ):
         self.batch_dims, self.hosts, self.broadcast, self.folds = batch_dims, hosts, frozenset(broadcast), folds
         self.direct, self.direct_layers, self.steps = frozenset(direct), frozenset(direct_layers), steps
         self.replayed = replayed
@@ -184,7 +200,9 @@ def _run_probe(model: nn.Module, inputs: Inputs, size: int, layers: Sequence, so
     handles, overridden = [], []
     try:
         for module in model.modules():
-            handles.append(module.register_forward_pre_hook(probe.enter, prepend=True, with_kwargs=True))  # before weight_norm's
+            handles.append(
+                module.register_forward_pre_hook(probe.enter, prepend=True, with_kwargs=True)
+            )  # before weight_norm's
             handles.append(module.register_forward_hook(probe.leave, always_call=True))
         for layer in layers:
             if isinstance(layer.rule, CompositeRule):
@@ -219,11 +237,15 @@ def _batch_dim(shapes: Sequence[Optional[torch.Size]]) -> Optional[int]:
 def _layout_problem(shapes: Sequence[torch.Size]) -> str:
     first, second = shapes
     if first == second:
-        return (f"its input, {tuple(first)} at batch sizes {_PROBE_SIZES[0]} and {_PROBE_SIZES[1]} alike, does not depend "
-                "on the batch (the layer is applied to something all samples share), so its rows are not samples")
-    return (f"its input has shape {tuple(first)} at batch size {_PROBE_SIZES[0]} and {tuple(second)} at "
-            f"{_PROBE_SIZES[1]}: the rules need one batch dimension, the first (a features-last layer — Linear, "
-            "LayerNorm, RMSNorm, Embedding — may have it anywhere)")
+        return (
+            f"its input, {tuple(first)} at batch sizes {_PROBE_SIZES[0]} and {_PROBE_SIZES[1]} alike, does not depend "
+            "on the batch (the layer is applied to something all samples share), so its rows are not samples"
+        )
+    return (
+        f"its input has shape {tuple(first)} at batch size {_PROBE_SIZES[0]} and {tuple(second)} at "
+        f"{_PROBE_SIZES[1]}: the rules need one batch dimension, the first (a features-last layer — Linear, "
+        "LayerNorm, RMSNorm, Embedding — may have it anywhere)"
+    )
 
 
 def _hooks(model: nn.Module) -> tuple:
@@ -234,16 +256,23 @@ def _hooks(model: nn.Module) -> tuple:
     changes while all these stay (a flag read in forward) is not seen: check again with
     a fresh model object, or compare with gradood.testing's loops."""
     hooks = nn.modules.module
-    own = tuple((index, tuple(module._forward_hooks), tuple(module._forward_pre_hooks))
-                for index, module in enumerate(model.modules()) if module._forward_hooks or module._forward_pre_hooks)
-    replaced = tuple((index, type(module), id(module.__dict__.get("forward"))) for index, module in enumerate(model.modules())
-                     if "forward" in module.__dict__)  # an instance forward set after the first call
+    own = tuple(
+        (index, tuple(module._forward_hooks), tuple(module._forward_pre_hooks))
+        for index, module in enumerate(model.modules())
+        if module._forward_hooks or module._forward_pre_hooks
+    )
+    replaced = tuple(
+        (index, type(module), id(module.__dict__.get("forward")))
+        for index, module in enumerate(model.modules())
+        if "forward" in module.__dict__
+    )  # an instance forward set after the first call
     classes = tuple(map(type, model.modules()))  # a __class__ swapped
     return own, replaced, classes, tuple(hooks._global_forward_hooks), tuple(hooks._global_forward_pre_hooks)
 
 
-def probe_layout(where: str, model: nn.Module, inputs: Inputs, layers: Sequence, sources: Sequence[Source],
-                 use_fallback: bool) -> Layout:
+def probe_layout(
+    where: str, model: nn.Module, inputs: Inputs, layers: Sequence, sources: Sequence[Source], use_fallback: bool
+) -> Layout:
     """The layout of this pass (cached per model, input signature and parameter
     selection); raises ValueError where no exact way is found."""
     broadcast = _BROADCAST.get()
@@ -275,8 +304,14 @@ def _is_broadcast(shapes: Sequence[torch.Size]) -> bool:
     return first == second and len(first) >= 1 and first[0] == 1
 
 
-def _decide(where: str, layers: Sequence, sources: Sequence[Source], probes: List[_Probe], use_fallback: bool,
-            allow_broadcast: bool = True) -> Layout:
+def _decide(
+    where: str,
+    layers: Sequence,
+    sources: Sequence[Source],
+    probes: List[_Probe],
+    use_fallback: bool,
+    allow_broadcast: bool = True,
+) -> Layout:
     by_name = {layer.name: layer for layer in layers}
     rule_layers = {layer.name for layer in layers if layer.rule is not torch_func_rule}
     batch_dims: Dict[Key, int] = {}
@@ -300,8 +335,10 @@ def _decide(where: str, layers: Sequence, sources: Sequence[Source], probes: Lis
                     f"{where}: {problem}. Pass fallback='torch.func' to compute that layer's per-sample gradients by "
                     f"replaying {candidate or 'the model'} with torch.func, or exclude its parameters with `params`"
                 )
-        raise ValueError(f"{where}: {problem}; no module around it takes the batch as one tensor to replay it per "
-                         "sample. Exclude its parameters with `params`, or freeze them")
+        raise ValueError(
+            f"{where}: {problem}; no module around it takes the batch as one tensor to replay it per "
+            "sample. Exclude its parameters with `params`, or freeze them"
+        )
 
     for name in sorted(set(probes[0].outside) | set(probes[1].outside)):
         layer = by_name[name]
@@ -310,9 +347,11 @@ def _decide(where: str, layers: Sequence, sources: Sequence[Source], probes: Lis
             continue
         seen = [probe.outside[name] for probe in probes if name in probe.outside]
         active = [module for module in seen[0][1] if all(module in modules for _, modules in seen)]
-        problem = (f"parameter {seen[0][0]!r} of {name or 'the model'} ({type(layer.module).__name__}) is used outside "
-                   f"that module's forward (inside {(active[-1] if active else '') or 'the model'}'s forward), so its "
-                   "per-sample gradient has a part the layer's rule does not see")
+        problem = (
+            f"parameter {seen[0][0]!r} of {name or 'the model'} ({type(layer.module).__name__}) is used outside "
+            f"that module's forward (inside {(active[-1] if active else '') or 'the model'}'s forward), so its "
+            "per-sample gradient has a part the layer's rule does not see"
+        )
         host_for(name, active, problem)
 
     keys = set(probes[0].shapes) & set(probes[1].shapes)

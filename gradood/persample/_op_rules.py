@@ -26,7 +26,11 @@ def _batch_norm(arguments) -> Optional[Statistics]:
     mean, variance, eps = arguments["running_mean"], arguments["running_var"], arguments.get("eps", 1e-5)
 
     def statistics(x):  # x [B, C, T]
-        return x, mean.to(x.dtype)[None, :, None].expand_as(x), torch.rsqrt(variance.to(x.dtype) + eps)[None, :, None].expand_as(x)
+        return (
+            x,
+            mean.to(x.dtype)[None, :, None].expand_as(x),
+            torch.rsqrt(variance.to(x.dtype) + eps)[None, :, None].expand_as(x),
+        )
 
     return statistics
 
@@ -87,8 +91,11 @@ def norm_cotangents(name: str, args: tuple, kwargs: dict, leaves: list, step) ->
         return None
     x = arguments.get("input")
     positions = {id(leaf): i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)}
-    if not isinstance(x, torch.Tensor) or step.kinds[positions.get(id(x), -1)] != "batch" \
-            or step.dims[positions[id(x)]] != 0:
+    if (
+        not isinstance(x, torch.Tensor)
+        or step.kinds[positions.get(id(x), -1)] != "batch"
+        or step.dims[positions[id(x)]] != 0
+    ):
         return None
     fold = step.folds[positions[id(x)]] if step.folds else 1  # k rows per sample: their sums
     wanted: List[Tuple[str, torch.Tensor, frozenset]] = []
@@ -116,8 +123,10 @@ def norm_cotangents(name: str, args: tuple, kwargs: dict, leaves: list, step) ->
             g = grad.reshape(batch, -1, inputs.shape[1]).transpose(1, 2)
         d_weight, d_bias = torch.ops.gradood.norm_affine_grads(g, inputs, shift, scale)
         samples = batch // fold
-        per_role = {"weight": d_weight.reshape(samples, fold, -1).sum(1), "bias": d_bias.reshape(samples, fold, -1).sum(1)}
-        return [(tensor, per_role[role].reshape(samples, *tensor.shape), sources)
-                for role, tensor, sources in wanted]
+        per_role = {
+            "weight": d_weight.reshape(samples, fold, -1).sum(1),
+            "bias": d_bias.reshape(samples, fold, -1).sum(1),
+        }
+        return [(tensor, per_role[role].reshape(samples, *tensor.shape), sources) for role, tensor, sources in wanted]
 
     return cotangents

@@ -52,9 +52,16 @@ class Recorder:
     continues from a copy of it (an in-place op on a leaf that requires grad is an
     error)."""
 
-    def __init__(self, where: str, consume: Callable[[str, Dict[Optional[str], tuple]], object], deferred: Iterable[str],
-                 batch: int, batch_dims: Dict[Tuple[str, Optional[str]], int], broadcast: Iterable = (),
-                 folds: Optional[Dict[Tuple[str, Optional[str]], int]] = None):
+    def __init__(
+        self,
+        where: str,
+        consume: Callable[[str, Dict[Optional[str], tuple]], object],
+        deferred: Iterable[str],
+        batch: int,
+        batch_dims: Dict[Tuple[str, Optional[str]], int],
+        broadcast: Iterable = (),
+        folds: Optional[Dict[Tuple[str, Optional[str]], int]] = None,
+    ):
         self.where = where
         self.batch, self.batch_dims, self.folds = batch, batch_dims, folds or {}
         self.broadcast = set(broadcast)  # (layer, piece) whose input has a leading 1 shared by the batch
@@ -65,8 +72,14 @@ class Recorder:
         self.results: Dict[str, object] = {}
         self.backward_started = False
 
-    def record(self, key: Tuple[str, Optional[str]], layer_input: torch.Tensor, output: torch.Tensor,
-               batch_dim: Optional[int] = None, fold: Optional[int] = None) -> torch.Tensor:
+    def record(
+        self,
+        key: Tuple[str, Optional[str]],
+        layer_input: torch.Tensor,
+        output: torch.Tensor,
+        batch_dim: Optional[int] = None,
+        fold: Optional[int] = None,
+    ) -> torch.Tensor:
         layer, piece = key
         pieces = self.layers.setdefault(layer, {})
         if layer in self.results:
@@ -134,8 +147,10 @@ class Recorder:
 def record_output(recorder: Recorder, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> torch.Tensor:
     layer_input = layer_input_of(args, kwargs)
     if layer_input is None or not isinstance(output, torch.Tensor):
-        raise ValueError(f"{recorder.where}: {name or 'the model'} ({type(module).__name__}) was called without a tensor "
-                         "input or did not return a tensor; its rule needs both")
+        raise ValueError(
+            f"{recorder.where}: {name or 'the model'} ({type(module).__name__}) was called without a tensor "
+            "input or did not return a tensor; its rule needs both"
+        )
     return recorder.record((name, None), layer_input, output)
 
 
@@ -148,5 +163,7 @@ def record_single_input(recorder: Recorder, name: str, module: nn.Module, args: 
     return recorder.record((name, None), args[0], output)
 
 
-def record_piece(recorder: Recorder, name: str, piece: str, layer_input: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+def record_piece(
+    recorder: Recorder, name: str, piece: str, layer_input: torch.Tensor, output: torch.Tensor
+) -> torch.Tensor:
     return recorder.record((name, piece), layer_input, output)

@@ -65,8 +65,10 @@ def concatenated(module: nn.Module, pieces: Pieces) -> Optional[Pieces]:
         inputs = torch.cat(ids, 1)
         if module.scale_grad_by_freq:  # each call divides by its own counts; the rule will divide by all calls' counts
             every = id_counts(module, inputs).split([part.shape[1] for part in ids], 1)
-            grads = [grad * (total.to(grad.dtype) / id_counts(module, part).to(grad.dtype)).unsqueeze(-1)
-                     for grad, total, part in zip(grads, every, ids)]
+            grads = [
+                grad * (total.to(grad.dtype) / id_counts(module, part).to(grad.dtype)).unsqueeze(-1)
+                for grad, total, part in zip(grads, every, ids)
+            ]
     return {None: (inputs, torch.cat(grads, 1))}
 
 
@@ -84,8 +86,7 @@ def summed_gradients(per_call: List[LayerGradients]) -> DenseLayerGradients:
                 total[name] = value if name not in total else total[name] + value
         return total
 
-    return DenseLayerGradients(first.count, first.numels, materialise,
-                               max(grads._per_sample_cost for grads in dense))
+    return DenseLayerGradients(first.count, first.numels, materialise, max(grads._per_sample_cost for grads in dense))
 
 
 def squared_norms(gradients: DenseLayerGradients) -> Dict[str, torch.Tensor]:
@@ -99,4 +100,3 @@ def squared_norms(gradients: DenseLayerGradients) -> Dict[str, torch.Tensor]:
 
 def reused_gradients(pieces: Pieces, per_call: Callable[[Pieces], LayerGradients]) -> LayerGradients:
     return summed_gradients([per_call(use) for use in calls(pieces)])
-

@@ -8,7 +8,7 @@ gradient beyond a bounded chunk, never a summed `.grad`.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Type, Union
+from typing import Callable, Dict, NamedTuple, Type, TypeVar, Union
 
 import torch
 from torch import nn
@@ -23,13 +23,15 @@ class RuleResult(NamedTuple):
 
 
 Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor], RuleResult]
+# A rule as written: its first parameter typed as the module class it handles.
+_AnyRule = TypeVar("_AnyRule", bound=Callable[..., RuleResult])
 
 #: A module class, or the qualified name of one ("timm.layers.std_conv.StdConv2d") for
 #: third-party classes, matched when that package is loaded without importing it here.
 ModuleType = Union[Type[nn.Module], str]
 
 _RULES: Dict[ModuleType, Rule] = {}
-_COMPOSITE_RULES: Dict[ModuleType, "CompositeRule"] = {}
+_COMPOSITE_RULES: Dict[ModuleType, CompositeRule] = {}
 
 
 class CompositeRule:
@@ -53,6 +55,7 @@ class CompositeRule:
         keyed like norms()."""
         raise NotImplementedError
 
+
 # Elements of the largest per-sample intermediate a chunk may hold (≈256 MB in float32).
 _CHUNK_ELEMENTS = 1 << 26
 
@@ -72,7 +75,7 @@ def register_rule(*module_types: ModuleType):
     (exact classes, or qualified class names: a subclass with a different forward
     needs its own rule)."""
 
-    def decorate(rule: Rule) -> Rule:
+    def decorate(rule: _AnyRule) -> _AnyRule:
         for module_type in module_types:
             _RULES[module_type] = rule
         return rule

@@ -64,8 +64,11 @@ def distinct_samples(inputs, limit: int = PROBE) -> torch.Tensor:
     """Indices of up to `limit` samples that differ pairwise in some input tensor (the first
     ones found): identical samples cannot show a model that mixes them."""
     batch = model_io.batch_size(inputs)
-    rows = [tensor.reshape(batch, -1) for tensor in model_io.tensors(inputs).values()
-            if tensor.dim() > 0 and tensor.shape[0] == batch]
+    rows = [
+        tensor.reshape(batch, -1)
+        for tensor in model_io.tensors(inputs).values()
+        if tensor.dim() > 0 and tensor.shape[0] == batch
+    ]
     kept = [0]
     new = torch.ones(batch, dtype=torch.bool)
     while len(kept) < min(limit, batch):
@@ -85,8 +88,9 @@ def _probe_batch(inputs):
     return model_io.select(inputs, index), index.numel()
 
 
-def single_sample_gradients(model: nn.Module, inputs, count: int, names: Sequence[str], logits_fn,
-                            loss) -> List[Dict[str, Optional[torch.Tensor]]]:
+def single_sample_gradients(
+    model: nn.Module, inputs, count: int, names: Sequence[str], logits_fn, loss
+) -> List[Dict[str, Optional[torch.Tensor]]]:
     """For each of the first `count` samples alone, the gradient of loss w.r.t. each named
     parameter (None where it gets none); the model's flags restored, no .grad written."""
     parameters = dict(model.named_parameters())
@@ -154,17 +158,28 @@ def check_norms(where: str, model: nn.Module, inputs, params, functional_params,
     batch, count = _probe_batch(inputs)
     model, batch, dtype = _in_float64(model, batch)
     loss = _projection(dtype)
-    ours = persample_grad_norms(model, batch, loss=loss, params=params, per_layer=True, verify=False,
-                                functional_params=functional_params, fallback=fallback, logits=logits_fn)
+    ours = persample_grad_norms(
+        model,
+        batch,
+        loss=loss,
+        params=params,
+        per_layer=True,
+        verify=False,
+        functional_params=functional_params,
+        fallback=fallback,
+        logits=logits_fn,
+    )
     names = [name for group in ours.parameters for name in group]
     reference = single_sample_gradients(model, batch, count, names, logits_fn, loss)
     rtol, atol = _tolerance(dtype)
     problems = []
     for index, grads in enumerate(reference):
-        per_layer = [sum(float(grads[n].double().square().sum()) for n in group if grads[n] is not None)
-                     for group in ours.parameters]
+        per_layer = [
+            sum(float(grads[n].double().square().sum()) for n in group if grads[n] is not None)
+            for group in ours.parameters
+        ]
         total = sum(per_layer)
-        for layer, group, expected in zip(ours.layer_names, ours.parameters, per_layer):
+        for layer, expected in zip(ours.layer_names, per_layer):
             got = float(ours.per_layer[index, ours.layer_names.index(layer)])
             if abs(got - expected) > rtol * expected + atol * total:
                 problems.append(f"{layer or 'the model'} (sample {index}: {got:.6g} against {expected:.6g})")
@@ -172,25 +187,38 @@ def check_norms(where: str, model: nn.Module, inputs, params, functional_params,
         raise _explain(where, problems)
 
 
-def check_gradients(where: str, model: nn.Module, inputs, params, functional_params, fallback, logits_fn,
-                    layout) -> None:
+def check_gradients(
+    where: str, model: nn.Module, inputs, params, functional_params, fallback, logits_fn, layout
+) -> None:
     from gradood.persample.engine import persample_gradients
 
     batch, count = _probe_batch(inputs)
     model, batch, dtype = _in_float64(model, batch)
     loss = _projection(dtype)
-    ours = persample_gradients(model, batch, loss=loss, params=params, functional_params=functional_params,
-                               fallback=fallback, logits=logits_fn, verify=False)
+    ours = persample_gradients(
+        model,
+        batch,
+        loss=loss,
+        params=params,
+        functional_params=functional_params,
+        fallback=fallback,
+        logits=logits_fn,
+        verify=False,
+    )
     names = list(ours.names)
     reference = single_sample_gradients(model, batch, count, names, logits_fn, loss)
     generator = torch.Generator().manual_seed(4321)
     rtol, atol = _tolerance(dtype)
     problems = []
-    totals = [sum(float(g.double().square().sum()) for g in grads.values() if g is not None) ** 0.5 for grads in reference]
+    totals = [
+        sum(float(g.double().square().sum()) for g in grads.values() if g is not None) ** 0.5 for grads in reference
+    ]
     for name in names:  # each parameter projected on 3 random directions
         numel = int(torch.Size(ours.shapes[name]).numel())
-        directions = {other: torch.zeros(3, int(torch.Size(shape).numel()), dtype=torch.float64)
-                      for other, shape in ours.shapes.items()}
+        directions = {
+            other: torch.zeros(3, int(torch.Size(shape).numel()), dtype=torch.float64)
+            for other, shape in ours.shapes.items()
+        }
         directions[name] = torch.randn(3, numel, generator=generator, dtype=torch.float64)
         compute = ours.logits.dtype if ours.logits.dtype == torch.float64 else torch.float32
         device = ours.logits.device
@@ -219,16 +247,25 @@ def call_check_count(where: str, verify) -> int:
         return 0
     if isinstance(verify, int) and verify >= 1:
         return verify
-    raise ValueError(f"{where}: verify must be True, False or a number of samples k >= 1 to check on every call, "
-                     f"got {verify!r}")
+    raise ValueError(
+        f"{where}: verify must be True, False or a number of samples k >= 1 to check on every call, got {verify!r}"
+    )
 
 
 def _call_samples(batch: int, count: int) -> List[int]:
     return sorted(_CALL_SAMPLES.sample(range(batch), min(count, batch)))
 
 
-def _chosen_gradients(model: nn.Module, inputs, chosen: Sequence[int], names: Sequence[str], logits_fn,
-                      loss, temperature: float, targets: Optional[torch.Tensor]):
+def _chosen_gradients(
+    model: nn.Module,
+    inputs,
+    chosen: Sequence[int],
+    names: Sequence[str],
+    logits_fn,
+    loss,
+    temperature: float,
+    targets: Optional[torch.Tensor],
+):
     """Plain-autograd gradients of the call's own loss for the samples `chosen` of the
     call, each alone, on one float64 copy of the model (only the pass's round-off counts)."""
     from gradood.persample.losses import per_sample_loss
@@ -244,9 +281,19 @@ def _chosen_gradients(model: nn.Module, inputs, chosen: Sequence[int], names: Se
     return single_sample_gradients(reference, subset, len(chosen), names, logits_fn, own_loss)
 
 
-def check_call_norms(where: str, model: nn.Module, inputs, loss, temperature: float,
-                     targets: Optional[torch.Tensor], logits_fn, groups: Sequence[Tuple[str, ...]],
-                     layer_names: Sequence[str], squared: torch.Tensor, count: int) -> None:
+def check_call_norms(
+    where: str,
+    model: nn.Module,
+    inputs,
+    loss,
+    temperature: float,
+    targets: Optional[torch.Tensor],
+    logits_fn,
+    groups: Sequence[Tuple[str, ...]],
+    layer_names: Sequence[str],
+    squared: torch.Tensor,
+    count: int,
+) -> None:
     """Compares the per-layer squared norms `squared` [B, L] of this call with plain
     autograd on `count` random samples of it, each alone (the call's own loss)."""
     batch = squared.shape[0]
@@ -254,35 +301,51 @@ def check_call_norms(where: str, model: nn.Module, inputs, loss, temperature: fl
     names = [name for group in groups for name in group]
     problems = []
     chosen = _call_samples(batch, count)
-    for index, grads in zip(chosen, _chosen_gradients(model, inputs, chosen, names, logits_fn,
-                                                      loss, temperature, targets)):
-        per_layer = [sum(float(grads[n].double().square().sum()) for n in group if grads[n] is not None)
-                     for group in groups]
+    for index, grads in zip(
+        chosen, _chosen_gradients(model, inputs, chosen, names, logits_fn, loss, temperature, targets)
+    ):
+        per_layer = [
+            sum(float(grads[n].double().square().sum()) for n in group if grads[n] is not None) for group in groups
+        ]
         total = sum(per_layer)
         for column, (layer, expected) in enumerate(zip(layer_names, per_layer)):
             got = float(squared[index, column])
             if not abs(got - expected) <= rtol * expected + atol * total:
-                problems.append(f"{layer or 'the model'} (sample {index} of the call: {got:.6g} against {expected:.6g})")
+                problems.append(
+                    f"{layer or 'the model'} (sample {index} of the call: {got:.6g} against {expected:.6g})"
+                )
     if problems:
         raise _explain_call(where, problems)
 
 
-def check_call_gradients(where: str, model: nn.Module, inputs, loss, temperature: float,
-                         targets: Optional[torch.Tensor], logits_fn, ours, count: int) -> None:
+def check_call_gradients(
+    where: str,
+    model: nn.Module,
+    inputs,
+    loss,
+    temperature: float,
+    targets: Optional[torch.Tensor],
+    logits_fn,
+    ours,
+    count: int,
+) -> None:
     """Compares the per-sample gradients of this call, projected on 3 random directions
     over all selected parameters, with plain autograd on `count` random samples alone."""
     names = list(ours.names)
     generator = torch.Generator().manual_seed(_CALL_SAMPLES.randrange(1 << 31))
-    directions = {name: torch.randn(3, int(torch.Size(ours.shapes[name]).numel()), generator=generator,
-                                    dtype=torch.float64) for name in names}
+    directions = {
+        name: torch.randn(3, int(torch.Size(ours.shapes[name]).numel()), generator=generator, dtype=torch.float64)
+        for name in names
+    }
     compute = ours.logits.dtype if ours.logits.dtype == torch.float64 else torch.float32
     got = ours.project({k: v.to(ours.logits.device, compute) for k, v in directions.items()}).double().cpu()
     rtol, atol = _tolerance(_model_dtype(model))
     length = sum(float(d.square().sum(1).max()) for d in directions.values()) ** 0.5
     problems = []
     chosen = _call_samples(ours.count, count)
-    for index, grads in zip(chosen, _chosen_gradients(model, inputs, chosen, names, logits_fn,
-                                                      loss, temperature, targets)):
+    for index, grads in zip(
+        chosen, _chosen_gradients(model, inputs, chosen, names, logits_fn, loss, temperature, targets)
+    ):
         expected = torch.zeros(3, dtype=torch.float64)
         size = 0.0
         for name in names:
@@ -291,8 +354,10 @@ def check_call_gradients(where: str, model: nn.Module, inputs, loss, temperature
                 expected += directions[name] @ flat
                 size += float(flat.square().sum())
         error = float((got[index] - expected).abs().max())
-        if not error <= rtol * float(expected.abs().max()) + atol * size ** 0.5 * length:
-            problems.append(f"sample {index} of the call (projections {got[index].tolist()} against {expected.tolist()})")
+        if not error <= rtol * float(expected.abs().max()) + atol * size**0.5 * length:
+            problems.append(
+                f"sample {index} of the call (projections {got[index].tolist()} against {expected.tolist()})"
+            )
     if problems:
         raise _explain_call(where, problems)
 

@@ -31,8 +31,11 @@ def _contiguous_gradient(module: nn.Module, args: tuple, output) -> None:
 
 @contextlib.contextmanager
 def batch_norm_gradient_layout(model: nn.Module) -> Iterator[None]:
-    handles = [module.register_forward_hook(_contiguous_gradient) for module in model.modules()
-               if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    handles = [
+        module.register_forward_hook(_contiguous_gradient)
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    ]
     try:
         yield
     finally:

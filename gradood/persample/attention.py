@@ -31,8 +31,19 @@ def _additive(mask, dtype):
 
 @register_composite_rule(nn.MultiheadAttention)
 class MultiheadAttentionRule(CompositeRule):
-    def forward(self, module, record, query, key, value, key_padding_mask=None, need_weights=True,
-                attn_mask=None, average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        module,
+        record,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         name = type(module).__name__
         if module.bias_k is not None or module.add_zero_attn:
             raise ValueError(f"gradood.persample_grad_norms: {name} with add_bias_kv or add_zero_attn is not supported")
@@ -115,7 +126,9 @@ class MultiheadAttentionRule(CompositeRule):
             count = end - start
             chunk = {}
             if module._qkv_same_embed_dim:
-                chunk["in_proj_weight"] = torch.cat([weight(p, start, end) for p in ("q", "k", "v")], 1).reshape(count, -1)
+                chunk["in_proj_weight"] = torch.cat([weight(p, start, end) for p in ("q", "k", "v")], 1).reshape(
+                    count, -1
+                )
             else:
                 for piece in ("q", "k", "v"):
                     chunk[f"{piece}_proj_weight"] = weight(piece, start, end).reshape(count, -1)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from gradood.persample._grads import DenseLayerGradients, outer_product_sums, register_grad_rule
 from gradood.persample._rules import RuleResult, prefers_ghost, register_rule
 
 
-def _padded(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def _padded(module: _ConvNd, inputs: torch.Tensor) -> torch.Tensor:
     # The exact padding the module's forward applies ('same' may be asymmetric).
     padding = module._reversed_padding_repeated_twice
     if not any(padding):
@@ -20,15 +21,20 @@ def _padded(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return F.pad(inputs, padding, mode=mode)
 
 
-def _as_conv2d(module: nn.Module, padded: torch.Tensor, grad_output: torch.Tensor):
+def _as_conv2d(module: _ConvNd, padded: torch.Tensor, grad_output: torch.Tensor):
     """A Conv1d as a 2-D convolution of height 1: (padded, grad_output, kernel, stride, dilation)."""
     if isinstance(module, nn.Conv1d):
-        return (padded.unsqueeze(2), grad_output.unsqueeze(2), (1, *module.kernel_size), (1, *module.stride),
-                (1, *module.dilation))
+        return (
+            padded.unsqueeze(2),
+            grad_output.unsqueeze(2),
+            (1, *module.kernel_size),
+            (1, *module.stride),
+            (1, *module.dilation),
+        )
     return padded, grad_output, module.kernel_size, module.stride, module.dilation
 
 
-def _grouped_rows(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor):
+def _grouped_rows(module: _ConvNd, inputs: torch.Tensor, grad_output: torch.Tensor):
     """Per group, the patches a_t (im2col of the padded input) [B·groups, T, d/groups]
     and the output gradients g_t [B·groups, T, p/groups]."""
     batch, groups = inputs.shape[0], module.groups
@@ -46,7 +52,7 @@ def _bias_grads(grad_output: torch.Tensor) -> torch.Tensor:
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)
-def conv_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
+def conv_rule(module: _ConvNd, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
     """Per group, the patches a_t and output gradients g_t give ‖Σ_t g_t a_tᵀ‖²
     (ghost or materialise by the FLOP rule; gradood::conv2d_weight_sq_norm, an
     implicit GEMM on CUDA); bias: ‖Σ_t g_t‖²."""
@@ -55,8 +61,9 @@ def conv_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor
     in_features = module.weight[0].numel()  # per group: C_in/groups · kernel taps
     ghost = prefers_ghost(positions, in_features, module.out_channels // module.groups)
     method = "ghost" if ghost else "materialise"
-    squared = torch.ops.gradood.conv2d_weight_sq_norm(padded, grads, list(kernel), list(stride), list(dilation),
-                                                      module.groups, method)
+    squared = torch.ops.gradood.conv2d_weight_sq_norm(
+        padded, grads, list(kernel), list(stride), list(dilation), module.groups, method
+    )
     squared_norms = {"weight": squared.to(grad_output.dtype)}
     if module.bias is not None:
         squared_norms["bias"] = _bias_grads(grad_output).square().sum(1)
@@ -64,7 +71,7 @@ def conv_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor
 
 
 @register_grad_rule(nn.Conv1d, nn.Conv2d)
-def conv_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> DenseLayerGradients:
+def conv_grads(module: _ConvNd, inputs: torch.Tensor, grad_output: torch.Tensor) -> DenseLayerGradients:
     """weight: per group Σ_t g_t a_tᵀ, laid out as the weight [C_out, C_in/groups, *kernel];
     bias: Σ_t g_t. Patches are unfolded per chunk of samples."""
     batch = inputs.shape[0]

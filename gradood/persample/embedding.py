@@ -81,7 +81,9 @@ class EmbeddingGradients(LayerGradients):
         # Σ_i (G_i − m)² = Σ_{present} (row − m)² + (n − present) m².
         total = self.rows.new_zeros(self.shape).index_add_(0, self.ids, self.rows)
         mean = total / self.count
-        present = self.rows.new_zeros(self.shape[0]).index_add_(0, self.ids, torch.ones_like(self.ids, dtype=self.rows.dtype))
+        present = self.rows.new_zeros(self.shape[0]).index_add_(
+            0, self.ids, torch.ones_like(self.ids, dtype=self.rows.dtype)
+        )
         squares = self.rows.new_zeros(self.shape).index_add_(0, self.ids, (self.rows - mean[self.ids]).square())
         squares += (self.count - present)[:, None] * mean.square()
         return {self.key: (mean.reshape(-1), squares.reshape(-1))}

@@ -21,19 +21,17 @@ from torch import nn
 from gradood import model_io
 from gradood._checks import check_positive
 from gradood.model_io import Inputs, LogitsFn
-from gradood.persample import attention, conv, embedding, linear, norm, std_conv, transformers_conv1d  # noqa: F401  (rules)
+from gradood.persample import _layout, _verify, attention, conv, embedding, linear, norm, std_conv, transformers_conv1d  # noqa: F401  (rules)
+from gradood.persample._caches import empty_tensor_caches
+from gradood.persample._consume import DIRECT_EMBEDDING, DIRECT_LINEAR, EmbeddingCall, layer_gradients, layer_norms
 from gradood.persample._direct import LayoutChanged, PassTracker, Source
-from gradood.persample._outside_use import watch_outside_uses
 from gradood.persample._direct_grads import DirectGradients, contributions
 from gradood.persample._grads import DenseLayerGradients, LayerGradients
-from gradood.persample import _layout
 from gradood.persample._layout import probe_layout
-from gradood.persample import _verify
-from gradood.persample._caches import empty_tensor_caches
-from gradood.persample._workarounds import batch_norm_gradient_layout
-from gradood.persample._consume import DIRECT_EMBEDDING, DIRECT_LINEAR, EmbeddingCall, layer_gradients, layer_norms
+from gradood.persample._outside_use import watch_outside_uses
 from gradood.persample._recorder import Recorder, record_output, record_piece, record_single_input
 from gradood.persample._rules import CompositeRule, rule_for
+from gradood.persample._workarounds import batch_norm_gradient_layout
 from gradood.persample.fallback import torch_func_rule
 from gradood.persample.losses import LOSSES, Loss, per_sample_loss
 
@@ -85,7 +83,9 @@ def _refuse_sample_mixing(model: nn.Module, where: str) -> None:
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.training:
             raise ValueError(f"{where}: {name} ({type(module).__name__}) is in train mode: call model.eval() first")
         if isinstance(module, nn.MultiheadAttention) and module.training and module.dropout > 0:
-            raise ValueError(f"{where}: {name} (MultiheadAttention) applies dropout in train mode: call model.eval() first")
+            raise ValueError(
+                f"{where}: {name} (MultiheadAttention) applies dropout in train mode: call model.eval() first"
+            )
 
 
 def _select(model: nn.Module, params: ParamSelector, where: str) -> Dict[str, nn.Parameter]:
@@ -153,7 +153,9 @@ def _layers(
     return list(by_module.values()), functional, sources
 
 
-def _apply_layout(model: nn.Module, layers: List[_Layer], sources: List[Source], layout) -> Tuple[List[_Layer], List[Source]]:
+def _apply_layout(
+    model: nn.Module, layers: List[_Layer], sources: List[Source], layout
+) -> Tuple[List[_Layer], List[Source]]:
     """The layers and direct parameters of the pass: direct layers' parameters join the
     direct ones, hosts take over handed-over layers, and the modules of parameters the
     layout replays with torch.func become torch.func layers."""
@@ -199,8 +201,17 @@ def _hand_over(model: nn.Module, layers: List[_Layer], hosts: Dict[str, str]) ->
     return list(result.values())
 
 
-def _checked(where: str, model: nn.Module, inputs: Inputs, layers: List[_Layer], sources: List[Source],
-             use_fallback: bool, layout, distinct: int, verify: Callable[[object], None]):
+def _checked(
+    where: str,
+    model: nn.Module,
+    inputs: Inputs,
+    layers: List[_Layer],
+    sources: List[Source],
+    use_fallback: bool,
+    layout,
+    distinct: int,
+    verify: Callable[[object], None],
+):
     """The layout after the single-sample check; where it fails with layers broadcast
     over a shared leading-1 input, the layout found with none broadcast if that one
     passes (kept for later calls), else the first failure."""
@@ -326,9 +337,12 @@ def _run_pass_once(
     layers, sources = _apply_layout(model, layers, sources, layout)
 
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    direct = DirectGradients(sources, batch, contributions(layout.steps), squared_only, compute_dtype(_model_dtype(model)))
-    direct_linear = {source.name: _Layer(source.name, source.module, (source.short_name,), DIRECT_LINEAR)
-                     for source in sources}
+    direct = DirectGradients(
+        sources, batch, contributions(layout.steps), squared_only, compute_dtype(_model_dtype(model))
+    )
+    direct_linear = {
+        source.name: _Layer(source.name, source.module, (source.short_name,), DIRECT_LINEAR) for source in sources
+    }
     by_name = {layer.name: layer for layer in layers}
     by_name.update(direct_linear)
     recorder = Recorder(
@@ -342,8 +356,14 @@ def _run_pass_once(
     )
 
     def linear_piece(name: str, step: int, x: torch.Tensor, output: torch.Tensor, batch_dim: int, fold: int):
-        return direct.linear_piece(name, x, output, batch_dim, fold, lambda a, out, dim, k: recorder.record(
-            (name, f"op{step}"), a, out, batch_dim=dim, fold=k))
+        return direct.linear_piece(
+            name,
+            x,
+            output,
+            batch_dim,
+            fold,
+            lambda a, out, dim, k: recorder.record((name, f"op{step}"), a, out, batch_dim=dim, fold=k),
+        )
 
     def embedding_piece(name: str, step: int, batch_dim: int, fold: int, padding_idx, scale_grad_by_freq: bool):
         if not direct.take_piece(name):
@@ -354,8 +374,14 @@ def _run_pass_once(
         return lambda ids, out: recorder.record((name, f"op{step}"), ids, out, batch_dim=batch_dim, fold=fold)
 
     proxies = {id(source.parameter): direct.proxies[source.name] for source in sources}
-    tracker = PassTracker(where, layout.steps, {id(proxy): name for name, proxy in direct.proxies.items()},
-                          direct.sink, linear_piece, embedding_piece)
+    tracker = PassTracker(
+        where,
+        layout.steps,
+        {id(proxy): name for name, proxy in direct.proxies.items()},
+        direct.sink,
+        linear_piece,
+        embedding_piece,
+    )
     handles, overridden, substituted = [], [], []
     saved_parameters: Dict[int, Tuple[nn.Module, dict]] = {}  # each module's table, as it was
 
@@ -397,18 +423,25 @@ def _run_pass_once(
                 overridden.append(layer.module)
             else:
                 hook = record_single_input if layer.rule is torch_func_rule else record_output
-                handles.append(layer.module.register_forward_hook(functools.partial(hook, recorder, layer.name),
-                                                                  with_kwargs=True))
+                handles.append(
+                    layer.module.register_forward_hook(functools.partial(hook, recorder, layer.name), with_kwargs=True)
+                )
         captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         for name in capture:  # after the recorder's hooks: they see the outputs the graph continues from
             handles.append(model.get_submodule(name).register_forward_hook(functools.partial(_capture, captured, name)))
         for parameter in requires_grad:
             parameter.requires_grad_(False)
         with torch.enable_grad():
-            with tracker if sources else contextlib.nullcontext(), empty_tensor_caches(model), \
-                    batch_norm_gradient_layout(model), watch_outside_uses(where, layers):
+            with (
+                tracker if sources else contextlib.nullcontext(),
+                empty_tensor_caches(model),
+                batch_norm_gradient_layout(model),
+                watch_outside_uses(where, layers),
+            ):
                 # watched ops, no caches, a PyTorch bug avoided, the rule layers' parameters used only inside them
-                output = model_io.call(model, model_io.detach(inputs))  # gradients w.r.t. parameters only, never the input
+                output = model_io.call(
+                    model, model_io.detach(inputs)
+                )  # gradients w.r.t. parameters only, never the input
             tracker.finish()
             logits = model_io.checked_logits(where, output, batch, logits_fn)
             losses = per_sample_loss(logits, loss, temperature, targets)
@@ -425,7 +458,8 @@ def _run_pass_once(
         restore()  # the model as it was before the deferred layers run (the torch.func fallback replays modules)
     recorder.finish_rest()
     functional_pairs = [
-        (item, torch.zeros_like(copies) if grad is None else grad) for (item, copies), grad in zip(substituted, functional_grads)
+        (item, torch.zeros_like(copies) if grad is None else grad)
+        for (item, copies), grad in zip(substituted, functional_grads)
     ]
     return _Pass(logits.detach(), layers, recorder.results, functional_pairs, captured, sources, direct)
 
@@ -487,15 +521,29 @@ def persample_grad_norms(
     backward passes per call), and raises naming the sample and layer: a bound for
     models whose behaviour depends on the data. A failed check is a ValueError.
     """
+
     def norms_of(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> Tuple[torch.Tensor, str]:
         return layer_norms(layer, _half_pieces_as_float32(pieces))
 
     per_call = _verify.call_check_count(_WHERE, verify)
     logits_fn = logits
 
-    result = _run_pass(_WHERE, model, inputs, loss, temperature, targets, params, functional_params, fallback, norms_of,
-                       logits, verify=None if not verify else functools.partial(
-                           _verify.check_norms, _WHERE, model, inputs, params, functional_params, fallback, logits))
+    result = _run_pass(
+        _WHERE,
+        model,
+        inputs,
+        loss,
+        temperature,
+        targets,
+        params,
+        functional_params,
+        fallback,
+        norms_of,
+        logits,
+        verify=None
+        if not verify
+        else functools.partial(_verify.check_norms, _WHERE, model, inputs, params, functional_params, fallback, logits),
+    )
     logits = result.logits
     norm_dtype = compute_dtype(logits.dtype)
     columns, names, methods, owned = [], [], [], []
@@ -527,8 +575,9 @@ def persample_grad_norms(
         methods.append(method)
     squared = torch.stack(columns, dim=1)
     if per_call:
-        _verify.check_call_norms(_WHERE, model, inputs, loss, temperature, targets, logits_fn, owned, names, squared,
-                                 per_call)
+        _verify.check_call_norms(
+            _WHERE, model, inputs, loss, temperature, targets, logits_fn, owned, names, squared, per_call
+        )
     return PerSampleGradNorms(
         norms=squared.sum(1).sqrt(),
         logits=logits,
@@ -553,8 +602,13 @@ class PerSampleGradients:
     names (model.named_parameters()); direction and result blocks are flattened,
     [K or L, numel]. Computed in float32 for half-precision models."""
 
-    def __init__(self, logits: torch.Tensor, layers: List[Tuple[Dict[str, str], LayerGradients]], shapes: Dict[str, torch.Size],
-                 captured: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None):
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        layers: List[Tuple[Dict[str, str], LayerGradients]],
+        shapes: Dict[str, torch.Size],
+        captured: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
+    ):
         self.logits = logits
         #: (input, output) of the modules named in `capture`, from the pass (detached).
         self.captured = captured or {}
@@ -566,7 +620,9 @@ class PerSampleGradients:
     def count(self) -> int:
         return self.logits.shape[0]
 
-    def project(self, directions: Dict[str, torch.Tensor], scale: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    def project(
+        self, directions: Dict[str, torch.Tensor], scale: Optional[Dict[str, torch.Tensor]] = None
+    ) -> torch.Tensor:
         """[B, K]: Σ_params g_i,param · directions[param][k] (directions [K, numel],
         any float dtype; half-precision blocks are upcast in bounded pieces). With
         `scale` ([numel] per parameter), the directions are scaled by it first, one
@@ -584,12 +640,16 @@ class PerSampleGradients:
             out = term if out is None else out.add_(term)
         return out
 
-    def weighted_sum(self, weights: torch.Tensor, into: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    def weighted_sum(
+        self, weights: torch.Tensor, into: Optional[Dict[str, torch.Tensor]] = None
+    ) -> Dict[str, torch.Tensor]:
         """Σ_i weights[i, l] g_i per parameter: [L, numel] (weights [B, L]). With
         `into`, each layer's sums are added to into[param] in place as they are
         computed (so only one layer's result exists beside the accumulators)."""
         if weights.dim() != 2 or weights.shape[0] != self.count:
-            raise ValueError(f"PerSampleGradients.weighted_sum: weights must be [{self.count}, L], got {tuple(weights.shape)}")
+            raise ValueError(
+                f"PerSampleGradients.weighted_sum: weights must be [{self.count}, L], got {tuple(weights.shape)}"
+            )
         sums = {} if into is None else into
         for full_names, grads in self._layers:
             for own, value in grads.weighted_sum(weights).items():
@@ -614,8 +674,10 @@ class PerSampleGradients:
         for name, shape in self.shapes.items():
             numel = int(torch.Size(shape).numel())
             eye = torch.eye(numel, dtype=compute_dtype(self.logits.dtype), device=self.logits.device)
-            directions = {other: torch.zeros(numel, int(torch.Size(s).numel()), dtype=eye.dtype, device=eye.device)
-                          for other, s in self.shapes.items()}
+            directions = {
+                other: torch.zeros(numel, int(torch.Size(s).numel()), dtype=eye.dtype, device=eye.device)
+                for other, s in self.shapes.items()
+            }
             directions[name] = eye
             result[name] = self.project(directions).reshape(self.count, *shape)
         return result
@@ -647,9 +709,26 @@ def persample_gradients(
 
     per_call = _verify.call_check_count(where, verify)
 
-    result = _run_pass(where, model, inputs, loss, temperature, targets, params, functional_params, fallback,
-                       gradients_of, logits, capture, squared_only=False, verify=None if not verify else functools.partial(
-                           _verify.check_gradients, where, model, inputs, params, functional_params, fallback, logits))
+    result = _run_pass(
+        where,
+        model,
+        inputs,
+        loss,
+        temperature,
+        targets,
+        params,
+        functional_params,
+        fallback,
+        gradients_of,
+        logits,
+        capture,
+        squared_only=False,
+        verify=None
+        if not verify
+        else functools.partial(
+            _verify.check_gradients, where, model, inputs, params, functional_params, fallback, logits
+        ),
+    )
     layers: List[Tuple[Dict[str, str], LayerGradients]] = []
     shapes: Dict[str, torch.Size] = {}
     dtype = compute_dtype(result.logits.dtype)
@@ -667,7 +746,9 @@ def persample_gradients(
     for item, grad in result.functional:
         shapes[item.name] = item.parameter.shape
         flat = _float32_if_half(grad).reshape(grad.shape[0], -1)
-        gradients = DenseLayerGradients(grad.shape[0], {"value": flat.shape[1]}, lambda s, e, flat=flat: {"value": flat[s:e]})
+        gradients = DenseLayerGradients(
+            grad.shape[0], {"value": flat.shape[1]}, lambda s, e, flat=flat: {"value": flat[s:e]}
+        )
         layers.append(({"value": item.name}, gradients))
     for source in result.sources:
         shapes[source.name] = source.parameter.shape

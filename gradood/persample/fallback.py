@@ -25,8 +25,11 @@ from gradood.persample._rules import RuleResult
 
 def _per_sample_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor, names: Tuple[str, ...]):
     own = {name: module.get_parameter(name) for name in names}
-    constants = {name: tensor.detach() for name, tensor in (*module.named_parameters(), *module.named_buffers())
-                 if name not in own}
+    constants = {
+        name: tensor.detach()
+        for name, tensor in (*module.named_parameters(), *module.named_buffers())
+        if name not in own
+    }
 
     def inner_product(parameters, sample, sample_grad):
         output = torch.func.functional_call(module, {**parameters, **constants}, (sample.unsqueeze(0),))
@@ -41,13 +44,19 @@ def _per_sample_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torc
         return {name: torch.stack([grad[name] for grad in grads]) for name in own}
 
 
-def torch_func_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor, names: Tuple[str, ...]) -> RuleResult:
+def torch_func_rule(
+    module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor, names: Tuple[str, ...]
+) -> RuleResult:
     per_sample = _per_sample_grads(module, inputs, grad_output, names)
     batch = inputs.shape[0]
-    return RuleResult({name: grad.reshape(batch, -1).square().sum(1) for name, grad in per_sample.items()}, "torch.func")
+    return RuleResult(
+        {name: grad.reshape(batch, -1).square().sum(1) for name, grad in per_sample.items()}, "torch.func"
+    )
 
 
-def torch_func_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor, names: Tuple[str, ...]) -> DenseLayerGradients:
+def torch_func_grads(
+    module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor, names: Tuple[str, ...]
+) -> DenseLayerGradients:
     """The same per-sample gradients, materialised per chunk of samples."""
     numels = {name: module.get_parameter(name).numel() for name in names}
 

@@ -46,8 +46,12 @@ class RankOneGradients(DenseLayerGradients):
         if set(names) == set(self.numels):
             return self
         materialise = self._materialise
-        return RankOneGradients(self.activations, self.grads, tuple(names),
-                                lambda s, e: {n: v for n, v in materialise(s, e).items() if n in names})
+        return RankOneGradients(
+            self.activations,
+            self.grads,
+            tuple(names),
+            lambda s, e: {n: v for n, v in materialise(s, e).items() if n in names},
+        )
 
     def _rows(self, width: int) -> int:
         return max(1, _CHUNK_ELEMENTS // max(1, width))

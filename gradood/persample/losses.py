@@ -14,7 +14,9 @@ LOSSES = ("ce_pred", "ce", "kl_uniform", "logsumexp")
 Loss = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 
 
-def per_sample_loss(logits: torch.Tensor, loss: Loss, temperature: float, targets: Optional[torch.Tensor]) -> torch.Tensor:
+def per_sample_loss(
+    logits: torch.Tensor, loss: Loss, temperature: float, targets: Optional[torch.Tensor]
+) -> torch.Tensor:
     """
     "ce_pred"    CE(f/T, argmax f)           GRODIN
     "ce"         CE(f/T, targets)

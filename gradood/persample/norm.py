@@ -18,7 +18,9 @@ from gradood.persample._grads import DenseLayerGradients, register_grad_rule
 from gradood.persample._rules import RuleResult, register_rule
 
 
-def _affine_grads(module: nn.Module, grad_output: torch.Tensor, inputs: torch.Tensor, shift, scale) -> Dict[str, torch.Tensor]:
+def _affine_grads(
+    module: nn.Module, grad_output: torch.Tensor, inputs: torch.Tensor, shift, scale
+) -> Dict[str, torch.Tensor]:
     """dγ, dβ per sample [B, C] from [B, C, T] views (gradood::norm_affine_grads:
     one pass, g ⊙ x̂ never formed); only the parameters the module has."""
     weight, bias = torch.ops.gradood.norm_affine_grads(grad_output, inputs, shift, scale)
@@ -82,7 +84,9 @@ _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.
 @register_rule(*_NORM_TYPES)
 def norm_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
     """‖dγ‖², ‖dβ‖² per sample."""
-    return RuleResult({name: grads.square().sum(1) for name, grads in _grads(module, inputs, grad_output).items()}, "direct")
+    return RuleResult(
+        {name: grads.square().sum(1) for name, grads in _grads(module, inputs, grad_output).items()}, "direct"
+    )
 
 
 @register_grad_rule(*_NORM_TYPES)

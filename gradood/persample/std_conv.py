@@ -32,17 +32,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from gradood.persample._grads import DenseLayerGradients, register_grad_rule
 from gradood.persample._rules import RuleResult, prefers_ghost, register_rule
 from gradood.persample.conv import _as_conv2d, _padded, conv_grads
 
 _PREFIX = "timm.layers.std_conv."
-STD_CONVS = tuple(_PREFIX + name for name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")) + (
-    "transformers.models.bit.modeling_bit.WeightStandardizedConv2d",)
+STD_CONVS = tuple(
+    _PREFIX + name for name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+) + ("transformers.models.bit.modeling_bit.WeightStandardizedConv2d",)
 
 
-def _same_padded(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+def _same_padded(module: _ConvNd, inputs: torch.Tensor) -> torch.Tensor:
     """The *Same classes pad dynamically (TF 'SAME') before their static padding;
     transformers' class with its `pad` module where it has one."""
     pad = getattr(module, "pad", None)
@@ -55,7 +57,7 @@ def _same_padded(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return inputs
 
 
-def _standardised(module: nn.Module, dtype: torch.dtype):
+def _standardised(module: _ConvNd, dtype: torch.dtype):
     """(ŵ [C_out, N], σ [C_out], r [C_out], c [C_out], γ/√N or None)."""
     weight = module.weight.detach().to(dtype).reshape(module.out_channels, -1)
     variance, mean = torch.var_mean(weight, 1, unbiased=False)
@@ -68,21 +70,26 @@ def _standardised(module: nn.Module, dtype: torch.dtype):
     return w_hat, sigma, variance / sigma.square(), gain.detach().to(dtype).reshape(-1) * scale, scale
 
 
-def _channel_sums(module: nn.Module, padded: torch.Tensor, grad_output: torch.Tensor, w_hat: torch.Tensor):
+def _channel_sums(module: _ConvNd, padded: torch.Tensor, grad_output: torch.Tensor, w_hat: torch.Tensor):
     """Per sample and output channel: Σ_t g_ot · (sum of patch t) and Σ_t g_ot (ŵ ∗ x)_ot."""
     kernel = module.weight.shape[1:]
     conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
     ones = padded.new_ones(module.groups, *kernel)
     patch_sums = conv(padded, ones, stride=module.stride, dilation=module.dilation, groups=module.groups)
     patch_sums = patch_sums.repeat_interleave(module.out_channels // module.groups, dim=1)
-    responses = conv(padded, w_hat.reshape(module.weight.shape).to(padded.dtype), stride=module.stride,
-                     dilation=module.dilation, groups=module.groups)
+    responses = conv(
+        padded,
+        w_hat.reshape(module.weight.shape).to(padded.dtype),
+        stride=module.stride,
+        dilation=module.dilation,
+        groups=module.groups,
+    )
     spatial = tuple(range(2, grad_output.dim()))
     return (grad_output * patch_sums).sum(spatial), (grad_output * responses).sum(spatial)
 
 
 @register_rule(*STD_CONVS)
-def std_conv_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
+def std_conv_rule(module: _ConvNd, inputs: torch.Tensor, grad_output: torch.Tensor) -> RuleResult:
     """‖∂ℓ/∂w‖², ‖∂ℓ/∂gain‖², ‖∂ℓ/∂b‖² per sample (closed form, module docstring)."""
     dtype = grad_output.dtype
     w_hat, sigma, ratio, channel_scale, gain_scale = _standardised(module, dtype)
@@ -93,8 +100,9 @@ def std_conv_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Te
     ghost = prefers_ghost(positions, fan_in, module.out_channels // module.groups)
     method = "ghost" if ghost else "materialise"
     scaled = grads2d * (channel_scale / sigma).reshape(1, -1, 1, 1).to(grads2d.dtype)
-    first = torch.ops.gradood.conv2d_weight_sq_norm(padded2d, scaled, list(kernel), list(stride), list(dilation),
-                                                    module.groups, method).to(dtype)
+    first = torch.ops.gradood.conv2d_weight_sq_norm(
+        padded2d, scaled, list(kernel), list(stride), list(dilation), module.groups, method
+    ).to(dtype)
     patch, response = _channel_sums(module, padded, grad_output, w_hat)
     s1, s2 = channel_scale * patch, channel_scale * response
     correction = (s1.square() + (2 - ratio) * s2.square()) / (fan_in * sigma.square())
@@ -110,7 +118,7 @@ std_conv_rule.parameters = ("weight", "bias", "gain")  # the parameters the rule
 
 
 @register_grad_rule(*STD_CONVS)
-def std_conv_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> DenseLayerGradients:
+def std_conv_grads(module: _ConvNd, inputs: torch.Tensor, grad_output: torch.Tensor) -> DenseLayerGradients:
     """The convolution's per-sample gradient G (per chunk), mapped through the
     standardisation: ∂ℓ/∂w_o = (c_o/σ_o)(G_o − mean(G_o) − ŵ_o mean(G_o ⊙ ŵ_o));
     the gain's (γ/√N)⟨G_o, ŵ_o⟩."""
@@ -135,6 +143,4 @@ def std_conv_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.T
             out["bias"] = chunk["bias"]
         return out
 
-    return DenseLayerGradients(inputs.shape[0], numels, materialise,
-                               per_sample_cost=plain._per_sample_cost)
-
+    return DenseLayerGradients(inputs.shape[0], numels, materialise, per_sample_cost=plain._per_sample_cost)

@@ -30,9 +30,12 @@ def supported_layers() -> List[SupportedLayer]:
     importing their package. Parameters of other layers are followed op by op where they
     meet the batch (gradood/persample/_direct.py) or refused with an error naming them."""
     with_gradients = {_name(module_type) for module_type in _grads._GRAD_RULES}
-    rows = [SupportedLayer(_name(t), "rule", _name(t) in with_gradients, rule.__module__)
-            for t, rule in _rules._RULES.items()]
-    rows += [SupportedLayer(_name(t), "composite", type(rule).grads is not _rules.CompositeRule.grads,
-                            type(rule).__module__)
-             for t, rule in _rules._COMPOSITE_RULES.items()]
+    rows = [
+        SupportedLayer(_name(t), "rule", _name(t) in with_gradients, rule.__module__)
+        for t, rule in _rules._RULES.items()
+    ]
+    rows += [
+        SupportedLayer(_name(t), "composite", type(rule).grads is not _rules.CompositeRule.grads, type(rule).__module__)
+        for t, rule in _rules._COMPOSITE_RULES.items()
+    ]
     return sorted(rows)

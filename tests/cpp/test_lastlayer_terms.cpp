@@ -30,8 +30,7 @@ int main() {
   const double clip = 1.0;
   const at::Tensor logits = at::tensor({1.0, 3.0, 2.0}, at::kDouble).reshape({1, 3});
   const at::Tensor features = at::tensor({0.5, -2.0, 1.5}, at::kDouble).reshape({1, 3});
-  const auto [terms, argmax] =
-      gradood::lastlayer_terms(logits, features, temperature, clip);
+  const auto [terms, argmax] = gradood::lastlayer_terms(logits, features, temperature, clip);
 
   const double e1 = std::exp(1.0 / temperature), e3 = std::exp(3.0 / temperature),
                e2 = std::exp(2.0 / temperature);
@@ -52,8 +51,7 @@ int main() {
   expect_near("max_softmax", term(gradood::kMaxSoftmax), p3);
   expect_near("uniform_deviation_l1", term(gradood::kUniformDeviationL1),
               std::fabs(p1 - u) + std::fabs(p2 - u) + std::fabs(p3 - u));
-  expect_near("gini", term(gradood::kGini),
-              p1 * (1 - p1) + p2 * (1 - p2) + p3 * (1 - p3));
+  expect_near("gini", term(gradood::kGini), p1 * (1 - p1) + p2 * (1 - p2) + p3 * (1 - p3));
   expect_near("onehot_deviation_l2", term(gradood::kOneHotDeviationL2),
               std::sqrt(p1 * p1 + p2 * p2 + (1 - p3) * (1 - p3)));
   expect_near("feature_l1", term(gradood::kFeatureL1), 4.0);

@@ -16,7 +16,8 @@ namespace {
 int failures = 0;
 
 void expect_close(const std::string& name, const at::Tensor& actual, const at::Tensor& expected) {
-  const bool ok = actual.sizes() == expected.sizes() && at::allclose(actual, expected, 1e-12, 1e-12);
+  const bool ok =
+      actual.sizes() == expected.sizes() && at::allclose(actual, expected, 1e-12, 1e-12);
   std::printf("%-36s %s\n", name.c_str(), ok ? "ok" : "MISMATCH");
   if (!ok) ++failures;
 }
@@ -32,7 +33,8 @@ int main() {
   const at::Tensor grads = at::randn({3, 5, 4}, options);
   const at::Tensor product = at::einsum("ntp,ntd->npd", {grads, activations});
   const at::Tensor expected = product.square().sum({1, 2});
-  expect_close("outer_product_sq_norm ghost", gradood::outer_product_sq_norm(activations, grads, "ghost"), expected);
+  expect_close("outer_product_sq_norm ghost",
+               gradood::outer_product_sq_norm(activations, grads, "ghost"), expected);
   expect_close("outer_product_sq_norm materialise",
                gradood::outer_product_sq_norm(activations, grads, "materialise"), expected);
 
@@ -43,9 +45,11 @@ int main() {
   const at::Tensor patches = at::im2col(padded, {3, 3}, {1, 1}, {0, 0}, {1, 1})  // [B, 4·9, 16]
                                  .reshape({2, groups, 18, 16});
   const at::Tensor per_group = grad_output.reshape({2, groups, 3, 16});
-  const at::Tensor conv_expected = at::einsum("bgpt,bgdt->bgpd", {per_group, patches}).square().sum({1, 2, 3});
+  const at::Tensor conv_expected =
+      at::einsum("bgpt,bgdt->bgpd", {per_group, patches}).square().sum({1, 2, 3});
   expect_close("conv2d_weight_sq_norm",
-               gradood::conv2d_weight_sq_norm(padded, grad_output, {3, 3}, {1, 1}, {1, 1}, groups, "materialise"),
+               gradood::conv2d_weight_sq_norm(padded, grad_output, {3, 3}, {1, 1}, {1, 1}, groups,
+                                              "materialise"),
                conv_expected);
 
   // BatchNorm-style statistics, expanded over [B, C, T].
