@@ -15,6 +15,7 @@
 #include <ATen/ops/amax.h>
 #include <ATen/ops/max.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
@@ -45,7 +46,10 @@ bool small_max_logit(const at::Tensor& logits) {
 // The dispatch keys of a dense strided CPU tensor (bitwise: DispatchKeySet's `-`
 // keeps backend bits, so subsets are tested with isSupersetOf).
 c10::DispatchKeySet plain_cpu_keys() {
-  static const c10::DispatchKeySet keys = at::empty({1}).key_set();
+  static const c10::DispatchKeySet keys = [] {
+    c10::InferenceMode normal_tensors(false);  // a first call inside inference_mode must not
+    return at::empty({1}).key_set();           // take an inference tensor's smaller key set
+  }();
   return keys;
 }
 

@@ -2,6 +2,8 @@
 
 - `{{supported_layers}}` (engine.md): the per-sample engine's rule registry,
   gradood.persample.supported_layers().
+- `{{demo_results}}` (evaluation.md): the demo's table per instruction-set level, from the
+  committed results.json of `gradood demo` runs (benchmarks/results/*/demo-<level>/).
 - `{{benchmark_results}}` (performance.md): a table per machine and instruction-set level,
   and a plot of the speed-ups, from benchmarks/results/*/levels-*.json (written by
   benchmarks/run_levels.sh; benchmarks/summarize.py renders the tables).
@@ -110,7 +112,49 @@ def _benchmark_results() -> str:
     return "\n\n".join(parts)
 
 
-_GENERATORS = {"{{supported_layers}}": _supported_layers, "{{benchmark_results}}": _benchmark_results}
+def _demo_results() -> str:
+    """The demo's mean table per instruction-set level, from the committed results.json of
+    `gradood demo` runs (benchmarks/results/<run>/demo-<level>/), and whether they agree."""
+    parts = []
+    for folder in sorted(glob.glob(os.path.join(RESULTS, "*")), reverse=True):
+        runs = {}
+        for path in sorted(glob.glob(os.path.join(folder, "demo-*", "results.json"))):
+            level = os.path.basename(os.path.dirname(path)).removeprefix("demo-").upper()
+            data = json.load(open(path))
+            header = open(os.path.join(os.path.dirname(path), "report.md")).read().split("###", 1)[0]
+            runs[level] = ({row["detector"]: row for row in data["rows"] if row["ood_set"] == "mean"}, header)
+        if not runs:
+            continue
+        levels = sorted(runs)
+        detectors = list(next(iter(runs.values()))[0])
+        metrics = ("auroc", "fpr95", "fpr95_ood_positive")
+        same = all(runs[a][0][d][m] == runs[b][0][d][m] for a in levels for b in levels for d in detectors
+                   for m in metrics)
+        lines = [f"Run `{os.path.basename(folder)}`; each level with torch, MKL, oneDNN and gradood forced to it. "
+                 + ("The tables agree to every printed digit at " if same else "The tables **differ** between ")
+                 + " and ".join(levels) + ".", ""]
+        for level in levels:
+            machine = [line for line in runs[level][1].splitlines() if line.startswith(("Machine:", "Model:"))]
+            lines.append(f"- {level}: " + " ".join(machine))
+        lines += ["", "| detector | " + " | ".join(f"AUROC ± std ({lv}) | FPR95, ID+ ({lv})" for lv in levels) + " |",
+                  "|---|" + "---|---|" * len(levels)]
+        for name in detectors:
+            cells = []
+            for level in levels:
+                row = runs[level][0][name]
+                cells.append(f"{row['auroc']:.4f} ± {row.get('auroc_std', float('nan')):.4f} | {row['fpr95']:.4f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    if not parts:
+        raise RuntimeError("docs: no benchmarks/results/*/demo-*/results.json for the demo table")
+    return "\n\n".join(parts)
+
+
+_GENERATORS = {
+    "{{supported_layers}}": _supported_layers,
+    "{{benchmark_results}}": _benchmark_results,
+    "{{demo_results}}": _demo_results,
+}
 
 
 def on_page_markdown(markdown, page, config, files):

@@ -184,3 +184,20 @@ def test_inference_mode_tensors_take_the_fast_path():
         logits = torch.randn(3, 7)
         assert _plain_cpu_score(logits, None, *_spec("energy")) is not None
         torch.testing.assert_close(scores.energy(logits), torch.logsumexp(logits, 1))
+
+
+def test_a_first_call_inside_inference_mode_leaves_the_fast_path_on():
+    # A fresh process: the key set of a plain tensor is taken at the first call.
+    import subprocess
+    import sys
+
+    code = (
+        "import math, torch, gradood\n"
+        "from gradood._C import _plain_cpu_score as fast\n"
+        "x = torch.randn(2, 5)\n"
+        "with torch.inference_mode():\n"
+        "    assert fast(x, None, 1, 1.0, -1, False, 0, 0.0, 1.0, math.inf) is not None\n"
+        "assert fast(x, None, 1, 1.0, -1, False, 0, 0.0, 1.0, math.inf) is not None\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
