@@ -42,7 +42,8 @@ def _load_model(spec: str) -> torch.nn.Module:
 def _trailing_parameters(model: torch.nn.Module, budget: int) -> List[str]:
     """The last trainable parameters (in definition order) holding at most `budget` elements in all
     (at least one): LowDimGrad's directions take |θ|·K elements, so the bench bounds |θ|."""
-    names, total = [], 0
+    names: List[str] = []
+    total = 0
     for name, parameter in reversed(list(model.named_parameters())):
         if parameter.requires_grad and (not names or total + parameter.numel() <= budget):
             names.append(name)

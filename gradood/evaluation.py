@@ -13,7 +13,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Sequence, Union
+from typing import Any, Dict, List, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -99,7 +99,7 @@ def _plots(evaluation: Evaluation, folder: str) -> List[str]:
     for detector, by_set in evaluation.scores.items():
         figure, axes = plt.subplots(figsize=(6, 3.5))
         everything = np.concatenate([values[np.isfinite(values)] for values in by_set.values()])
-        bins = np.linspace(everything.min(), everything.max(), 50) if everything.size else 50
+        bins: Any = np.linspace(everything.min(), everything.max(), 50) if everything.size else 50
         for name, values in by_set.items():
             axes.hist(values[np.isfinite(values)], bins=bins, alpha=0.5, density=True, label=name)
         axes.set_title(f"{detector} scores (higher = more in-distribution)")
@@ -206,7 +206,7 @@ def evaluate(
             row = {"detector": name, "ood_set": ood_name, **_metrics(by_set["id"], by_set[ood_name], bootstrap, seed)}
             rows.append(row)
             per_set.append(row)
-        mean = {"detector": name, "ood_set": "mean"}
+        mean: Dict[str, Any] = {"detector": name, "ood_set": "mean"}
         for key in per_set[0]:
             if key not in ("detector", "ood_set"):
                 mean[key] = float(np.mean([row[key] for row in per_set]))

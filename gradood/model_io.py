@@ -69,9 +69,9 @@ def check_inputs(where: str, inputs: object) -> int:
             f"{where}: inputs must be a tensor or a mapping of keyword arguments to tensors (a tokenised batch), "
             f"got {type(inputs).__name__}"
         )
-    found = tensors(inputs)
+    found = tensors(inputs)  # type: ignore[arg-type]  # is_mapping checked it
     if not found:
-        raise ValueError(f"{where}: the inputs mapping holds no tensor (keys {sorted(inputs)})")
+        raise ValueError(f"{where}: the inputs mapping holds no tensor (keys {sorted(inputs)})")  # type: ignore[call-overload]
     sizes = {key: (tuple(value.shape)[0] if value.dim() else None) for key, value in found.items()}
     batch = next(iter(sizes.values()))
     if batch in (None, 0) or any(size != batch for size in sizes.values()):

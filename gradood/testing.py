@@ -44,8 +44,10 @@ def _loss(logits: torch.Tensor, loss: str, temperature: float, label: int) -> to
 
 
 def _flat_grad(layer: nn.Linear, include_bias: bool) -> torch.Tensor:
+    if layer.weight.grad is None or (include_bias and (layer.bias is None or layer.bias.grad is None)):
+        raise RuntimeError("autograd_lastlayer_grad_norm: the head got no gradient")
     grads = [layer.weight.grad.reshape(-1)]
-    if include_bias:
+    if include_bias and layer.bias is not None and layer.bias.grad is not None:
         grads.append(layer.bias.grad.reshape(-1))
     return torch.cat(grads)
 
@@ -76,7 +78,7 @@ def autograd_lastlayer_grad_norm(
         predicted = int(logits.argmax())
         if loss == "expected_ce":
             label_probs = torch.softmax(logits / temperature, dim=0)
-            labels = range(logits.shape[0])
+            labels = list(range(logits.shape[0]))
         else:
             label_probs = torch.ones(1, dtype=torch.float64)
             labels = [predicted]

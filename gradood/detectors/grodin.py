@@ -72,9 +72,8 @@ class GRODIN(Detector):
                 type(self).__name__,
             )
         # Without a perturbation the re-predicted label is the original one.
-        keep_labels = original_labels is not None and not self.repredict
         with eval_mode(self.model):
-            if keep_labels:
+            if original_labels is not None and not self.repredict:
                 result = persample_grad_norms(
                     self.model,
                     perturbed,

@@ -46,6 +46,13 @@ def activation_percentile(features: torch.Tensor, percentile: float, where: str 
     return clip
 
 
+def _fitted(value: Optional[float]) -> float:
+    """A fitted statistic that _require_fitted has just checked is set."""
+    if value is None:  # pragma: no cover - _require_fitted raised first
+        raise RuntimeError("a fitted statistic is missing: call fit(id_data) first")
+    return value
+
+
 class RG(Detector):
     fitted = ("clip",)
 
@@ -71,7 +78,7 @@ class RG(Detector):
 
     def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         self._require_fitted()
-        return scores.spec_rg(self.clip, self.temperature)
+        return scores.spec_rg(_fitted(self.clip), self.temperature)
 
 
 class RGAdditive(Detector):
@@ -105,4 +112,4 @@ class RGAdditive(Detector):
 
     def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         self._require_fitted()
-        return scores.spec_rg_additive(self.clip, self.alpha)
+        return scores.spec_rg_additive(_fitted(self.clip), _fitted(self.alpha))

@@ -67,7 +67,8 @@ def _last_dims(centred: bool):
     return rule
 
 
-_RULES = {
+#: name -> (the functional op or None where this torch lacks it, its statistics, channels first)
+_RULES: Dict[str, Tuple[Optional[Callable[..., torch.Tensor]], Callable, bool]] = {
     "batch_norm": (F.batch_norm, _batch_norm, True),
     "group_norm": (F.group_norm, _group_norm, True),
     "layer_norm": (F.layer_norm, _last_dims(True), False),
@@ -81,9 +82,11 @@ def norm_cotangents(name: str, args: tuple, kwargs: dict, leaves: list, step) ->
     input holds the batch in dimension 0: grad -> [(proxy, dγ or dβ [B, *shape],
     sources)]; None otherwise."""
     entry = _RULES.get(name)
-    if entry is None or entry[0] is None:
+    if entry is None:
         return None
     function, make, channels_first = entry
+    if function is None:  # F.rms_norm on a torch without it
+        return None
     signature = _SIGNATURES.setdefault(name, inspect.signature(function))
     try:
         arguments = signature.bind(*args, **kwargs).arguments
@@ -101,7 +104,9 @@ def norm_cotangents(name: str, args: tuple, kwargs: dict, leaves: list, step) ->
     wanted: List[Tuple[str, torch.Tensor, frozenset]] = []
     for role in ("weight", "bias"):
         tensor = arguments.get(role)
-        index = positions.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        index = positions.get(id(tensor))
         if index is None:
             continue
         if step.kinds[index] == "derived":

@@ -71,7 +71,7 @@ def _operands(args: tuple, kwargs: dict):
                 if isinstance(item, torch.Tensor):
                     yield item
                 elif isinstance(item, (list, tuple)):
-                    yield from _operands(item, {})
+                    yield from _operands(tuple(item), {})
 
 
 def _has_tensor(value) -> bool:  # metadata reads (shape, dtype, device) return none

@@ -6,7 +6,7 @@ once. The module hooks that feed it are here too."""
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ class PieceRecord:
         self.batch_dim = batch_dim  # of the input and the output (features-last layers), moved to the front
         self.fold = fold  # k > 1: dimension 0 holds k rows per sample (a folded batch), unfolded to [B, k, ...]
         self.input, self.version = self.per_sample(layer_input.detach()), layer_input._version
-        self.output_like = dict(size=output.shape, dtype=output.dtype, device=output.device)
+        self.output_like: Dict[str, Any] = dict(size=output.shape, dtype=output.dtype, device=output.device)
         self.grad: Optional[torch.Tensor] = None
 
     def per_sample(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ its gradient rule in bounded chunks of samples, then squares.
 
 from __future__ import annotations
 
+import typing
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -64,9 +65,10 @@ def concatenated(module: nn.Module, pieces: Pieces) -> Optional[Pieces]:
         ids = [use[None][0].reshape(batch, -1) for use in uses]
         inputs = torch.cat(ids, 1)
         if module.scale_grad_by_freq:  # each call divides by its own counts; the rule will divide by all calls' counts
-            every = id_counts(module, inputs).split([part.shape[1] for part in ids], 1)
+            embedding = typing.cast(nn.Embedding, module)  # the rules reused here: Linear and Embedding
+            every = id_counts(embedding, inputs).split([part.shape[1] for part in ids], 1)
             grads = [
-                grad * (total.to(grad.dtype) / id_counts(module, part).to(grad.dtype)).unsqueeze(-1)
+                grad * (total.to(grad.dtype) / id_counts(embedding, part).to(grad.dtype)).unsqueeze(-1)
                 for grad, total, part in zip(grads, every, ids)
             ]
     return {None: (inputs, torch.cat(grads, 1))}

@@ -34,6 +34,8 @@ def per_sample_loss(
     if loss == "ce_pred":
         return F.cross_entropy(scaled, logits.argmax(dim=1), reduction="none")
     if loss == "ce":
+        if targets is None:
+            raise ValueError("loss='ce' needs targets (one class index per sample)")
         return F.cross_entropy(scaled, targets, reduction="none")
     if loss == "kl_uniform":
         return (-math.log(logits.shape[1]) - F.log_softmax(scaled, dim=1)).mean(dim=1)

@@ -53,7 +53,7 @@ def _same_padded(module: _ConvNd, inputs: torch.Tensor) -> torch.Tensor:
     if getattr(module, "same_pad", False):
         from timm.layers.padding import pad_same  # the class is timm's, so timm is loaded
 
-        return pad_same(inputs, module.kernel_size, module.stride, module.dilation)
+        return pad_same(inputs, list(module.kernel_size), list(module.stride), list(module.dilation))
     return inputs
 
 
@@ -61,12 +61,12 @@ def _standardised(module: _ConvNd, dtype: torch.dtype):
     """(ŵ [C_out, N], σ [C_out], r [C_out], c [C_out], γ/√N or None)."""
     weight = module.weight.detach().to(dtype).reshape(module.out_channels, -1)
     variance, mean = torch.var_mean(weight, 1, unbiased=False)
-    sigma = torch.sqrt(variance + module.eps)
+    sigma = torch.sqrt(variance + float(vars(module)["eps"]))
     w_hat = (weight - mean[:, None]) / sigma[:, None]
     gain = getattr(module, "gain", None)
     if gain is None:
         return w_hat, sigma, variance / sigma.square(), torch.ones_like(sigma), None
-    scale = float(module.scale)
+    scale = float(vars(module)["scale"])
     return w_hat, sigma, variance / sigma.square(), gain.detach().to(dtype).reshape(-1) * scale, scale
 
 
@@ -125,8 +125,9 @@ def std_conv_grads(module: _ConvNd, inputs: torch.Tensor, grad_output: torch.Ten
     padded = _same_padded(module, inputs)
     plain = conv_grads(module, padded, grad_output)  # G w.r.t. the convolved weight, and the bias
     numels = {"weight": module.weight.numel()}
-    if getattr(module, "gain", None) is not None:
-        numels["gain"] = module.gain.numel()
+    gain = getattr(module, "gain", None)
+    if gain is not None:
+        numels["gain"] = gain.numel()
     if module.bias is not None:
         numels["bias"] = module.bias.numel()
 

@@ -34,9 +34,9 @@ def conv1d_rule(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tens
 def conv1d_grads(module: nn.Module, inputs: torch.Tensor, grad_output: torch.Tensor) -> DenseLayerGradients:
     """weight: Σ_t a_t g_tᵀ [in, out] (the stored layout); bias: Σ_t g_t."""
     activations, grads = _rows(inputs, grad_output)
-    numels = {"weight": module.weight.numel()}
+    numels = {"weight": module.get_parameter("weight").numel()}
     if module.bias is not None:
-        numels["bias"] = module.bias.numel()
+        numels["bias"] = module.get_parameter("bias").numel()
 
     def materialise(start: int, end: int):
         g = grads[start:end]
