@@ -33,16 +33,19 @@ the last stage and the head) to bound it.
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Callable, Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from gradood import model_io
+from gradood.model_io import Inputs
 from gradood.persample.engine import PerSampleGradients, compute_dtype
 
 #: A function computing the per-sample gradients of one input batch.
-GradientsOf = Callable[[torch.Tensor], PerSampleGradients]
+GradientsOf = Callable[[Inputs], PerSampleGradients]
 
 Blocks = Dict[str, torch.Tensor]
 
@@ -52,7 +55,7 @@ def progress_bar(enabled: bool, label: str) -> tqdm:
     return tqdm(desc=label, unit=" samples", disable=not enabled)
 
 
-def iterate_batches(data: Iterable, limit: Optional[int]) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def iterate_batches(data: Iterable, limit: Optional[int]) -> Iterator[Tuple[Inputs, Optional[torch.Tensor]]]:
     """(inputs, labels or None) from a tensor or a mapping of tensors, a (inputs,
     labels) pair of tensors, or an iterable of batches (gradood.model_io: inputs,
     (inputs, labels, ...) tuples or mappings with a labels entry, e.g. a
@@ -85,7 +88,7 @@ def iterate_batches(data: Iterable, limit: Optional[int]) -> Iterator[Tuple[torc
 
 
 class Moments(NamedTuple):
-    count: int
+    samples: int
     mean: Blocks  # [numel] float64 per parameter
     inv_std: Blocks  # [numel] float32 (float64 for float64 models), 0 where the gradient does not vary
 
@@ -126,7 +129,7 @@ def inverse_std(mean: torch.Tensor, squares: torch.Tensor, count: int, dtype: to
 
 def moments_pass(
     gradients_of: GradientsOf,
-    batches: Iterable[Tuple[torch.Tensor, Optional[torch.Tensor]]],
+    batches: Iterable[Tuple[Inputs, Optional[torch.Tensor]]],
     classes: Optional[str] = None,
     progress: Optional[tqdm] = None,
 ) -> Tuple[Moments, Optional[Blocks], Optional[torch.Tensor]]:
@@ -164,7 +167,7 @@ def moments_pass(
             class_counts = counts if class_counts is None else class_counts + counts
         if progress is not None:
             progress.update(grads.count)
-    if state is None:
+    if state is None or dtype is None:
         raise ValueError("the data hold no batch")
     count = state.pop("count")
     bad = [
@@ -184,9 +187,14 @@ def moments_pass(
 # -- linear algebra on dictionaries of blocks [L, numel] ------------------------------
 
 
+def _sum(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of tensors in order (at least one): `sum` with no int start."""
+    return functools.reduce(operator.add, parts)
+
+
 def gram(blocks: Blocks) -> torch.Tensor:
     """Σ_params B Bᵀ in float64: [L, L]."""
-    return sum(block.double() @ block.double().T for block in blocks.values())
+    return _sum(block.double() @ block.double().T for block in blocks.values())
 
 
 def orthonormalise(blocks: Blocks) -> Blocks:
@@ -228,7 +236,7 @@ class NormalisedGradients:
 
     def offset(self, blocks: Blocks) -> torch.Tensor:
         """zᵀ D Z [L], float64."""
-        return sum(
+        return _sum(
             block.double() @ (self.mean[name] * self.inv_std[name]).to(block.device).double()
             for name, block in blocks.items()
         )
@@ -296,7 +304,7 @@ def pca_directions(
         report.close()
         normalised.finish_transpose_times(product, column_sums)  # XᵀX Z
         # Rayleigh–Ritz on the current basis: H = Zᵀ XᵀX Z.
-        cross = sum(basis[name].double() @ product[name].double().T for name in basis)
+        cross = _sum(basis[name].double() @ product[name].double().T for name in basis)
         eigenvalues, vectors = torch.linalg.eigh((cross + cross.T) / 2)
         order = torch.argsort(eigenvalues, descending=True)[:k]
         ritz = vectors[:, order]  # [L, K]: top-K directions = ritzᵀ Z
@@ -314,10 +322,10 @@ def pca_directions(
             projections = torch.cat(kept) @ ritz.to(kept[0].device, kept[0].dtype)
             break
         new_basis = orthonormalise(product)
-        crossing = sum(basis[name].double() @ new_basis[name].double().T for name in basis)  # Z_prevᵀ Z_new
+        crossing = _sum(basis[name].double() @ new_basis[name].double().T for name in basis)  # Z_prevᵀ Z_new
         previous = (ritz, crossing)
         basis = new_basis
-    return SubspaceFit(directions, eigenvalues[order].cpu() / moments.count, change, value_change, projections)
+    return SubspaceFit(directions, eigenvalues[order].cpu() / moments.samples, change, value_change, projections)
 
 
 def class_mean_directions(moments: Moments, class_sums: Blocks, class_counts: torch.Tensor) -> SubspaceFit:
@@ -362,7 +370,7 @@ class GradientSubspace:
         self.mean, self.inv_std, self.scaled_directions = mean, inv_std, scaled_directions
         self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
         self.eigenvalues = eigenvalues
-        self.offset = sum(
+        self.offset = _sum(
             block.double() @ mean[name].double().to(block.device) for name, block in scaled_directions.items()
         )
 

@@ -16,6 +16,7 @@ KLMatching (fitted).
 from __future__ import annotations
 
 import copy
+import typing
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from gradood import model_io
 from gradood._ops import _COMBINE, TERM_NAMES
 from gradood.detectors import KLMatching, ReAct
-from gradood.detectors._base import Detector
+from gradood.detectors._base import Detector, fitted
 from gradood.model_io import Inputs, LogitsFn
 from gradood.scores import ScoreSpec
 
@@ -95,14 +96,17 @@ class OODHead(nn.Module):
         )
         self.body = copy.deepcopy(model)
         if head.kind == "mean":  # the model's (head₁(v₁) + head₂(v₂))/2 becomes [v₁; v₂]/2
-            widths = [model.get_submodule(name).weight[0].numel() for name in head.names]
+            widths = [typing.cast(torch.Tensor, model.get_submodule(name).weight)[0].numel() for name in head.names]
             _replace(self.body, head.names[0], _PlaceFeatures(0, widths[1]))
             _replace(self.body, head.names[1], _PlaceFeatures(widths[0], 0))
         elif head.names[0] == "":  # the model is its head (a linear probe on given features)
             self.body = nn.Identity()
         else:  # a token head's identity leaves the model's own pick of the token: that token's features
             _replace(self.body, head.names[0], nn.Identity())
-        keywords, wrapped = detector.model_interface
+        interface = detector.model_interface
+        if interface is None:  # set by the call above
+            raise RuntimeError("OODHead: the detector has not seen the model's inputs; pass example_inputs")
+        keywords, wrapped = interface
         if keywords or wrapped:
             self.body = _Body(self.body, keywords, detector.logits_fn)
         self.body.eval()
@@ -120,12 +124,13 @@ class OODHead(nn.Module):
         if isinstance(detector, ReAct):
             detector._require_fitted()
             self.kind = "react"
-            spec = ScoreSpec("energy", clip=float(detector.clip))
+            spec = ScoreSpec("energy", clip=float(fitted(detector.clip)))
         elif isinstance(detector, KLMatching):
             detector._require_fitted()
             self.kind, self.mode = "kl_matching", detector.mode
-            missing = detector.templates.isnan().any(dim=1)
-            templates = detector.templates.masked_fill(missing[:, None], 1.0)  # logs in their float64 (reference)
+            kl_templates = fitted(detector.templates)
+            missing = kl_templates.isnan().any(dim=1)
+            templates = kl_templates.masked_fill(missing[:, None], 1.0)  # logs in their float64 (reference)
             zero = templates == 0  # 0 · log 0 = 0, p · log(p/0) = inf (gradood.reference)
             self.log_templates = torch.where(zero, torch.zeros_like(templates), templates.log()).to(
                 weight.device, torch.float32
@@ -148,7 +153,9 @@ class OODHead(nn.Module):
 
     def forward(self, inputs: torch.Tensor):  # or a mapping of keyword arguments, for a model that takes them
         features = self.body(inputs).flatten(1)
-        logits = F.linear(features, self.weight, self.bias)
+        weight, bias = self.weight, self.bias
+        assert isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)  # buffers (for the type checker)
+        logits = F.linear(features, weight, bias)
         if self.kind == "react":
             score = torch.ops.gradood.react_energy(features, self.weight, self.bias, self.clip)
         elif self.kind == "kl_matching":  # in float32, a class without a template left out (gradood.reference)

@@ -19,7 +19,7 @@ import contextlib
 import functools
 import inspect
 import math
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple, TypeVar, Union
 
 import torch
 from torch import nn
@@ -66,6 +66,17 @@ def _same_setting(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return isinstance(a, bool) == isinstance(b, bool) and isinstance(a, str) == isinstance(b, str) and a == b
+
+
+_Value = TypeVar("_Value")
+
+
+def fitted(value: Optional[_Value], what: str = "a fitted statistic") -> _Value:
+    """A fitted statistic (or state found on the first call) that the caller has just
+    checked is set (Detector._require_fitted): its value, typed as present."""
+    if value is None:  # pragma: no cover - the caller's check raised first
+        raise RuntimeError(f"{what} is missing: call fit(id_data) first")
+    return value
 
 
 class Detector:
@@ -125,7 +136,7 @@ class Detector:
             )
         self.model = model
         self.logits_fn = logits
-        self.head_name: Optional[HeadName] = None
+        self.head_name: Optional[Union[str, Tuple[str, ...]]] = None
         self._head: Optional[_head.Head] = None
         self._named_head: Optional[Tuple[str, ...]] = None  # named by the user, its kind found on the first call
         self._headless = False  # no head produces the logits, and this detector needs none
@@ -244,6 +255,8 @@ class Detector:
             )
         if self._headless:
             return logits.new_zeros(logits.shape[0], 0)
+        if self._head is None:  # found above, or the call raised
+            raise RuntimeError(f"{where}: the head of the model was not found")
         return _head.features(where, self._head, captured, logits)
 
     def _forward_with_capture(self, inputs: Inputs) -> Tuple[torch.Tensor, torch.Tensor]:

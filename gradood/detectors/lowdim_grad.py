@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from gradood import model_io, scores
-from gradood.detectors._base import Data, Detector, eval_mode
+from gradood.detectors._base import Data, Detector, eval_mode, fitted
 from gradood.detectors._head import HeadName
 from gradood.detectors.rg import activation_percentile
 from gradood.gradient_subspace import (
@@ -136,7 +136,7 @@ class LowDimGrad(Detector):
         if features is not None:
             if self._head is None:  # found by one plain forward
                 self.forward_features(inputs)
-            capture = self._head.names
+            capture = fitted(self._head, "the head").names
         with eval_mode(self.model):
             grads = persample_gradients(
                 self.model,
@@ -156,7 +156,7 @@ class LowDimGrad(Detector):
     def low_dimensional_gradients(self, inputs: Inputs) -> torch.Tensor:
         """G_low [B, K] of a batch (before the L2 normalisation of the KNN score)."""
         self._require_fitted()
-        return self.subspace.project(self._gradients(inputs))
+        return fitted(self.subspace).project(self._gradients(inputs))
 
     # -- fitting ------------------------------------------------------------------------
 
@@ -201,18 +201,19 @@ class LowDimGrad(Detector):
         finally:
             report.close()
         if self.subspace_kind == "pca":
+            dim = fitted(self.dim, "dim")  # set for subspace="pca" (the constructor checks it)
             total = sum(m.numel() for m in moments.mean.values())
-            if self.dim > total:
+            if dim > total:
                 raise ValueError(f"{name}.fit: dim={self.dim} exceeds the {total} selected parameters")
-            if moments.count <= self.dim:
+            if moments.samples <= dim:
                 raise ValueError(
-                    f"{name}.fit: PCA with dim={self.dim} needs more than {self.dim} ID samples, got {moments.count}"
+                    f"{name}.fit: PCA with dim={self.dim} needs more than {self.dim} ID samples, got {moments.samples}"
                 )
             fit = pca_directions(
                 self._gradients,
                 passes,
                 moments,
-                self.dim,
+                dim,
                 self.oversample,
                 self.iterations,
                 self.seed,
@@ -221,7 +222,7 @@ class LowDimGrad(Detector):
             )
         else:
             try:
-                fit = class_mean_directions(moments, class_sums, class_counts)
+                fit = class_mean_directions(moments, fitted(class_sums), fitted(class_counts))
             except ValueError as error:
                 raise ValueError(f"{name}.fit: {error}") from None
         shapes = {n: tuple(p.shape) for n, p in self.model.named_parameters() if n in moments.mean}
@@ -243,14 +244,14 @@ class LowDimGrad(Detector):
             self.subspace = self.bank = None
             raise ValueError(
                 f"{name}.fit: neighbours={self.neighbours} needs at least that many fit samples, got "
-                f"{moments.count}; lower neighbours or fit on more data"
+                f"{moments.samples}; lower neighbours or fit on more data"
             )
         if self.ensemble:
             self.clip = activation_percentile(
                 torch.cat(features), self.react_percentile, f"{type(self).__name__}.fit (react_percentile)"
             )
         self.fit_info = {
-            "samples": moments.count,
+            "samples": moments.samples,
             "dim": self.subspace.dim,
             "subspace_change": fit.change,
             "eigenvalue_change": fit.eigenvalue_change,
@@ -267,8 +268,8 @@ class LowDimGrad(Detector):
         self._require_fitted()
         features: List[torch.Tensor] = []
         grads = self._gradients(inputs, features if self.clip is not None else None)
-        low = self.subspace.project(grads)
-        parts = {"knn": knn_score(low, self.bank.to(low.device), self.neighbours, self.metric)}
+        low = fitted(self.subspace).project(grads)
+        parts = {"knn": knn_score(low, fitted(self.bank).to(low.device), self.neighbours, self.metric)}
         if self.clip is not None:
             weight, bias = self.head_weight_bias()
             v = features[0]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gradood import scores
-from gradood.detectors._base import Data, Detector
+from gradood.detectors._base import Data, Detector, fitted
 from gradood.detectors._head import HeadName
 from gradood.model_io import LogitsFn
 
@@ -46,13 +46,6 @@ def activation_percentile(features: torch.Tensor, percentile: float, where: str 
     return clip
 
 
-def _fitted(value: Optional[float]) -> float:
-    """A fitted statistic that _require_fitted has just checked is set."""
-    if value is None:  # pragma: no cover - _require_fitted raised first
-        raise RuntimeError("a fitted statistic is missing: call fit(id_data) first")
-    return value
-
-
 class RG(Detector):
     fitted = ("clip",)
 
@@ -78,7 +71,7 @@ class RG(Detector):
 
     def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         self._require_fitted()
-        return scores.spec_rg(_fitted(self.clip), self.temperature)
+        return scores.spec_rg(fitted(self.clip), self.temperature)
 
 
 class RGAdditive(Detector):
@@ -112,4 +105,4 @@ class RGAdditive(Detector):
 
     def lastlayer_spec(self, num_classes: int) -> scores.ScoreSpec:
         self._require_fitted()
-        return scores.spec_rg_additive(_fitted(self.clip), _fitted(self.alpha))
+        return scores.spec_rg_additive(fitted(self.clip), fitted(self.alpha))

@@ -5,7 +5,9 @@ for a layer called more than once, the combination of its calls (_reuse.py)."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import functools
+import operator
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -79,7 +81,8 @@ def _one_call_gradients(layer, pieces: Pieces) -> LayerGradients:
     if isinstance(layer.rule, CompositeRule):
         return layer.rule.grads(layer.module, pieces)
     if layer.rule is torch_func_rule:
-        return torch_func_grads(layer.module, *pieces[None], layer.parameter_names)
+        inputs, grad_output = pieces[None]
+        return torch_func_grads(layer.module, inputs, grad_output, layer.parameter_names)
     return grad_rule_for(layer.module)(layer.module, *pieces[None])
 
 
@@ -94,10 +97,15 @@ def layer_norms(layer, pieces: Pieces) -> Tuple[torch.Tensor, str]:
         if joined is None:
             gradients = _reuse.reused_gradients(pieces, lambda call: _one_call_gradients(layer, call))
             squared = _reuse.squared_norms(gradients.restrict(tuple(layer.parameter_names)))
-            return sum(squared[name] for name in layer.parameter_names), "reused"
+            return _total(squared[name] for name in layer.parameter_names), "reused"
         pieces = joined
     result = _one_call_norms(layer, pieces)
-    return sum(result.squared_norms[name] for name in layer.parameter_names), result.method
+    return _total(result.squared_norms[name] for name in layer.parameter_names), result.method
+
+
+def _total(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of a layer's per-parameter squared norms, in order (at least one)."""
+    return functools.reduce(operator.add, parts)
 
 
 def layer_gradients(layer, pieces: Pieces) -> LayerGradients:

@@ -100,5 +100,5 @@ def squared_norms(gradients: DenseLayerGradients) -> Dict[str, torch.Tensor]:
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
-def reused_gradients(pieces: Pieces, per_call: Callable[[Pieces], LayerGradients]) -> LayerGradients:
+def reused_gradients(pieces: Pieces, per_call: Callable[[Pieces], LayerGradients]) -> DenseLayerGradients:
     return summed_gradients([per_call(use) for use in calls(pieces)])

@@ -8,7 +8,7 @@ gradient beyond a bounded chunk, never a summed `.grad`.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Type, TypeVar, Union
+from typing import Callable, Dict, NamedTuple, Optional, Type, TypeVar, Union
 
 import torch
 from torch import nn
@@ -47,10 +47,10 @@ class CompositeRule:
     def forward(self, module: nn.Module, record, *args, **kwargs):
         raise NotImplementedError
 
-    def norms(self, module: nn.Module, pieces: Dict[str, tuple]) -> RuleResult:
+    def norms(self, module: nn.Module, pieces: Dict[Optional[str], tuple]) -> RuleResult:
         raise NotImplementedError
 
-    def grads(self, module: nn.Module, pieces: Dict[str, tuple]):
+    def grads(self, module: nn.Module, pieces: Dict[Optional[str], tuple]):
         """The per-sample gradients as a LayerGradients (gradood.persample._grads),
         keyed like norms()."""
         raise NotImplementedError

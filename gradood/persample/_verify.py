@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import random
 from copy import deepcopy
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -41,7 +41,13 @@ PROBE = 3  # samples checked
 _COPY_LIMIT = 1 << 27  # parameters: a float64 copy of larger models costs too much memory
 
 
-def _projection(dtype: torch.dtype) -> Callable[[torch.Tensor, int], torch.Tensor]:
+class _Projection(Protocol):
+    """A per-sample loss of the logits; `first`: the batch's position among the probe samples."""
+
+    def __call__(self, logits: torch.Tensor, first: int = 0) -> torch.Tensor: ...
+
+
+def _projection(dtype: torch.dtype) -> _Projection:
     """ℓ_i(f) = ⟨r_i, f⟩ for the probe sample at position i (from `first`), each r_i its
     own seeded random vector: a per-sample output gradient that differs between samples,
     so errors that cancel when all samples get the same one (logits centred over the
@@ -95,7 +101,7 @@ def single_sample_gradients(
     parameter (None where it gets none); the model's flags restored, no .grad written."""
     parameters = dict(model.named_parameters())
     flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
-    out = []
+    out: List[Dict[str, Optional[torch.Tensor]]] = []
     try:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -112,6 +118,11 @@ def single_sample_gradients(
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
     return out
+
+
+def _squared(grad: Optional[torch.Tensor]) -> float:
+    """The squared norm of a parameter's gradient in float64; 0 where it got none."""
+    return 0.0 if grad is None else float(grad.double().square().sum())
 
 
 def _tolerance(dtype: torch.dtype) -> Tuple[float, float]:
@@ -174,13 +185,13 @@ def check_norms(where: str, model: nn.Module, inputs, params, functional_params,
     rtol, atol = _tolerance(dtype)
     problems = []
     for index, grads in enumerate(reference):
-        per_layer = [
-            sum(float(grads[n].double().square().sum()) for n in group if grads[n] is not None)
-            for group in ours.parameters
-        ]
+        per_layer = [sum(_squared(grads[n]) for n in group) for group in ours.parameters]
         total = sum(per_layer)
+        measured = ours.per_layer
+        if measured is None:
+            raise RuntimeError(f"{where}: the check asked for per-layer norms and got none")
         for layer, expected in zip(ours.layer_names, per_layer):
-            got = float(ours.per_layer[index, ours.layer_names.index(layer)])
+            got = float(measured[index, ours.layer_names.index(layer)])
             if abs(got - expected) > rtol * expected + atol * total:
                 problems.append(f"{layer or 'the model'} (sample {index}: {got:.6g} against {expected:.6g})")
     if problems:
@@ -304,9 +315,7 @@ def check_call_norms(
     for index, grads in zip(
         chosen, _chosen_gradients(model, inputs, chosen, names, logits_fn, loss, temperature, targets)
     ):
-        per_layer = [
-            sum(float(grads[n].double().square().sum()) for n in group if grads[n] is not None) for group in groups
-        ]
+        per_layer = [sum(_squared(grads[n]) for n in group) for group in groups]
         total = sum(per_layer)
         for column, (layer, expected) in enumerate(zip(layer_names, per_layer)):
             got = float(squared[index, column])

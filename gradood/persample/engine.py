@@ -271,7 +271,7 @@ class _Pass(NamedTuple):
     layers: List[_Layer]
     consumed: Dict[str, object]
     functional: List[Tuple[_Functional, torch.Tensor]]
-    captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+    captured: Dict[str, model_io.Call]
     sources: List[Source]  # the direct parameters
     direct: DirectGradients
 
@@ -426,7 +426,7 @@ def _run_pass_once(
                 handles.append(
                     layer.module.register_forward_hook(functools.partial(hook, recorder, layer.name), with_kwargs=True)
                 )
-        captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        captured: Dict[str, model_io.Call] = {}
         for name in capture:  # after the recorder's hooks: they see the outputs the graph continues from
             handles.append(model.get_submodule(name).register_forward_hook(functools.partial(_capture, captured, name)))
         for parameter in requires_grad:
@@ -607,7 +607,7 @@ class PerSampleGradients:
         logits: torch.Tensor,
         layers: List[Tuple[Dict[str, str], LayerGradients]],
         shapes: Dict[str, torch.Size],
-        captured: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
+        captured: Optional[Dict[str, model_io.Call]] = None,
     ):
         self.logits = logits
         #: (input, output) of the modules named in `capture`, from the pass (detached).
