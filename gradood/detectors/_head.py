@@ -29,6 +29,9 @@ for the head's own output). A 1×1 convolution counts only on a 1×1 map.
 
 from __future__ import annotations
 
+import functools
+import operator
+import typing
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -49,7 +52,7 @@ class Head(NamedTuple):
     kind: str
 
     @property
-    def name(self) -> HeadName:
+    def name(self) -> Union[str, Tuple[str, ...]]:
         return self.names[0] if len(self.names) == 1 else self.names
 
 
@@ -74,10 +77,20 @@ def _rows(call: Call) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     return inputs.reshape(-1, inputs.shape[-1]), output.reshape(-1, output.shape[-1])
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    """A head's weight (an nn.Linear's, or a 1×1 nn.Conv2d's)."""
+    return typing.cast(torch.Tensor, module.weight)
+
+
+def _bias(module: nn.Module) -> Optional[torch.Tensor]:
+    return typing.cast(Optional[torch.Tensor], module.bias)
+
+
 def _recomputed(call: Call) -> torch.Tensor:
     """The plain layer's own op on the captured input: F.linear, or nn.Conv2d's convolution."""
     module = call.module
-    weight, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+    bias = _bias(module)
+    weight, bias = _weight(module).detach(), None if bias is None else bias.detach()
     if isinstance(module, nn.Conv2d):
         return nn.Conv2d._conv_forward(module, call.input.detach(), weight, bias)
     return F.linear(call.input.detach(), weight, bias)
@@ -91,7 +104,8 @@ def is_affine(call: Call) -> bool:
     bit-identical). A subclass scaling its output by 1.003 is refused at any width. One more
     head-sized product per call (and one for the bound where the results are not identical)."""
     module, output = call.module, call.output.detach()
-    if not call.untouched or _rows(call) is None or getattr(module, "groups", 1) != 1:
+    rows = _rows(call)
+    if not call.untouched or rows is None or getattr(module, "groups", 1) != 1:
         return False
     with torch.no_grad():
         try:
@@ -103,13 +117,14 @@ def is_affine(call: Call) -> bool:
         if bool(((again == output) | (again.isnan() & output.isnan())).all()):
             return True  # bit-identical (the usual case)
         compute = torch.float64 if output.dtype == torch.float64 else torch.float32
-        inputs, captured = _rows(call)
+        inputs, captured = rows
         again = again.reshape(captured.shape).to(compute)
         captured = captured.detach().to(compute)
-        weight = module.weight.detach().reshape(module.weight.shape[0], -1).to(compute)
+        head_weight, head_bias = _weight(module), _bias(module)
+        weight = head_weight.detach().reshape(head_weight.shape[0], -1).to(compute)
         bound = inputs.detach().to(compute).abs() @ weight.abs().t()
-        if module.bias is not None:
-            bound = bound + module.bias.detach().to(compute).abs()
+        if head_bias is not None:
+            bound = bound + head_bias.detach().to(compute).abs()
         close = (again - captured).abs() <= 4 * torch.finfo(output.dtype).eps * bound + torch.finfo(compute).tiny
         same = (again == captured) | (again.isnan() & captured.isnan())  # non-finite entries: equal, or NaN both
         return bool(torch.where(torch.isfinite(again) & torch.isfinite(captured), close, same).all())
@@ -148,8 +163,9 @@ def produces(head: Head, captured: Captured, logits: torch.Tensor) -> bool:
         equal = _token_positions(captured[head.names[0]].output, logits) is not None
     else:
         outputs = [_flat_output(captured[name], logits) for name in head.names]
-        equal = all(output is not None for output in outputs) and _same(
-            outputs[0] if head.kind == "linear" else (outputs[0] + outputs[1]) / 2, logits
+        present = [output for output in outputs if output is not None]
+        equal = len(present) == len(outputs) and _same(
+            present[0] if head.kind == "linear" else (present[0] + present[1]) / 2, logits
         )
     # The comparison with the logits first: the recomputation of the head is the costly check.
     return equal and all(is_affine(captured[name]) for name in head.names)
@@ -216,10 +232,10 @@ def features(where: str, head: Head, captured: Captured, logits: torch.Tensor) -
 def weight_bias(model: nn.Module, head: Head) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(W [C, D], b [C] or None) of the (equivalent single) head."""
     modules = [model.get_submodule(name) for name in head.names]
-    weights = [m.weight.detach().reshape(m.weight.shape[0], -1) for m in modules]
-    biases = [None if m.bias is None else m.bias.detach() for m in modules]
+    weights = [_weight(m).detach().reshape(_weight(m).shape[0], -1) for m in modules]
+    biases = [None if _bias(m) is None else typing.cast(torch.Tensor, _bias(m)).detach() for m in modules]
     if head.kind != "mean":
         return weights[0], biases[0]
     present = [b for b in biases if b is not None]
-    bias = None if not present else sum(present) / 2
+    bias = None if not present else functools.reduce(operator.add, present) / 2
     return torch.cat(weights, 1), bias

@@ -224,7 +224,8 @@ def plan_steps(
             "exclude them with `params`"
         )
         return [], {name: (message, ()) for name in sorted(direct)}
-    steps, problems = [], {}
+    steps: List[Step] = []
+    problems: Dict[str, Tuple[str, tuple]] = {}
     for a, b in zip(first, second):
         owned = tuple(s & direct for s in a.sources)
         kinds = tuple("const" if k in ("param", "derived") and not owned[i] else k for i, k in enumerate(a.kinds))
@@ -267,12 +268,19 @@ def plan_steps(
 # -- the pass ----------------------------------------------------------------------------
 
 
-def _keep_batch(grad: torch.Tensor, dim: int, fold: int = 1) -> torch.Tensor:
+def _keep_batch(grad: torch.Tensor, dim: Optional[int], fold: int = 1) -> torch.Tensor:
     """[B, *shape with 1 at dim]: each sample's slice with its batch dimension kept
     (for a folded batch, [B, k, ...]: the sample's k rows in its place)."""
     if fold > 1:
         return grad.reshape(grad.shape[0] // fold, fold, *grad.shape[1:])
-    return grad.movedim(dim, 0).unsqueeze(dim + 1)
+    return grad.movedim(_batch(dim), 0).unsqueeze(_batch(dim) + 1)
+
+
+def _batch(dim: Optional[int]) -> int:
+    """A batch dimension the plan found (the ops reaching here have one)."""
+    if dim is None:
+        raise RuntimeError("gradood (internal): an op on the batch has no batch dimension in the plan")
+    return dim
 
 
 def reduce_to(per_sample: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -385,10 +393,12 @@ class PassTracker(TorchFunctionMode):
         if padding_idx is not None and padding_idx < 0:
             padding_idx += weight.shape[0]
         (name,) = step.sources[1]
+        if self.embedding_piece is None:  # checked by the caller
+            return None
         record = self.embedding_piece(
             name,
             self.position - 1,
-            step.dims[0],
+            _batch(step.dims[0]),
             step.folds[0],
             padding_idx,
             bool(options.get("scale_grad_by_freq", False)),
@@ -400,10 +410,12 @@ class PassTracker(TorchFunctionMode):
         at_x, at_weight, at_bias = where
         x, weight = leaves[at_x], leaves[at_weight]
         (name,) = step.sources[at_weight]
-        output = self.linear_piece(name, self.position - 1, x, F.linear(x, weight), step.dims[at_x], step.folds[at_x])
-        bias = None if at_bias is None else leaves[at_bias]
-        if bias is None:
+        output = self.linear_piece(
+            name, self.position - 1, x, F.linear(x, weight), _batch(step.dims[at_x]), step.folds[at_x]
+        )
+        if at_bias is None or leaves[at_bias] is None:
             return output
+        bias = leaves[at_bias]
         result = output + bias
         if step.kinds[at_bias] in ("param", "derived"):
             result = self._hook(
@@ -529,7 +541,7 @@ def replay_vjp(func, leaves: list, spec, step: Step, grad: torch.Tensor) -> Cota
     clone = _in_place(func)
 
     def restore(value: torch.Tensor, i: int) -> torch.Tensor:  # one sample's slice as a batch of one (or of k rows)
-        return value if folds[i] > 1 else value.unsqueeze(step.dims[i])
+        return value if folds[i] > 1 else value.unsqueeze(_batch(step.dims[i]))
 
     def one_sample(sample_values, fixed_operands, sample_grad):
         def run(*operand_values):
@@ -557,8 +569,8 @@ def replay_vjp(func, leaves: list, spec, step: Step, grad: torch.Tensor) -> Cota
     out: Cotangents = []
     for i, value in zip(operands, per_sample):
         operand = leaves[i]
-        if step.dims[i] is not None:  # sample s's cotangent at slice s of the operand
-            dim = step.dims[i]
+        dim = step.dims[i]
+        if dim is not None:  # sample s's cotangent at slice s of the operand
             full = value.new_zeros(value.shape[0], *operand.shape)
             samples = torch.arange(value.shape[0], device=value.device)
             full.movedim(dim + 1, 1)[samples, samples] = value.movedim(dim + 1, 1)[:, 0]

@@ -191,7 +191,7 @@ class _Probe:
 
 
 def _run_probe(model: nn.Module, inputs: Inputs, size: int, layers: Sequence, sources: Sequence[Source]) -> _Probe:
-    names = {}
+    names: Dict[int, str] = {}
     for name, module in model.named_modules():
         names.setdefault(id(module), name)
     names.update({id(layer.module): layer.name for layer in layers})  # a reused module: the layer's own name
@@ -224,7 +224,7 @@ def _run_probe(model: nn.Module, inputs: Inputs, size: int, layers: Sequence, so
     return probe
 
 
-def _batch_dim(shapes: Sequence[Optional[torch.Size]]) -> Optional[int]:
+def _batch_dim(shapes: Sequence[torch.Size]) -> Optional[int]:
     """The one dimension that equals the probe sizes, all others being equal; None otherwise."""
     first, second = shapes
     if len(first) != len(second):
@@ -327,7 +327,7 @@ def _decide(
             if not _inside(layer, candidate) or candidate == layer or candidate in rule_layers:
                 continue
             seen = [probe.shapes.get((candidate, None)) for probe in probes]
-            if all(s is not None and s[2] for s in seen) and _batch_dim([s[0] for s in seen]) == 0:
+            if all(s is not None and s[2] for s in seen) and _batch_dim([s[0] for s in seen if s is not None]) == 0:
                 if use_fallback:
                     hosts[layer] = candidate
                     return
@@ -362,8 +362,8 @@ def _decide(
         layer = by_name[name]
         if piece is None and isinstance(layer.rule, CompositeRule):  # its pieces are checked
             continue
-        seen = [probe.shapes[key] for probe in probes]
-        shapes = [s[0] for s in seen]
+        probed = [probe.shapes[key] for probe in probes]
+        shapes = [s[0] for s in probed]
         dim = _batch_dim(shapes)
         if dim == 0:
             continue
@@ -382,7 +382,7 @@ def _decide(
             direct_layers.add(name)
             continue
         what = f"{name or 'the model'} ({type(layer.module).__name__}{', piece ' + piece if piece else ''})"
-        active = [m for m in seen[0][1] if m in seen[1][1]]
+        active = [m for m in probed[0][1] if m in probed[1][1]]
         host_for(name, active, f"{what}: {_layout_problem(shapes)}")
 
     for name in list(hosts):  # a host that is itself handed over: follow to the outermost
@@ -403,7 +403,7 @@ def _decide(
         candidates = [module_name] + [m for m in reversed(stack) if _inside(module_name, m) and m != module_name]
         for candidate in candidates:
             seen = [probe.shapes.get((candidate, None)) for probe in probes]
-            if all(s is not None and s[2] for s in seen) and _batch_dim([s[0] for s in seen]) == 0:
+            if all(s is not None and s[2] for s in seen) and _batch_dim([s[0] for s in seen if s is not None]) == 0:
                 return candidate
         raise ValueError(f"{message}; no module around it takes the batch as one tensor to replay it per sample")
 

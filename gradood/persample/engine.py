@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -64,9 +64,14 @@ class _Functional(NamedTuple):
     parameter: nn.Parameter
 
 
+def _value_rows(flat: torch.Tensor, start: int, end: int) -> Dict[str, torch.Tensor]:
+    """Samples start..end of a materialised per-sample gradient [B, numel]."""
+    return {"value": flat[start:end]}
+
+
 class _Layer(NamedTuple):
     name: str
-    module: nn.Module
+    module: Any  # an nn.Module, or the EmbeddingCall of a directly handled embedding
     parameter_names: Tuple[str, ...]  # the module's own names of its selected parameters
     rule: object  # a rule function, a CompositeRule, or the torch.func fallback
 
@@ -174,8 +179,8 @@ def _apply_layout(
         by_name = {layer.name: layer for layer in layers}
         for module_name, names in layout.replayed.items():
             current = by_name.get(module_name)
-            own = (current.parameter_names if current else ()) + tuple(names)
-            by_name[module_name] = _Layer(module_name, modules[module_name], own, torch_func_rule)
+            replayed = (current.parameter_names if current else ()) + tuple(names)
+            by_name[module_name] = _Layer(module_name, modules[module_name], replayed, torch_func_rule)
         layers = list(by_name.values())
     return layers, [source for source in sources if source.name in layout.direct]
 
@@ -269,7 +274,7 @@ class _Pass(NamedTuple):
 
     logits: torch.Tensor
     layers: List[_Layer]
-    consumed: Dict[str, object]
+    consumed: Dict[str, Any]  # per layer: (squared norms, method), or its LayerGradients
     functional: List[Tuple[_Functional, torch.Tensor]]
     captured: Dict[str, model_io.Call]
     sources: List[Source]  # the direct parameters
@@ -382,7 +387,9 @@ def _run_pass_once(
         linear_piece,
         embedding_piece,
     )
-    handles, overridden, substituted = [], [], []
+    handles: List[Any] = []
+    overridden: List[nn.Module] = []
+    substituted: List[Any] = []
     saved_parameters: Dict[int, Tuple[nn.Module, dict]] = {}  # each module's table, as it was
 
     def restore() -> None:  # idempotent: hooks, forwards, parameter tables and flags as they were
@@ -544,14 +551,14 @@ def persample_grad_norms(
         if not verify
         else functools.partial(_verify.check_norms, _WHERE, model, inputs, params, functional_params, fallback, logits),
     )
-    logits = result.logits
-    norm_dtype = compute_dtype(logits.dtype)
+    pass_logits = result.logits
+    norm_dtype = compute_dtype(pass_logits.dtype)
     columns, names, methods, owned = [], [], [], []
     for layer in result.layers:
         names.append(layer.name)
         owned.append(tuple(f"{layer.name}.{own}" if layer.name else own for own in layer.parameter_names))
         if layer.name not in result.consumed:  # never called: its parameters get no gradient
-            columns.append(logits.new_zeros(logits.shape[0], dtype=norm_dtype))
+            columns.append(pass_logits.new_zeros(pass_logits.shape[0], dtype=norm_dtype))
             methods.append("unused")
             continue
         squared, method = result.consumed[layer.name]
@@ -580,7 +587,7 @@ def persample_grad_norms(
         )
     return PerSampleGradNorms(
         norms=squared.sum(1).sqrt(),
-        logits=logits,
+        logits=pass_logits,
         per_layer=squared if per_layer else None,
         layer_names=tuple(names),
         methods=tuple(methods),
@@ -638,6 +645,8 @@ class PerSampleGradients:
                 blocks[own] = block if scale is None else block * scale[full].to(block.device, block.dtype)
             term = grads.project(blocks)
             out = term if out is None else out.add_(term)
+        if out is None:
+            raise ValueError("PerSampleGradients.project: the gradients hold no parameter")
         return out
 
     def weighted_sum(
@@ -746,10 +755,10 @@ def persample_gradients(
     for item, grad in result.functional:
         shapes[item.name] = item.parameter.shape
         flat = _float32_if_half(grad).reshape(grad.shape[0], -1)
-        gradients = DenseLayerGradients(
-            grad.shape[0], {"value": flat.shape[1]}, lambda s, e, flat=flat: {"value": flat[s:e]}
+        functional_grads = DenseLayerGradients(
+            grad.shape[0], {"value": flat.shape[1]}, functools.partial(_value_rows, flat)
         )
-        layers.append(({"value": item.name}, gradients))
+        layers.append(({"value": item.name}, functional_grads))
     for source in result.sources:
         shapes[source.name] = source.parameter.shape
         if result.direct.method(source.name) == "linear" and source.name in result.consumed:
