@@ -4,6 +4,8 @@
   gradood.persample.supported_layers().
 - `{{demo_results}}` (evaluation.md): the demo's table per instruction-set level, from the
   committed results.json of `gradood demo` runs (benchmarks/results/*/demo-<level>/).
+- `{{persample_results}}` (performance.md): the per-sample engine's time and peak memory
+  against a training step, from benchmarks/results/*/persample.json.
 - `{{benchmark_results}}` (performance.md): a table per machine and instruction-set level,
   and a plot of the speed-ups, from benchmarks/results/*/levels-*.json (written by
   benchmarks/run_levels.sh; benchmarks/summarize.py renders the tables).
@@ -150,7 +152,52 @@ def _demo_results() -> str:
     return "\n\n".join(parts)
 
 
+def _persample_plot(name: str, rows: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [case for case, row in rows.items() if {"gradood", "training_step"} <= set(row)]
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(10, 0.6 * len(cases) + 1.8))
+    for axis, (key, label) in zip((time_axis, memory_axis), (("", "time"), (" peak", "peak memory"))):
+        values = {impl: [rows[c].get(impl + key, float("nan")) / rows[c]["training_step" + key] for c in cases]
+                  for impl in ("gradood", "vmap_grad") if all(impl + key in rows[c] for c in cases)}
+        for index, (impl, ratios) in enumerate(values.items()):
+            axis.barh([i + 0.4 * index for i in range(len(cases))], ratios, height=0.4, label=impl)
+        axis.axvline(1.0, color="black", linewidth=0.8)
+        axis.set_yticks([i + 0.2 for i in range(len(cases))], cases, fontsize=7)
+        axis.set_xlabel(f"{label} / a training step's")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    path = f"generated/{name}-persample.png"
+    _plots[path] = buffer.getvalue()
+    return path
+
+
+def _persample_results() -> str:
+    """The per-sample engine against a training step and vmap(grad): time and peak memory,
+    from benchmarks/results/*/persample.json (summarize.py --condense of test_persample.py)."""
+    summarize = _summarize()
+    parts = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "*", "persample.json")), reverse=True):
+        data = json.load(open(path))
+        name = os.path.basename(os.path.dirname(path))
+        rows = summarize.rows_by_kind(data["benchmarks"])["persample"]
+        plot = _persample_plot(name, rows)
+        parts.append(f"### {name}\n\n{_machine_line(data.get('machine', ''))}.\n\n"
+                     f"![time and peak memory against a training step]({plot})\n\n"
+                     + "\n".join(summarize._persample_table(rows)))
+    if not parts:
+        raise RuntimeError("docs: no benchmarks/results/*/persample.json for the per-sample engine's numbers")
+    return "\n\n".join(parts)
+
+
 _GENERATORS = {
+    "{{persample_results}}": _persample_results,
     "{{supported_layers}}": _supported_layers,
     "{{benchmark_results}}": _benchmark_results,
     "{{demo_results}}": _demo_results,
@@ -167,6 +214,7 @@ def on_page_markdown(markdown, page, config, files):
 def on_files(files, config):
     # The plots are made while the performance page renders; register their paths now.
     _benchmark_results()
+    _persample_results()
     for path, content in _plots.items():
         files.append(File.generated(config, path, content=content))
     return files

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradood.persample import persample_grad_norms
+from gradood.persample import persample_grad_norms, persample_gradients
 from gradood.testing import peak_memory_bytes
 from gradood.persample.losses import per_sample_loss
 
@@ -691,3 +691,26 @@ def test_ce_pred_on_confident_float32_samples_keeps_the_predicted_class_term():
     expected = _loop_norms(copy.deepcopy(model).double(), inputs.double(), "ce_pred")
     got = persample_grad_norms(model, inputs, loss="ce_pred").norms
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_parameters_the_forward_never_uses_have_zero_norms():
+    # Selecting only a layer the forward does not call: the loss depends on none of the
+    # selected parameters, so every per-sample gradient is zero (was autograd's raw error).
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 3)
+            self.spare = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = WithSpare().eval()
+    inputs = torch.randn(5, 4)
+    spare = lambda name, _: name.startswith("spare")  # noqa: E731
+    for verify in (True, 2):
+        result = persample_grad_norms(model, inputs, params=spare, verify=verify)
+        assert torch.equal(result.norms, torch.zeros(5)) and result.methods == ("unused",)
+    grads = persample_gradients(model, inputs, params=spare)
+    directions = {name: torch.randn(3, torch.Size(shape).numel()) for name, shape in grads.shapes.items()}
+    assert torch.equal(grads.project(directions), torch.zeros(5, 3))

@@ -112,7 +112,13 @@ def single_sample_gradients(
             sample = model_io.select(inputs, torch.tensor([index]))
             with torch.enable_grad(), empty_tensor_caches(model), batch_norm_gradient_layout(model):
                 logits = model_io.checked_logits("the single-sample check", model_io.call(model, sample), 1, logits_fn)
-                grads = torch.autograd.grad(loss(logits, index).sum(), chosen, allow_unused=True)
+                total = loss(logits, index).sum()
+                # A loss that depends on no chosen parameter: zero gradients, nothing to run.
+                grads = (
+                    torch.autograd.grad(total, chosen, allow_unused=True)
+                    if total.requires_grad
+                    else (None,) * len(chosen)
+                )
             out.append(dict(zip(names, grads)))
     finally:
         for parameter, flag in flags.items():

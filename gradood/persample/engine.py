@@ -457,7 +457,10 @@ def _run_pass_once(
             # Proxies are differentiated against too, so that every meeting lies on the backward's path.
             leaves = [leaf for _, leaf in recorder.leaves] + [copies for _, copies in substituted] + direct.leaves()
             recorder.backward_started = tracker.backward_started = True
-            all_grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True) if leaves else []
+            # A loss that depends on no selected parameter (the selected layers unused by this
+            # forward) has zero gradient for all of them: no backward to run.
+            needed = bool(leaves) and losses.requires_grad
+            all_grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True) if needed else [None] * len(leaves)
             for (key, _), grad in zip(recorder.leaves, all_grads):
                 recorder.give(key, grad)
             functional_grads = all_grads[len(recorder.leaves) : len(recorder.leaves) + len(substituted)]

@@ -29,6 +29,8 @@ formed. The gain's gradient is ∂ℓ/∂gain_o = (γ/√N) ⟨G_o, ŵ_o⟩, the
 
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,12 +63,12 @@ def _standardised(module: _ConvNd, dtype: torch.dtype):
     """(ŵ [C_out, N], σ [C_out], r [C_out], c [C_out], γ/√N or None)."""
     weight = module.weight.detach().to(dtype).reshape(module.out_channels, -1)
     variance, mean = torch.var_mean(weight, 1, unbiased=False)
-    sigma = torch.sqrt(variance + float(vars(module)["eps"]))
+    sigma = torch.sqrt(variance + float(typing.cast(float, module.eps)))
     w_hat = (weight - mean[:, None]) / sigma[:, None]
     gain = getattr(module, "gain", None)
     if gain is None:
         return w_hat, sigma, variance / sigma.square(), torch.ones_like(sigma), None
-    scale = float(vars(module)["scale"])
+    scale = float(typing.cast(float, module.scale))
     return w_hat, sigma, variance / sigma.square(), gain.detach().to(dtype).reshape(-1) * scale, scale
 
 
