@@ -63,6 +63,18 @@ def _speedups(summarize, benchmarks: list) -> dict:
     return out
 
 
+def _keep(figure, path: str) -> str:
+    """Renders a matplotlib figure to PNG for on_files to add under `path`."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    _plots[path] = buffer.getvalue()
+    return path
+
+
 def _plot(name: str, by_level: dict) -> str:
     import matplotlib
 
@@ -80,13 +92,7 @@ def _plot(name: str, by_level: dict) -> str:
     axis.set_xscale("log")
     axis.set_xlabel("fastest peer's median / gradood's (> 1: gradood faster)")
     axis.legend()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    path = f"generated/{name}-speedups.png"
-    _plots[path] = buffer.getvalue()
-    return path
+    return _keep(figure, f"generated/{name}-speedups.png")
 
 
 def _benchmark_results() -> str:
@@ -169,13 +175,7 @@ def _persample_plot(name: str, rows: dict) -> str:
         axis.set_yticks([i + 0.2 for i in range(len(cases))], cases, fontsize=7)
         axis.set_xlabel(f"{label} / a training step's")
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    path = f"generated/{name}-persample.png"
-    _plots[path] = buffer.getvalue()
-    return path
+    return _keep(figure, f"generated/{name}-persample.png")
 
 
 def _persample_results() -> str:

@@ -33,14 +33,13 @@ the last stage and the head) to bound it.
 
 from __future__ import annotations
 
-import functools
-import operator
 from typing import Callable, Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from gradood import model_io
+from gradood._sums import sum_tensors
 from gradood.model_io import Inputs
 from gradood.persample.engine import PerSampleGradients, compute_dtype
 
@@ -187,14 +186,9 @@ def moments_pass(
 # -- linear algebra on dictionaries of blocks [L, numel] ------------------------------
 
 
-def _sum(parts: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The sum of tensors in order (at least one): `sum` with no int start."""
-    return functools.reduce(operator.add, parts)
-
-
 def gram(blocks: Blocks) -> torch.Tensor:
     """Σ_params B Bᵀ in float64: [L, L]."""
-    return _sum(block.double() @ block.double().T for block in blocks.values())
+    return sum_tensors(block.double() @ block.double().T for block in blocks.values())
 
 
 def orthonormalise(blocks: Blocks) -> Blocks:
@@ -236,7 +230,7 @@ class NormalisedGradients:
 
     def offset(self, blocks: Blocks) -> torch.Tensor:
         """zᵀ D Z [L], float64."""
-        return _sum(
+        return sum_tensors(
             block.double() @ (self.mean[name] * self.inv_std[name]).to(block.device).double()
             for name, block in blocks.items()
         )
@@ -304,7 +298,7 @@ def pca_directions(
         report.close()
         normalised.finish_transpose_times(product, column_sums)  # XᵀX Z
         # Rayleigh–Ritz on the current basis: H = Zᵀ XᵀX Z.
-        cross = _sum(basis[name].double() @ product[name].double().T for name in basis)
+        cross = sum_tensors(basis[name].double() @ product[name].double().T for name in basis)
         eigenvalues, vectors = torch.linalg.eigh((cross + cross.T) / 2)
         order = torch.argsort(eigenvalues, descending=True)[:k]
         ritz = vectors[:, order]  # [L, K]: top-K directions = ritzᵀ Z
@@ -322,7 +316,7 @@ def pca_directions(
             projections = torch.cat(kept) @ ritz.to(kept[0].device, kept[0].dtype)
             break
         new_basis = orthonormalise(product)
-        crossing = _sum(basis[name].double() @ new_basis[name].double().T for name in basis)  # Z_prevᵀ Z_new
+        crossing = sum_tensors(basis[name].double() @ new_basis[name].double().T for name in basis)  # Z_prevᵀ Z_new
         previous = (ritz, crossing)
         basis = new_basis
     return SubspaceFit(directions, eigenvalues[order].cpu() / moments.samples, change, value_change, projections)
@@ -370,7 +364,7 @@ class GradientSubspace:
         self.mean, self.inv_std, self.scaled_directions = mean, inv_std, scaled_directions
         self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
         self.eigenvalues = eigenvalues
-        self.offset = _sum(
+        self.offset = sum_tensors(
             block.double() @ mean[name].double().to(block.device) for name, block in scaled_directions.items()
         )
 

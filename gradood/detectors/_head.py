@@ -29,8 +29,6 @@ for the head's own output). A 1×1 convolution counts only on a 1×1 map.
 
 from __future__ import annotations
 
-import functools
-import operator
 import typing
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -38,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradood._sums import sum_tensors
 from gradood.model_io import Call
 
 #: Each candidate's call in one forward pass, by module name.
@@ -237,5 +236,5 @@ def weight_bias(model: nn.Module, head: Head) -> Tuple[torch.Tensor, Optional[to
     if head.kind != "mean":
         return weights[0], biases[0]
     present = [b for b in biases if b is not None]
-    bias = None if not present else functools.reduce(operator.add, present) / 2
+    bias = None if not present else sum_tensors(present) / 2
     return torch.cat(weights, 1), bias

@@ -5,12 +5,11 @@ for a layer called more than once, the combination of its calls (_reuse.py)."""
 
 from __future__ import annotations
 
-import functools
-import operator
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from gradood._sums import sum_tensors
 from gradood.persample import _reuse
 from gradood.persample._grads import DenseLayerGradients, LayerGradients, grad_rule_for, outer_product_sums
 from gradood.persample._rules import CompositeRule, RuleResult, sum_of_outer_products_sq_norm
@@ -97,15 +96,10 @@ def layer_norms(layer, pieces: Pieces) -> Tuple[torch.Tensor, str]:
         if joined is None:
             gradients = _reuse.reused_gradients(pieces, lambda call: _one_call_gradients(layer, call))
             squared = _reuse.squared_norms(gradients.restrict(tuple(layer.parameter_names)))
-            return _total(squared[name] for name in layer.parameter_names), "reused"
+            return sum_tensors(squared[name] for name in layer.parameter_names), "reused"
         pieces = joined
     result = _one_call_norms(layer, pieces)
-    return _total(result.squared_norms[name] for name in layer.parameter_names), result.method
-
-
-def _total(parts: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The sum of a layer's per-parameter squared norms, in order (at least one)."""
-    return functools.reduce(operator.add, parts)
+    return sum_tensors(result.squared_norms[name] for name in layer.parameter_names), result.method
 
 
 def layer_gradients(layer, pieces: Pieces) -> LayerGradients:
