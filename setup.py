@@ -72,7 +72,7 @@ def _sources(with_cuda: bool) -> list[str]:
 # The CPU row kernels, compiled once per instruction-set level with the flags ATen's
 # own build uses for its kernels (csrc/cpu/lastlayer_rows.h picks one at run time).
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
-_LEVELS = [("DEFAULT", [])] + ([("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+_LEVELS = [("DEFAULT", [])] + ([("PORTABLE", []), ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
                                ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"])]
                               if _X86 and sys.platform != "win32" else [])
 

@@ -147,8 +147,8 @@ PyObject* plain_cpu_score(PyObject* /*module*/, PyObject* const* args, Py_ssize_
         !small_max_logit(logits)) {
       // One read of the logits by ATen's fastest reduction at this level (NaN rows stay
       // NaN, as the checked path's amax): at DEFAULT max(dim) is vectorised, amax is not
-      // (B=1024, C=1000: 0.60 ms against 1.0), but costs more to set up.
-      score = cpu::row_kernels().capability == std::string_view("DEFAULT") && logits.numel() > 16384
+      // (B=1024, C=1000: 0.60 ms against 1.0; C=10: 5.6 us against 9.9).
+      score = cpu::row_kernels().capability == std::string_view("DEFAULT")
                   ? std::get<0>(at::max(logits, 1))
                   : at::amax(logits, 1);
       if (score.scalar_type() != at::kDouble && score.scalar_type() != at::kFloat) {

@@ -168,9 +168,10 @@ def _below_autograd(*tensors: Optional[torch.Tensor]):
 
 
 def cpu_capability() -> str:
-    """The instruction-set level of the CPU kernels in use: "DEFAULT", "AVX2" or "AVX512".
-    Chosen at the first call: GRADOOD_CPU_CAPABILITY=default|avx2|avx512 forces one (the
-    CPU must have it), otherwise torch's level (torch.backends.cpu.get_cpu_capability(),
+    """The instruction-set level of the CPU kernels in use: "DEFAULT", "AVX2" or "AVX512"
+    (or "PORTABLE", forced). Chosen at the first call: GRADOOD_CPU_CAPABILITY=default|avx2|avx512
+    forces one (the CPU must have it; on x86-64 also portable, the DEFAULT code without its
+    SSE2 paths, which is what non-x86 CPUs run), otherwise torch's level (torch.backends.cpu.get_cpu_capability(),
     which ATEN_CPU_CAPABILITY sets), capped at what the CPU runs."""
     return torch.ops.gradood.cpu_capability()
 

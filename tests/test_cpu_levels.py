@@ -1,7 +1,8 @@
 """The CPU row kernels at every instruction-set level this CPU has (DEFAULT, and on
-x86-64 AVX2 and AVX512), each forced with GRADOOD_CPU_CAPABILITY in its own process:
-the score, accuracy and gradient tests pass at each, so the portable level is tested
-on an AVX-512 machine too."""
+x86-64 PORTABLE, AVX2 and AVX512), each forced with GRADOOD_CPU_CAPABILITY in its own
+process: the score, accuracy and gradient tests pass at each, so the baseline levels are
+tested on an AVX-512 machine too, and PORTABLE (DEFAULT without its SSE2 paths: the code
+a non-x86 CPU runs) on x86-64."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 import gradood
 
-LEVELS = ["default", "avx2", "avx512"]
+LEVELS = ["portable", "default", "avx2", "avx512"]
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -28,7 +29,7 @@ def _available(level: str) -> bool:
 
 
 def test_the_level_in_use_is_reported():
-    assert gradood.cpu_capability() in ("DEFAULT", "AVX2", "AVX512")
+    assert gradood.cpu_capability() in ("DEFAULT", "AVX2", "AVX512")  # PORTABLE only when forced
     assert torch.ops.gradood.cpu_capability() == gradood.cpu_capability()
 
 
@@ -42,7 +43,7 @@ def test_a_forced_level_is_used(level):
 
 def test_an_unknown_or_missing_level_is_a_clear_error():
     result = _run("import gradood, torch; gradood.scores.energy(torch.randn(2, 3))", "sse9")
-    assert result.returncode != 0 and "GRADOOD_CPU_CAPABILITY must be default, avx2 or avx512" in result.stderr
+    assert result.returncode != 0 and "GRADOOD_CPU_CAPABILITY must be portable, default, avx2 or avx512" in result.stderr
     missing = next((level for level in LEVELS if not _available(level)), None)
     if missing is not None:
         result = _run("import gradood, torch; gradood.scores.energy(torch.randn(2, 3))", missing)

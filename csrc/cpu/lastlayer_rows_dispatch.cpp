@@ -19,6 +19,9 @@ namespace DEFAULT {
 const RowKernels& level_kernels();
 }
 #ifdef GRADOOD_X86_LEVELS
+namespace PORTABLE {
+const RowKernels& level_kernels();
+}
 namespace AVX2 {
 const RowKernels& level_kernels();
 }
@@ -29,7 +32,8 @@ const RowKernels& level_kernels();
 
 namespace {
 
-enum Level { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+// kPortable: DEFAULT without SSE2, only when forced (what non-x86 CPUs run as DEFAULT).
+enum Level { kPortable = -1, kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 
 std::string upper(std::string text) {
   std::transform(text.begin(), text.end(), text.begin(),
@@ -56,6 +60,9 @@ Level parse(const std::string& name) {
   const std::string level = upper(name);
   if (level == "AVX512") return kAvx512;
   if (level == "AVX2") return kAvx2;
+#ifdef GRADOOD_X86_LEVELS
+  if (level == "PORTABLE") return kPortable;
+#endif
   return kDefault;  // DEFAULT, and ATen's non-x86 levels (VSX, ZVECTOR, SVE256), which we do not
                     // build
 }
@@ -65,8 +72,9 @@ Level choose() {
   const char* forced = std::getenv("GRADOOD_CPU_CAPABILITY");
   if (forced != nullptr && *forced != '\0') {
     const std::string level = upper(forced);
-    TORCH_CHECK(level == "DEFAULT" || level == "AVX2" || level == "AVX512",
-                "GRADOOD_CPU_CAPABILITY must be default, avx2 or avx512, got '", forced, "'");
+    TORCH_CHECK(level == "PORTABLE" || level == "DEFAULT" || level == "AVX2" || level == "AVX512",
+                "GRADOOD_CPU_CAPABILITY must be portable, default, avx2 or avx512, got '", forced,
+                "'");
     TORCH_CHECK(parse(level) <= cpu_has, "GRADOOD_CPU_CAPABILITY=", forced,
                 " asks for instructions this CPU does not have; the highest it runs is ",
                 cpu_has == kAvx512 ? "avx512"
@@ -88,6 +96,8 @@ const RowKernels& row_kernels() {
         return AVX512::level_kernels();
       case kAvx2:
         return AVX2::level_kernels();
+      case kPortable:
+        return PORTABLE::level_kernels();
 #endif
       default:
         return DEFAULT::level_kernels();
