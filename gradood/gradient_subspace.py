@@ -254,6 +254,8 @@ class SubspaceFit(NamedTuple):
     change: Optional[float]  # PCA: sin of the largest principal angle between the last two iterates' top-K
     eigenvalue_change: Optional[float]  # PCA: largest relative change of the top-K eigenvalues, last iteration
     projections: Optional[torch.Tensor] = None  # PCA: G_low [N, K] of the fit samples, from the last pass
+    labels: Optional[torch.Tensor] = None  # PCA: their labels (None if a batch had none), in the same order
+    predicted: Optional[torch.Tensor] = None  # PCA: the model's predicted classes, in the same order
 
 
 def pca_directions(
@@ -286,12 +288,14 @@ def pca_directions(
         column_sums = torch.zeros(rows, dtype=torch.float64, device=device)  # on the device: no sync per batch
         report = progress_bar(progress, f"gradient PCA, iteration {iteration + 1}/{iterations}")
         last = iteration + 1 == iterations
-        kept = []
-        for inputs, _ in data_passes():
+        kept, kept_labels, kept_predicted = [], [], []
+        for inputs, labels in data_passes():
             grads = gradients_of(inputs)
             projected = normalised.project(grads, basis, offset)  # X_b Z  [n, L]
             if last:
                 kept.append(projected)
+                kept_labels.append(labels)
+                kept_predicted.append(grads.logits.argmax(1))
             grads.weighted_sum(projected, into=product)  # Σ_b G_bᵀ (X_b Z), layer by layer
             column_sums += projected.sum(0).to(device, torch.float64)
             report.update(grads.count)
@@ -319,7 +323,17 @@ def pca_directions(
         crossing = sum_tensors(basis[name].double() @ new_basis[name].double().T for name in basis)  # Z_prevᵀ Z_new
         previous = (ritz, crossing)
         basis = new_basis
-    return SubspaceFit(directions, eigenvalues[order].cpu() / moments.samples, change, value_change, projections)
+    present = [t for t in kept_labels if t is not None]
+    labels = torch.cat([t.reshape(-1) for t in present]) if len(present) == len(kept_labels) else None
+    return SubspaceFit(
+        directions,
+        eigenvalues[order].cpu() / moments.samples,
+        change,
+        value_change,
+        projections,
+        labels,
+        torch.cat(kept_predicted),
+    )
 
 
 def class_mean_directions(moments: Moments, class_sums: Blocks, class_counts: torch.Tensor) -> SubspaceFit:

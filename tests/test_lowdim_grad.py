@@ -253,9 +253,9 @@ def test_progress_is_reported(capsys):
     model, inputs, labels = _model_and_data(12)
     LowDimGrad(model, dim=2, iterations=1, progress=True).fit(_batches(inputs, labels))
     err = capsys.readouterr().err
-    assert "gradient moments: 12 samples" in err and "gradient PCA, iteration 1/1" in err and "ID bank" not in err
+    assert "gradient moments: 12 samples" in err and "gradient PCA, iteration 1/1" in err and "ID G_low" not in err
     LowDimGrad(model, subspace="class", progress=True).fit(_batches(inputs, labels))
-    assert "ID bank: 12 samples" in capsys.readouterr().err
+    assert "ID G_low: 12 samples" in capsys.readouterr().err
 
 
 def test_the_pca_bank_from_the_last_pass_equals_projecting_the_fit_data(exact_case):
@@ -304,7 +304,7 @@ def test_errors():
     with pytest.raises(ValueError, match="neighbours=20 needs at least that many fit samples"):
         LowDimGrad(model, dim=2, neighbours=20).fit(inputs)  # found at fit, not at every score
     plain = LowDimGrad(model, dim=2).fit(inputs)
-    plain.ensemble = True
+    plain.ensemble = "react"
     with pytest.raises(RuntimeError, match="fitted without ensemble"):
         plain.score(inputs[:2])
 
