@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import platform
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -179,9 +179,14 @@ def machine() -> str:
     )
 
 
-def build_detectors(model: nn.Module, fit_data: torch.Tensor, progress: bool = False) -> Dict[str, D.Detector]:
-    """Every detector with its paper's defaults; ID statistics fitted on `fit_data`."""
-    detectors = {
+def build_detectors(
+    model: nn.Module, fit_data: torch.Tensor, fit_labels: Optional[torch.Tensor] = None, progress: bool = False
+) -> Dict[str, D.Detector]:
+    """Every detector with its paper's defaults; ID statistics fitted on `fit_data`
+    (and its labels, which LowDimGrad's probe and Mahalanobis scores train on; the
+    model's predictions without them). LowDimGrad's subspace is fitted once and
+    every base score scores it (LowDimGrad.with_score)."""
+    detectors: Dict[str, D.Detector] = {
         "MSP": D.MSP(model),
         "MaxLogit": D.MaxLogit(model),
         "Energy": D.Energy(model),
@@ -196,14 +201,30 @@ def build_detectors(model: nn.Module, fit_data: torch.Tensor, progress: bool = F
         "GRODIN SG": D.GRODIN(model, part="SG"),
         "GRODIN G": D.GRODIN(model, part="G"),
         "FullGradNorm": D.FullGradNorm(model),
-        "LowDimGrad (PCA K=200, KNN k=5)": D.LowDimGrad(model),
-        "LowDimGrad + ReAct (a=1)": D.LowDimGrad(model, ensemble=True),
     }
     items = detectors.items()
     if progress and tqdm is not None:
         items = tqdm(items, desc="fitting detectors", unit="detector")
     for _, detector in items:
         detector.fit(list(fit_data.split(256)))
+    labelled = fit_labels is not None
+    batches = list(fit_data.split(256)) if fit_labels is None else list(zip(fit_data.split(256), fit_labels.split(256)))
+    lowdim = D.LowDimGrad(model, ensemble="react", classes="labels" if labelled else "predicted", progress=progress)
+    lowdim.fit(batches)
+    detectors.update(
+        {
+            "LowDimGrad (PCA K=200, KNN k=5)": lowdim.with_score("knn", ensemble=None),
+            "LowDimGrad + ReAct (a=1)": lowdim,
+            "LowDimGrad Mahalanobis": lowdim.with_score("mahalanobis", ensemble=None),
+            "LowDimGrad probe MSP": lowdim.with_score("msp", ensemble=None),
+            "LowDimGrad probe Energy": lowdim.with_score("energy", ensemble=None),
+            "LowDimGrad probe ODIN (T=1000, ε=0.0014)": lowdim.with_score("odin", ensemble=None),
+            "LowDimGrad probe GradNorm": lowdim.with_score("gradnorm", ensemble=None),
+            "LowDimGrad probe ReAct (from 10, p90)": lowdim.with_score("react", ensemble=None),
+            "LowDimGrad probe BATS (λ=1)": lowdim.with_score("bats", ensemble=None),
+            "LowDimGrad probe Energy + Energy (a=1)": lowdim.with_score("energy", ensemble="energy"),
+        }
+    )
     return detectors
 
 
@@ -221,7 +242,7 @@ def run(
     with torch.no_grad():
         accuracy = (model(splits["test"]).argmax(1) == splits["test_labels"]).double().mean().item()
     trained = time.perf_counter()
-    detectors = build_detectors(model, splits["train"], progress=progress)
+    detectors = build_detectors(model, splits["train"], splits["train_labels"], progress=progress)
     batches = lambda tensor: list(tensor.split(256))  # noqa: E731  (DataLoader-like)
     evaluation = evaluate(
         detectors,

@@ -23,6 +23,11 @@ from test_lowdim_grad import _batches, _model_and_data
 PROBE_SCORES = ["msp", "energy", "odin", "gradnorm", "react", "bats"]
 
 
+def _hat(rows):
+    """ĝ = G_low / (‖G_low‖ + 1e-10), written out."""
+    return rows / (rows.norm(dim=1, keepdim=True) + 1e-10)
+
+
 @pytest.fixture(scope="module")
 def case():
     model, inputs, labels = _model_and_data(40)
@@ -53,7 +58,7 @@ def _plain_probe(rows, targets, classes, lr, epochs, batch, seed):
 def test_the_probe_is_the_plain_training_loop_with_the_same_seed(case):
     _, _, labels, base, _ = case
     detector = base.with_score("msp")
-    plain = _plain_probe(base.id_low, labels, 3, 0.1, 3, 16, 0)
+    plain = _plain_probe(_hat(base.id_low), labels, 3, 0.1, 3, 16, 0)
     state = detector.probe
     torch.testing.assert_close(state["weight"], plain[1].weight.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(state["bias"], plain[1].bias.detach(), rtol=0, atol=1e-12)
@@ -67,10 +72,14 @@ def test_the_probe_is_the_plain_training_loop_with_the_same_seed(case):
     assert torch.equal(torch.rand(3), expected)
     other = base.with_score("msp", probe_seed=1)
     assert not torch.equal(other.probe["weight"], state["weight"])
+    raw = base.with_score("msp", normalise=False)  # the probe on G_low itself
+    torch.testing.assert_close(raw.probe["weight"], _plain_probe(base.id_low, labels, 3, 0.1, 3, 16, 0)[1].weight.detach(),
+                               rtol=0, atol=1e-12)
 
 
 def _literal(score, detector, low):
     """Each base score's formula on the probe module's outputs, float64."""
+    low = _hat(low) if detector.normalise else low
     probe = lowdim_probe.load_probe(detector.probe)
     norm, linear = probe[0], probe[1]
     t = detector.temperature
@@ -90,7 +99,8 @@ def _literal(score, detector, low):
         return (torch.softmax(logits / t, 1) - 1 / logits.shape[1]).abs().sum(1) * h.abs().sum(1)
     if score == "react":
         x = low.clone()
-        c = np.percentile(detector.id_low[:, detector.clip_start :].numpy().ravel(), detector.clip_percentile)
+        fit_rows = _hat(detector.id_low) if detector.normalise else detector.id_low
+        c = np.percentile(fit_rows[:, detector.clip_start :].numpy().ravel(), detector.clip_percentile)
         x[:, detector.clip_start :] = torch.where(x[:, detector.clip_start :] > c, torch.tensor(c, dtype=x.dtype), x[:, detector.clip_start :])
         return t * torch.logsumexp(probe(x) / t, 1)
     if score == "bats":
@@ -102,15 +112,16 @@ def _literal(score, detector, low):
     raise AssertionError(score)
 
 
+@pytest.mark.parametrize("normalise", [True, False])
 @pytest.mark.parametrize("score", PROBE_SCORES)
-def test_probe_scores_are_their_formulas_and_batch_invariant(case, score):
+def test_probe_scores_are_their_formulas_and_batch_invariant(case, score, normalise):
     _, _, _, base, queries = case
     settings = {"temperature": 3.0} if score in ("energy", "msp") else {}
     if score == "odin":
-        settings = {"temperature": 50.0, "epsilon": 0.05}
+        settings = {"temperature": 50.0, "epsilon": 0.05 if normalise else 0.5}
     if score == "bats":
         settings = {"bats_lambda": 0.5}
-    detector = base.with_score(score, **settings)
+    detector = base.with_score(score, normalise=normalise, **settings)
     low = detector.low_dimensional_gradients(queries)
     with torch.no_grad() if score != "odin" else torch.enable_grad():
         expected = _literal(score, detector, low).detach()
@@ -124,7 +135,7 @@ def test_probe_scores_are_their_formulas_and_batch_invariant(case, score):
 def test_odin_on_g_low_perturbs_it(case):
     _, _, _, base, queries = case
     plain = base.with_score("odin", epsilon=0.0).score(queries)
-    stepped = base.with_score("odin", epsilon=0.5).score(queries)
+    stepped = base.with_score("odin", epsilon=0.05).score(queries)
     assert not torch.allclose(plain, stepped)
     low = base.low_dimensional_gradients(queries)
     torch.testing.assert_close(plain, base.with_score("msp", temperature=1000.0).base_score(low))
@@ -132,12 +143,12 @@ def test_odin_on_g_low_perturbs_it(case):
 
 def test_react_and_bats_truncation_matter_only_where_values_exceed_the_bounds(case):
     _, _, _, base, queries = case
-    react = base.with_score("react", clip_percentile=100.0)  # the clip is the ID maximum
+    react = base.with_score("react", clip_percentile=100.0, normalise=False)  # the clip is the ID maximum
     low = base.id_low[:5]  # ID rows: no coordinate exceeds the clip
     torch.testing.assert_close(react.base_score(low), lowdim_scores.energy(low, react.probe, 1.0))
-    wide = base.with_score("bats", bats_lambda=1e6)
+    wide = base.with_score("bats", bats_lambda=1e6, normalise=False)
     torch.testing.assert_close(wide.base_score(low), lowdim_scores.energy(low, wide.probe, 1.0))
-    tight = base.with_score("bats", bats_lambda=1e-9)  # h' = β: every row the same score
+    tight = base.with_score("bats", bats_lambda=1e-9, normalise=False)  # h' = β: every row the same score
     values = tight.base_score(low)
     torch.testing.assert_close(values, values[:1].expand(5), rtol=0, atol=1e-9)
 
@@ -155,8 +166,11 @@ def test_mahalanobis_on_g_low_is_the_explicit_inverse_version(case):
     _, _, labels, base, queries = case
     detector = base.with_score("mahalanobis")
     low = detector.low_dimensional_gradients(queries)
-    expected = _numpy_mahalanobis(base.id_low.numpy(), labels.numpy(), low.numpy())
+    expected = _numpy_mahalanobis(_hat(base.id_low).numpy(), labels.numpy(), _hat(low).numpy())
     np.testing.assert_allclose(detector.score(queries).numpy(), expected, rtol=1e-9)
+    raw = base.with_score("mahalanobis", normalise=False)
+    expected = _numpy_mahalanobis(base.id_low.numpy(), labels.numpy(), low.numpy())
+    np.testing.assert_allclose(raw.score(queries).numpy(), expected, rtol=1e-9)
     one_by_one = torch.cat([detector.score(queries[i : i + 1]) for i in range(queries.shape[0])])
     torch.testing.assert_close(one_by_one, detector.score(queries), rtol=1e-10, atol=1e-12)
 

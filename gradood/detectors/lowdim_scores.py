@@ -15,7 +15,7 @@ h = s ⊙ x + t, f = W h + b, p = softmax(f / T)):
               percentile of those coordinates   (Sun et al., NeurIPS 2021, arXiv:2111.12797)
 - "bats":     energy of W h' + b, h' = clamp(h, β − λ|γ|, β + λ|γ|): the BatchNorm output
               truncated to λ of its own standard deviation γ around its mean β
-              (Zhu et al., NeurIPS 2022, arXiv:2207.08716)
+              (Zhu et al., NeurIPS 2022, arXiv:2210.04200)
 
 Without the probe: "knn" (gradood.knn) and "mahalanobis" (gradood.mahalanobis) on G_low.
 """
