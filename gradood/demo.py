@@ -15,7 +15,12 @@ kernels whose rounding depends on the CPU's instruction set (oneDNN's and MKL's 
 convolutions and GEMMs), and thirty epochs amplify that rounding into a different model, so
 the float32 table differed between AVX2 and AVX-512 machines. In float64 the trained weights
 of an AVX2 and an AVX-512 run agree to ~1e-11 (relative), far below any score gap, so the
-table is the same on any x86-64 CPU; the report still names the CPU and the levels used.
+table is the same on any x86-64 CPU — except LowDimGrad's probe rows (MSP, energy, ODIN,
+GradNorm, ReAct, BATS through the probe): the probe's BatchNorm and ReAct's clip act per
+coordinate of G_low, and PCA fixes the basis of near-equal trailing eigenvalues only up to a
+rotation that round-off decides, so those rows move in the third decimal between AVX2 and
+AVX-512 (KNN and Mahalanobis are rotation-invariant and do not). The report names the CPU and
+the levels used.
 
 scikit-learn and scikit-image (and matplotlib for the plots) are the optional
 extra `gradood[demo]`.
@@ -260,7 +265,8 @@ def run(
         f"test {splits['test'].shape[0]}); OOD: {sizes}.",
         f"Model: DigitsCNN trained {epochs} epochs (seed {seed}) in {trained - started:.1f} s; "
         f"ID test accuracy {accuracy:.4f}. Data, training and scoring in float64 "
-        "(the table does not depend on the CPU's instruction set).",
+        "(the table does not depend on the CPU's instruction set, except LowDimGrad's probe rows: "
+        "see gradood.demo).",
         f"Machine: {machine()}.",
         "Scores are ID-high. FPR95 (ID+) is the papers' convention; (OOD+) OpenOOD's. ± = bootstrap std "
         f"over {bootstrap} resamples. samples/s = scoring throughput on this machine.",
