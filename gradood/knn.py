@@ -41,14 +41,17 @@ def knn_score(queries: torch.Tensor, bank: torch.Tensor, k: int = 5, metric: str
     dtype = torch.float64 if torch.float64 in (queries.dtype, bank.dtype) else torch.float32
     q = normalise_rows(queries.to(dtype))
     q_sq = q.square().sum(1, keepdim=True)
-    best = q.new_empty(q.shape[0], 0)
+    best: torch.Tensor | None = None
     block = max(k, _BLOCK_ELEMENTS // max(1, q.shape[0]))
     for start in range(0, bank.shape[0], block):
         b = bank[start : start + block].to(dtype)
-        similarity = q @ b.T
         if metric == "cosine":  # minimise −cos
-            values = -similarity
-        else:
-            values = (q_sq + b.square().sum(1)[None, :] - 2 * similarity).clamp_min(0)
-        best = torch.cat([best, values], 1).topk(min(k, best.shape[1] + values.shape[1]), dim=1, largest=False).values
+            values = torch.mm(q, b.T).neg_()
+        else:  # ‖q‖² + ‖b‖² − 2 q·b in one GEMM with accumulation, clamped in place
+            values = torch.addmm(q_sq + b.square().sum(1)[None, :], q, b.T, alpha=-2).clamp_min_(0)
+        if best is not None:
+            values = torch.cat([best, values], 1)
+        best = values.topk(min(k, values.shape[1]), dim=1, largest=False).values
+    if best is None:  # pragma: no cover - k ≥ 1 needs a non-empty bank
+        raise ValueError("gradood.knn_score: the bank is empty")
     return -best[:, k - 1]
