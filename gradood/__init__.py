@@ -10,8 +10,8 @@ Every score is an ID-score: higher means more in-distribution.
                        full-network per-sample gradient norms, one forward + one backward
     gradood.persample_gradients
                        per-sample gradients as an operator (projections, weighted sums, moments)
-    gradood.GradientSubspace, gradood.knn_score
-                       the low-dimensional-gradient method's subspace and KNN score
+    gradood.GradientSubspace, gradood.knn_score, gradood.mahalanobis_score
+                       the low-dimensional-gradient method's subspace, its KNN and Mahalanobis scores
     gradood.detectors  detectors for any classifier (MSP ... GRODIN), fit/score/calibrate
     gradood.evaluate, gradood.tune
                        metric tables and reports; grid search by AUROC
@@ -32,6 +32,7 @@ from gradood._version import __version__
 from gradood.evaluation import Evaluation, evaluate
 from gradood.gradient_subspace import GradientSubspace
 from gradood.knn import knn_score
+from gradood.mahalanobis import ClassGaussians, fit_class_gaussians, mahalanobis_score
 from gradood.ood_head import OODHead
 from gradood.persample import PerSampleGradients, PerSampleGradNorms, persample_grad_norms, persample_gradients
 from gradood.tuning import TuneResult, tune
@@ -50,6 +51,9 @@ __all__ = [
     "PerSampleGradients",
     "GradientSubspace",
     "knn_score",
+    "fit_class_gaussians",
+    "mahalanobis_score",
+    "ClassGaussians",
     "detectors",
     "OODHead",
     "evaluate",
