@@ -140,7 +140,9 @@ class OODHead(nn.Module):
             spec = ScoreSpec("energy")
         elif spec is None:
             raise ValueError(
-                f"OODHead: {type(detector).__name__} needs more than one forward pass; OODHead takes forward-only detectors"
+                f"OODHead: {type(detector).__name__} is not exported: OODHead takes the detectors whose score is one "
+                "forward pass through gradood's fused operators (MSP, MaxLogit, Energy, GradNorm, ExGrad, UV, RG, "
+                "RGAdditive, ReAct, KLMatching); call the detector's score() or score_features() instead"
             )
         self.logit_term = TERM_NAMES.index(spec.logit_term)
         self.logit_scale = float(spec.logit_scale)

@@ -104,7 +104,7 @@ def test_the_callers_model_is_untouched():
 
 def test_detectors_needing_more_than_one_pass_are_refused():
     model, inputs = _setup()
-    with pytest.raises(ValueError, match="OODHead takes forward-only detectors"):
+    with pytest.raises(ValueError, match="is not exported: OODHead takes the detectors whose score is one forward pass"):
         gradood.OODHead(model, D.GRODIN(model), example_inputs=inputs)
     with pytest.raises(ValueError, match="pass example_inputs"):
         gradood.OODHead(model, D.Energy(model))

@@ -5,12 +5,16 @@ precomputed `score_features(logits, features)`."""
 
 from gradood.detectors._base import Detector
 from gradood.detectors.energy import Energy
+from gradood.detectors.entropy import Entropy
 from gradood.detectors.exgrad import ExGrad
 from gradood.detectors.full_gradnorm import FullGradNorm
+from gradood.detectors.gen import GEN
 from gradood.detectors.gradnorm import GradNorm
 from gradood.detectors.grodin import GRODIN
 from gradood.detectors.kl_matching import KLMatching
+from gradood.detectors.knn import KNN
 from gradood.detectors.lowdim_grad import LowDimGrad
+from gradood.detectors.mahalanobis import Mahalanobis
 from gradood.detectors.max_logit import MaxLogit
 from gradood.detectors.msp import MSP
 from gradood.detectors.odin import ODIN
@@ -31,6 +35,10 @@ __all__ = [
     "RGAdditive",
     "ReAct",
     "KLMatching",
+    "Entropy",
+    "GEN",
+    "Mahalanobis",
+    "KNN",
     "GRODIN",
     "FullGradNorm",
     "LowDimGrad",
