@@ -206,15 +206,24 @@ def build_detectors(
         "GRODIN SG": D.GRODIN(model, part="SG"),
         "GRODIN G": D.GRODIN(model, part="G"),
         "FullGradNorm": D.FullGradNorm(model),
+        "Entropy": D.Entropy(model),
+        "GEN (γ=0.1, M=100)": D.GEN(model),
+        "KNN (k=50)": D.KNN(model),
     }
+    labelled = fit_labels is not None
+    batches = list(fit_data.split(256)) if fit_labels is None else list(zip(fit_data.split(256), fit_labels.split(256)))
+    classes = "labels" if labelled else "predicted"
+    # the demo CNN has ReLU units dead on all ID data: a singular covariance
+    detectors["Mahalanobis (pseudo-inverse)"] = D.Mahalanobis(model, classes=classes, singular="pseudo-inverse")
+    detectors["Relative Mahalanobis (pseudo-inverse)"] = D.Mahalanobis(
+        model, classes=classes, relative=True, singular="pseudo-inverse"
+    )
     items = detectors.items()
     if progress and tqdm is not None:
         items = tqdm(items, desc="fitting detectors", unit="detector")
     for _, detector in items:
-        detector.fit(list(fit_data.split(256)))
-    labelled = fit_labels is not None
-    batches = list(fit_data.split(256)) if fit_labels is None else list(zip(fit_data.split(256), fit_labels.split(256)))
-    lowdim = D.LowDimGrad(model, ensemble="react", classes="labels" if labelled else "predicted", progress=progress)
+        detector.fit(batches)
+    lowdim = D.LowDimGrad(model, ensemble="react", classes=classes, progress=progress)
     lowdim.fit(batches)
     detectors.update(
         {

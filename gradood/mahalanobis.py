@@ -9,14 +9,22 @@ with μ_c the mean of the ID rows of class c and Σ = (1/N) Σ_i (x_i − μ_{y_
 
 Numerics: fitted in float64; Σ = L Lᵀ by Cholesky, and the distances are
 ‖L⁻¹x − L⁻¹μ_c‖² from triangular solves (never an explicit inverse), the
-differences formed directly (no ‖a‖² + ‖b‖² − 2aᵀb cancellation). A covariance
-that is not positive definite is an error, not a pseudo-inverse. Classes with no
+differences formed directly (no ‖a‖² + ‖b‖² − 2aᵀb cancellation). Classes with no
 ID row have no mean and take no part in the minimum.
+
+A covariance that is not positive definite (dead ReLU units, constant or duplicated
+features, fewer rows than dimensions plus classes) is an error by default. With
+singular="pseudo-inverse" the distance is taken with Σ's pseudo-inverse, as
+scikit-learn's EmpiricalCovariance (and so OpenOOD) computes it: Σ = U Λ Uᵀ by a
+symmetric eigendecomposition, eigenvalues ≤ max(N, K)·eps·λ_max dropped, and
+d = ‖Λ_r^{-1/2} U_rᵀ (x − μ_c)‖² on the r kept directions. It ignores whatever a
+query does along the dropped directions (an OOD input that activates a unit dead on
+all ID data gains nothing there): that is the choice this option names.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -24,14 +32,22 @@ import torch
 _BLOCK_ELEMENTS = 1 << 24
 
 
+SINGULAR = ("error", "pseudo-inverse")
+
+
 class ClassGaussians(NamedTuple):
-    cholesky: torch.Tensor  # L [K, K], float64, Σ = L Lᵀ
-    whitened_means: torch.Tensor  # L⁻¹ μ_c for the classes present, [C', K], float64
+    cholesky: Optional[torch.Tensor]  # L [K, K], float64, Σ = L Lᵀ (None: the pseudo-inverse's whitening)
+    whitened_means: torch.Tensor  # L⁻¹ μ_c (or W μ_c) for the classes present, [C', K or r], float64
     classes: torch.Tensor  # the class index of each row of whitened_means, [C'] int64
+    whitening: Optional[torch.Tensor] = None  # W = Λ_r^{-1/2} U_rᵀ [r, K] (singular="pseudo-inverse")
 
 
-def fit_class_gaussians(rows: torch.Tensor, targets: torch.Tensor, where: str = "Mahalanobis.fit") -> ClassGaussians:
+def fit_class_gaussians(
+    rows: torch.Tensor, targets: torch.Tensor, where: str = "Mahalanobis.fit", singular: str = "error"
+) -> ClassGaussians:
     """The class means and shared covariance of rows [N, K] with classes targets [N]."""
+    if singular not in SINGULAR:
+        raise ValueError(f"{where}: singular must be one of {SINGULAR}, got {singular!r}")
     if rows.dim() != 2 or targets.shape != rows.shape[:1]:
         raise ValueError(
             f"{where}: rows [N, K] and targets [N] expected, got {tuple(rows.shape)} and {tuple(targets.shape)}"
@@ -47,12 +63,20 @@ def fit_class_gaussians(rows: torch.Tensor, targets: torch.Tensor, where: str = 
     means /= counts[:, None]
     centred = x - means[inverse]
     covariance = centred.T @ centred / x.shape[0]
+    if singular == "pseudo-inverse":
+        values, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
+        keep = values > max(x.shape) * torch.finfo(torch.float64).eps * values.max().clamp_min(0)
+        if not bool(keep.any()):
+            raise ValueError(f"{where}: the ID rows do not vary within their classes (a zero covariance)")
+        whitening = vectors[:, keep].T / values[keep].sqrt()[:, None]  # [r, K]
+        return ClassGaussians(None, means @ whitening.T, present, whitening)
     cholesky, info = torch.linalg.cholesky_ex(covariance)
     if int(info) != 0:
         raise ValueError(
             f"{where}: the shared within-class covariance of the {x.shape[1]}-dimensional ID rows is singular "
-            f"(rank < {x.shape[1]}; {x.shape[0]} rows in {present.numel()} classes): fit on more samples than "
-            "dimensions plus classes, or use fewer dimensions"
+            f"(rank < {x.shape[1]}; {x.shape[0]} rows in {present.numel()} classes; constant features such as dead "
+            "ReLU units make it so): fit on more samples than dimensions plus classes, use fewer dimensions, or "
+            "pass singular='pseudo-inverse' (distances within the span of the ID covariance, as scikit-learn's)"
         )
     whitened = torch.linalg.solve_triangular(cholesky, means.T, upper=False).T
     return ClassGaussians(cholesky, whitened, present)
@@ -61,11 +85,17 @@ def fit_class_gaussians(rows: torch.Tensor, targets: torch.Tensor, where: str = 
 def mahalanobis_score(rows: torch.Tensor, gaussians: ClassGaussians) -> torch.Tensor:
     """ID-scores [B]: minus the smallest squared Mahalanobis distance to a class mean
     (float64, on the rows' device)."""
-    cholesky = gaussians.cholesky.to(rows.device)
     means = gaussians.whitened_means.to(rows.device)
-    if rows.dim() != 2 or rows.shape[1] != cholesky.shape[0]:
-        raise ValueError(f"gradood.mahalanobis_score: rows [B, {cholesky.shape[0]}] expected, got {tuple(rows.shape)}")
-    z = torch.linalg.solve_triangular(cholesky, rows.double().T, upper=False).T  # [B, K]
+    transform = gaussians.cholesky if gaussians.cholesky is not None else gaussians.whitening
+    if transform is None:
+        raise ValueError("gradood.mahalanobis_score: the Gaussians have neither a Cholesky factor nor a whitening")
+    transform = transform.to(rows.device)
+    if rows.dim() != 2 or rows.shape[1] != transform.shape[1]:
+        raise ValueError(f"gradood.mahalanobis_score: rows [B, {transform.shape[1]}] expected, got {tuple(rows.shape)}")
+    if gaussians.cholesky is not None:
+        z = torch.linalg.solve_triangular(transform, rows.double().T, upper=False).T  # [B, K]
+    else:
+        z = rows.double() @ transform.T  # [B, r]
     block = max(1, _BLOCK_ELEMENTS // max(1, z.shape[0] * z.shape[1]))
     best = None
     for start in range(0, means.shape[0], block):

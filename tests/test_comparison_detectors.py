@@ -179,3 +179,26 @@ def test_on_a_hugging_face_model():
         detector.fit(batches)
         scores = detector.score(zoo.image_batch(4, generator_seed=9))
         assert scores.shape == (4,) and bool(torch.isfinite(scores).all())
+
+
+def test_the_pseudo_inverse_option_is_numpys_pinv_on_a_dead_feature():
+    from gradood import mahalanobis
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(60, 4, generator=generator, dtype=torch.float64)
+    rows = torch.cat([rows, torch.zeros(60, 1, dtype=torch.float64), rows[:, :1] * 2], 1)  # dead and duplicated
+    targets = torch.arange(60) % 3
+    with pytest.raises(ValueError, match="singular='pseudo-inverse'"):
+        mahalanobis.fit_class_gaussians(rows, targets)
+    gaussians = mahalanobis.fit_class_gaussians(rows, targets, singular="pseudo-inverse")
+    assert gaussians.whitening.shape == (4, 6)
+    x, y = rows.numpy(), targets.numpy()
+    means = np.stack([x[y == c].mean(0) for c in range(3)])
+    centred = x - means[y]
+    precision = np.linalg.pinv(centred.T @ centred / 60, hermitian=True)
+    queries = torch.randn(5, 6, generator=generator, dtype=torch.float64).numpy()
+    expected = -np.stack([np.einsum("bi,ij,bj->b", queries - m, precision, queries - m) for m in means], 1).min(1)
+    np.testing.assert_allclose(mahalanobis.mahalanobis_score(torch.from_numpy(queries), gaussians).numpy(), expected,
+                               rtol=1e-9)
+    with pytest.raises(ValueError, match="singular must be one of"):
+        mahalanobis.fit_class_gaussians(rows, targets, singular="ridge")

@@ -99,7 +99,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
     result = demo.run(out=str(tmp_path / "report"), epochs=3, plots=False, bootstrap=0, progress=False)
     assert set(result.ood_names) == {"near-ood-digits", "faces", "textures", "photographs"}
-    assert len(result.scores) == 24 and "LowDimGrad (PCA K=200, KNN k=5)" in result.scores
+    assert len(result.scores) == 29 and "LowDimGrad (PCA K=200, KNN k=5)" in result.scores
     assert "LowDimGrad probe BATS (λ=1)" in result.scores and "LowDimGrad Mahalanobis" in result.scores
     report = (tmp_path / "report" / "report.md").read_text()
     assert report.startswith("# gradood demo") and "ID test accuracy" in report
@@ -157,6 +157,7 @@ def test_every_detector_equals_the_reference_formulas_on_the_demo_model():
         ),
         "ReAct (p90)": reference.react(features, weight.detach(), bias.detach(), detectors["ReAct (p90)"].clip),
         "KLMatching": reference.kl_matching(logits, detectors["KLMatching"].templates.to(logits.dtype)),
+        "Entropy": (torch.softmax(logits, 1) * torch.log_softmax(logits, 1)).sum(1),
     }
     for name, expected in formulas.items():
         torch.testing.assert_close(detectors[name].score(inputs), expected, rtol=1e-5, atol=1e-5, msg=name)

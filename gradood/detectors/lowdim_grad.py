@@ -563,5 +563,5 @@ class LowDimGrad(Detector):
         for name in ("probe", "gaussians"):
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, {key: tensor.to(device) for key, tensor in value.items()})
+                setattr(self, name, {k: None if t is None else t.to(device) for k, t in value.items()})
         return self

@@ -12,8 +12,9 @@ Near-OOD Detection", Ren et al., 2021, arXiv:2106.09022): each class distance mi
 distance under one Gaussian of all ID features, score = −min_c (d_c(v) − d_0(v)).
 
 Fitted and scored in float64 by gradood.mahalanobis (Cholesky solves, never an explicit
-inverse; a singular covariance — fewer ID samples than feature dimensions plus classes —
-is an error). One forward per batch plus two D×D triangular solves per row."""
+inverse; a singular covariance — dead ReLU units, or fewer ID samples than feature
+dimensions plus classes — is an error, or with singular="pseudo-inverse" the distance
+within the span of the ID covariance, as scikit-learn's EmpiricalCovariance). One forward per batch plus two D×D triangular solves per row."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from gradood import model_io
 from gradood._checks import check_choice, check_features
 from gradood.detectors._base import Data, Detector, fitted
 from gradood.detectors._head import HeadName
-from gradood.mahalanobis import ClassGaussians, fit_class_gaussians, mahalanobis_score
+from gradood.mahalanobis import SINGULAR, ClassGaussians, fit_class_gaussians, mahalanobis_score
 from gradood.model_io import LogitsFn
 
 
@@ -38,6 +39,7 @@ class Mahalanobis(Detector):
         model: nn.Module,
         classes: str = "labels",
         relative: bool = False,
+        singular: str = "error",
         head: Optional[HeadName] = None,
         logits: LogitsFn = None,
     ):
@@ -46,6 +48,7 @@ class Mahalanobis(Detector):
         if not isinstance(relative, bool):
             raise ValueError(f"{type(self).__name__}: relative must be True or False, got {relative!r}")
         self.relative = relative
+        self.singular = check_choice(type(self).__name__, "singular", singular, SINGULAR)
         self.gaussians: Optional[dict] = None
         self.background: Optional[dict] = None
 
@@ -69,9 +72,11 @@ class Mahalanobis(Detector):
         v, y = torch.cat(features), torch.cat(targets)
         if y.shape[0] != v.shape[0]:
             raise ValueError(f"{name}.fit: one label per sample expected, got {y.shape[0]} for {v.shape[0]} samples")
-        self.gaussians = fit_class_gaussians(v, y, f"{name}.fit")._asdict()
+        self.gaussians = fit_class_gaussians(v, y, f"{name}.fit", self.singular)._asdict()
         self.background = (
-            fit_class_gaussians(v, torch.zeros_like(y), f"{name}.fit (the background Gaussian)")._asdict()
+            fit_class_gaussians(
+                v, torch.zeros_like(y), f"{name}.fit (the background Gaussian)", self.singular
+            )._asdict()
             if self.relative
             else {}
         )
@@ -89,5 +94,5 @@ class Mahalanobis(Detector):
         for name in ("gaussians", "background"):
             value = getattr(self, name)
             if value:
-                setattr(self, name, {key: tensor.to(device) for key, tensor in value.items()})
+                setattr(self, name, {k: None if t is None else t.to(device) for k, t in value.items()})
         return self
