@@ -277,3 +277,13 @@ def test_errors():
         LowDimGrad(model, dim=4, score="mahalanobis").fit(inputs)
     with pytest.raises(ValueError, match=r"labels must be one per sample in \[0, 3\)"):
         LowDimGrad(model, dim=4, score="msp").fit(_batches(inputs, labels + 5))
+
+
+def test_labels_that_are_not_class_indices_are_refused():
+    model, inputs, labels = _model_and_data(30)
+    with pytest.raises(ValueError, match="labels must be class indices"):
+        LowDimGrad(model, dim=4, score="msp").fit(_batches(inputs, labels.double() + 0.5))
+    with pytest.raises(ValueError, match="one per sample"):
+        LowDimGrad(model, dim=4, score="msp").fit(_batches(inputs, torch.nn.functional.one_hot(labels, 3)))
+    detector = LowDimGrad(model, dim=4, score="msp", probe_epochs=1).fit(_batches(inputs, labels.double()))
+    assert torch.equal(detector.id_targets, labels)

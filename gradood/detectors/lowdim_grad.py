@@ -360,6 +360,9 @@ class LowDimGrad(Detector):
         self.num_classes = int(fitted(self._num_classes_seen, "the number of classes"))
         targets = predicted if self.classes == "predicted" else labels
         if targets is not None:
+            if targets.is_floating_point() and not bool((targets == targets.round()).all()):
+                self.subspace = None
+                raise ValueError(f"{name}.fit: labels must be class indices, got non-integer values")
             targets = targets.to(low.device).long()
             if targets.shape[0] != low.shape[0] or bool(((targets < 0) | (targets >= self.num_classes)).any()):
                 self.subspace = None

@@ -65,6 +65,8 @@ class Mahalanobis(Detector):
                     f"{name}.fit: the fit data give no labels: pass batches of (inputs, labels), or "
                     "classes='predicted' (the model's predicted classes)"
                 )
+            elif labels.is_floating_point() and not bool((labels == labels.round()).all()):
+                raise ValueError(f"{name}.fit: labels must be class indices, got non-integer values")
             else:
                 targets.append(labels.reshape(-1).to(logits.device).long())
         if not features:
