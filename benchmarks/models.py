@@ -48,3 +48,19 @@ class ResNet18Cifar(nn.Module):
 
     def forward(self, x):
         return self.fc(self.pool(self.layers(self.stem(x))).flatten(1))
+
+
+def mnist_mlp() -> nn.Module:
+    """A small MNIST MLP, 784-256-256-10 (the per-sample engine's small-model case)."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+
+
+def mnist_cnn() -> nn.Module:
+    """A LeNet-sized MNIST CNN with GroupNorm (two 5×5 convolutions, two linear layers)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5), nn.GroupNorm(4, 16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5), nn.GroupNorm(4, 32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(512, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip

@@ -19,6 +19,8 @@ peak memory:
 Cases, float32, CE at the predicted label:
 - resnet18_cifar-{batch,group}: ResNet-18 (CIFAR variant, models.py) at 32×32, B=32 on the CPU,
   256 on CUDA, with eval-mode BatchNorm and with GroupNorm(32) (Opacus refuses BatchNorm).
+- mnist_mlp-B{1,8,128} and mnist_cnn-B{1,8,128} (models.py): the small models, where per-sample
+  gradients are cheap to materialise and fixed overheads count, at 28×28 on every device.
 - resnet50-{batch,group} and vit_b_16: torchvision's models at 224×224, B=64, on CUDA only (the
   issue's GPU sizes; torchvision has no CPU wheel on the CI machines). ViT-B/16's class token and
   position embedding go through functional_params="broadcast".
@@ -45,17 +47,22 @@ import torch.nn.functional as F
 
 import gradood
 from gradood.testing import peak_memory_bytes
-from models import ResNet18Cifar, norm_layer
+from models import ResNet18Cifar, mnist_cnn, mnist_mlp, norm_layer
 
 IMPLEMENTATIONS = ["gradood", "training_step", "training_step_fp32", "vmap_grad", "loop", "opacus_ghost", "backpack_l2"]
 LOOP_SUBSET = 4
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-CASES = ["resnet18_cifar-batch", "resnet18_cifar-group", "resnet50-batch", "resnet50-group", "vit_b_16"]
+CASES = ["resnet18_cifar-batch", "resnet18_cifar-group", "resnet50-batch", "resnet50-group", "vit_b_16"] + [
+    f"{arch}-B{batch}" for arch in ("mnist_mlp", "mnist_cnn") for batch in (1, 8, 128)
+]
 
 
 def _case(name: str, device: str):
     """(model in eval mode, inputs, keyword arguments of gradood) for a case on a device."""
     arch, _, norm = name.partition("-")
+    if arch in ("mnist_mlp", "mnist_cnn"):
+        build = mnist_mlp if arch == "mnist_mlp" else mnist_cnn
+        return build().eval(), torch.randn(int(norm[1:]), 1, 28, 28), {}
     if arch == "resnet18_cifar":
         batch = 32 if device == "cpu" else 256
         return ResNet18Cifar(norm=norm).eval(), torch.randn(batch, 3, 32, 32), {}

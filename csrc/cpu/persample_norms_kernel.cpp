@@ -59,6 +59,28 @@ at::Tensor outer_product_sq_norm_cpu(const at::Tensor& activations, const at::Te
   return out;
 }
 
+// The per-sample weight gradients of a convolution, [b·C_out, C_in/groups, kh, kw],
+// as one convolution backward with the samples as extra groups (the batch folded
+// into the channels): oneDNN's grouped weight-gradient kernel, several times faster
+// on the CPU than unfolding the patches (at::im2col is a scalar loop) and a GEMM.
+at::Tensor per_sample_conv2d_weight_grads(const at::Tensor& input, const at::Tensor& grads,
+                                          at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                          at::IntArrayRef dilation, int64_t groups) {
+  const int64_t length = input.size(0), in_channels = input.size(1);
+  const int64_t out_channels = grads.size(1);
+  const at::Tensor folded_input =
+      input.reshape({1, length * in_channels, input.size(2), input.size(3)});
+  const at::Tensor folded_grads =
+      grads.reshape({1, length * out_channels, grads.size(2), grads.size(3)});
+  // Only the weight's shape is read when only its gradient is asked for.
+  const at::Tensor weight =
+      at::empty({length * out_channels, in_channels / groups, kernel_size[0], kernel_size[1]},
+                input.options());
+  return std::get<1>(at::convolution_backward(folded_grads, folded_input, weight, c10::nullopt,
+                                              stride, {0, 0}, dilation, false, {0, 0},
+                                              length * groups, {false, true, false}));
+}
+
 at::Tensor conv2d_weight_sq_norm_cpu(const at::Tensor& padded_input, const at::Tensor& grad_output,
                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                      at::IntArrayRef dilation, int64_t groups,
@@ -77,17 +99,23 @@ at::Tensor conv2d_weight_sq_norm_cpu(const at::Tensor& padded_input, const at::T
                                   padded_input.numel() + grad_output.numel());
   for (int64_t start = 0; start < batch; start += rows) {
     const int64_t length = std::min(rows, batch - start);
+    const at::Tensor input = padded_input.narrow(0, start, length).to(acc);
+    const at::Tensor grads = grad_output.narrow(0, start, length).to(acc);
+    if (method == 1) {
+      out.narrow(0, start, length)
+          .copy_(per_sample_conv2d_weight_grads(input, grads, kernel_size, stride, dilation, groups)
+                     .reshape({length, -1})
+                     .square()
+                     .sum(1));
+      continue;
+    }
     const at::Tensor patches =
-        at::im2col(padded_input.narrow(0, start, length).to(acc), kernel_size, dilation, {0, 0},
-                   stride);  // [b, C_in·kh·kw, T]
+        at::im2col(input, kernel_size, dilation, {0, 0}, stride);  // [b, C_in·kh·kw, T]
     // [b·groups, T, d] and [b·groups, T, p] as transposed views: the GEMMs take them
     // as they are, so neither the patches nor the gradients are copied again.
     const at::Tensor a =
         patches.reshape({length * groups, in_per_group, positions}).transpose(1, 2);
-    const at::Tensor g = grad_output.narrow(0, start, length)
-                             .to(acc)
-                             .reshape({length * groups, out_per_group, positions})
-                             .transpose(1, 2);
+    const at::Tensor g = grads.reshape({length * groups, out_per_group, positions}).transpose(1, 2);
     out.narrow(0, start, length)
         .copy_(chunk_sq_norm(a, g, method).reshape({length, groups}).sum(1));
   }
