@@ -16,10 +16,17 @@ A covariance that is not positive definite (dead ReLU units, constant or duplica
 features, fewer rows than dimensions plus classes) is an error by default. With
 singular="pseudo-inverse" the distance is taken with Σ's pseudo-inverse, as
 scikit-learn's EmpiricalCovariance (and so OpenOOD) computes it: Σ = U Λ Uᵀ by a
-symmetric eigendecomposition, eigenvalues ≤ max(N, K)·eps·λ_max dropped, and
+symmetric eigendecomposition, eigenvalues ≤ K·eps·λ_max dropped (eps of the rows' own
+dtype, as scipy's pinvh that scikit-learn calls: float32 features are not exact to
+float64's eps), and
 d = ‖Λ_r^{-1/2} U_rᵀ (x − μ_c)‖² on the r kept directions. It ignores whatever a
 query does along the dropped directions (an OOD input that activates a unit dead on
 all ID data gains nothing there): that is the choice this option names.
+
+In the default mode a covariance that Cholesky accepts only thanks to the rows'
+rounding (an eigenvalue ≤ K·eps²·λ_max, eps of the rows' dtype: float32 features
+from a rank-r bottleneck, class-mean directions that sum to zero) is also refused:
+its inverse would follow the rounding noise.
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ def fit_class_gaussians(
         raise ValueError(
             f"{where}: rows [N, K] and targets [N] expected, got {tuple(rows.shape)} and {tuple(targets.shape)}"
         )
+    if targets.is_floating_point() and not bool((targets == targets.round()).all()):
+        raise ValueError(f"{where}: targets must be class indices, got non-integer values")
+    eps = torch.finfo(rows.dtype).eps if rows.is_floating_point() else torch.finfo(torch.float64).eps
     x = rows.detach().double()
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{where}: the ID rows hold NaN or Inf")
@@ -65,16 +75,23 @@ def fit_class_gaussians(
     covariance = centred.T @ centred / x.shape[0]
     if singular == "pseudo-inverse":
         values, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
-        keep = values > max(x.shape) * torch.finfo(torch.float64).eps * values.max().clamp_min(0)
+        keep = values > x.shape[1] * eps * values.max().clamp_min(0)
         if not bool(keep.any()):
-            raise ValueError(f"{where}: the ID rows do not vary within their classes (a zero covariance)")
+            raise ValueError(
+                f"{where}: no direction of the ID rows' within-class covariance rises above the rounding of "
+                f"{rows.dtype} rows in {x.shape[1]} dimensions (K·eps·λ_max): the rows do not vary within their "
+                "classes, or their dtype is too coarse; pass them in float32 or float64"
+            )
         whitening = vectors[:, keep].T / values[keep].sqrt()[:, None]  # [r, K]
         return ClassGaussians(None, means @ whitening.T, present, whitening)
     cholesky, info = torch.linalg.cholesky_ex(covariance)
+    if int(info) == 0 and eps > torch.finfo(torch.float64).eps:
+        values = torch.linalg.eigvalsh(covariance)
+        info = torch.tensor(int(values.min() <= x.shape[1] * eps * eps * values.max()))
     if int(info) != 0:
         raise ValueError(
             f"{where}: the shared within-class covariance of the {x.shape[1]}-dimensional ID rows is singular "
-            f"(rank < {x.shape[1]}; {x.shape[0]} rows in {present.numel()} classes; constant features such as dead "
+            f"(rank < {x.shape[1]}, or singular up to the rounding of {rows.dtype} rows; {x.shape[0]} rows in {present.numel()} classes; constant features such as dead "
             "ReLU units make it so): fit on more samples than dimensions plus classes, use fewer dimensions, or "
             "pass singular='pseudo-inverse' (distances within the span of the ID covariance, as scikit-learn's)"
         )

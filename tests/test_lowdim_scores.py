@@ -192,6 +192,43 @@ def test_mahalanobis_skips_absent_classes_and_refuses_a_singular_covariance():
         mahalanobis.fit_class_gaussians(torch.full((4, 2), float("nan")), torch.zeros(4))
 
 
+def test_class_subspace_mahalanobis_drops_the_direction_the_class_means_share():
+    """With subspace="class" the ID rows of G_low sum to zero (G is centred on the ID mean),
+    so their covariance is singular by construction; float32 rounding leaves a tiny
+    eigenvalue that an inverse would follow (batch-dependent scores). The fit takes the
+    pseudo-inverse: each row scores the same alone and in a batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    inputs, labels = torch.randn(120, 6), torch.randint(0, 4, (120,))
+    detector = LowDimGrad(model, score="mahalanobis", subspace="class")
+    detector.fit([(inputs[i : i + 40], labels[i : i + 40]) for i in range(0, 120, 40)])
+    queries = torch.randn(9, 6) * 2
+    one_by_one = torch.cat([detector.score(queries[i : i + 1]) for i in range(9)])
+    torch.testing.assert_close(one_by_one, detector.score(queries), rtol=1e-5, atol=1e-6)
+
+
+def test_float32_rows_of_a_bottleneck_are_refused_or_taken_on_their_span():
+    """Float32 rows of rank 8 in 64 dimensions: Cholesky of their float64 covariance
+    succeeds on rounding noise. The default mode refuses it; the pseudo-inverse keeps the
+    8 real directions (eps of float32, as scipy's pinvh) and matches the exact-span distance."""
+    generator = torch.Generator().manual_seed(0)
+    low = torch.randn(400, 8, generator=generator, dtype=torch.float64)
+    rows = (low @ torch.randn(8, 64, generator=generator, dtype=torch.float64)).float()
+    targets = torch.randint(0, 3, (400,), generator=generator)
+    with pytest.raises(ValueError, match="rounding of torch.float32 rows"):
+        mahalanobis.fit_class_gaussians(rows, targets)
+    gaussians = mahalanobis.fit_class_gaussians(rows, targets, singular="pseudo-inverse")
+    assert gaussians.whitening.shape[0] == 8
+    x = rows.double().numpy()
+    means = np.stack([x[targets.numpy() == c].mean(0) for c in range(3)])
+    centred = x - means[targets.numpy()]
+    precision = np.linalg.pinv(centred.T @ centred / x.shape[0], rcond=1e-6, hermitian=True)
+    d = np.stack([np.einsum("bi,ij,bj->b", x[:5] - m, precision, x[:5] - m) for m in means], 1)
+    np.testing.assert_allclose(mahalanobis.mahalanobis_score(rows[:5], gaussians).numpy(), -d.min(1), rtol=1e-6)
+    with pytest.raises(ValueError, match="targets must be class indices"):
+        mahalanobis.fit_class_gaussians(rows[:3].double(), torch.tensor([0.0, 0.4, 0.8]))
+
+
 def test_with_score_shares_the_fit_and_makes_no_pass(case, monkeypatch):
     _, _, _, base, queries = case
     low = base.low_dimensional_gradients(queries)

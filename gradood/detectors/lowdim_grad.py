@@ -10,7 +10,9 @@ per-class mean normalised gradients, unit columns, K = C). G_low is scored by
 one base score (gradood.detectors.lowdim_scores):
 
     score="knn"          −‖ĝ − b̂_(k)‖², ĝ = G_low/‖G_low‖, to the k-th nearest normalised ID row (k = 5)
-    score="mahalanobis"  −min_c (ĝ − μ_c)ᵀ Σ⁻¹ (ĝ − μ_c), class means, shared covariance
+    score="mahalanobis"  −min_c (ĝ − μ_c)ᵀ Σ⁺ (ĝ − μ_c), class means, shared covariance
+                         (Σ⁺: pseudo-inverse, as the paper's scikit-learn fit; with subspace="class" the
+                         directions sum to zero over the ID set, so Σ is singular by construction)
     score="msp" | "energy" | "odin" | "gradnorm" | "react" | "bats"
                          the forward score of a linear probe BatchNorm1d(K) → Linear(K, C)
                          trained on the ID ĝ (ODIN's step taken on ĝ, ReAct clipping its
@@ -411,7 +413,9 @@ class LowDimGrad(Detector):
                 "batches of (inputs, labels), or classes='predicted' (the model's predicted classes)"
             )
         if score == "mahalanobis":
-            gaussians = fit_class_gaussians(low, self.id_targets, f"{name}.fit (score='mahalanobis')")
+            gaussians = fit_class_gaussians(
+                low, self.id_targets, f"{name}.fit (score='mahalanobis')", singular="pseudo-inverse"
+            )
             self.gaussians = gaussians._asdict()
             return
         if low.shape[0] < 2:
