@@ -86,6 +86,12 @@ def check_real(where: str, name: str, value: object) -> float:
     return float(value)
 
 
+def check_class_indices(where: str, name: str, values: torch.Tensor) -> None:
+    """Refuse floating-point labels that are not whole numbers (.long() would truncate them)."""
+    if values.is_floating_point() and not bool((values == values.round()).all()):
+        raise ValueError(f"{where}: {name} must be class indices, got non-integer values")
+
+
 def check_choice(where: str, name: str, value: object, choices: Iterable[str]) -> str:
     options = tuple(choices)
     if value not in options:

@@ -35,6 +35,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from gradood._checks import check_class_indices
+
 # Query × class × dimension elements per block of differences (≈128 MB in float64).
 _BLOCK_ELEMENTS = 1 << 24
 
@@ -59,8 +61,7 @@ def fit_class_gaussians(
         raise ValueError(
             f"{where}: rows [N, K] and targets [N] expected, got {tuple(rows.shape)} and {tuple(targets.shape)}"
         )
-    if targets.is_floating_point() and not bool((targets == targets.round()).all()):
-        raise ValueError(f"{where}: targets must be class indices, got non-integer values")
+    check_class_indices(where, "targets", targets)
     eps = torch.finfo(rows.dtype).eps if rows.is_floating_point() else torch.finfo(torch.float64).eps
     x = rows.detach().double()
     if not bool(torch.isfinite(x).all()):
@@ -85,18 +86,25 @@ def fit_class_gaussians(
         whitening = vectors[:, keep].T / values[keep].sqrt()[:, None]  # [r, K]
         return ClassGaussians(None, means @ whitening.T, present, whitening)
     cholesky, info = torch.linalg.cholesky_ex(covariance)
-    if int(info) == 0 and eps > torch.finfo(torch.float64).eps:
-        values = torch.linalg.eigvalsh(covariance)
-        info = torch.tensor(int(values.min() <= x.shape[1] * eps * eps * values.max()))
-    if int(info) != 0:
+    if int(info) != 0 or _positive_only_by_rounding(covariance, eps):
         raise ValueError(
             f"{where}: the shared within-class covariance of the {x.shape[1]}-dimensional ID rows is singular "
-            f"(rank < {x.shape[1]}, or singular up to the rounding of {rows.dtype} rows; {x.shape[0]} rows in {present.numel()} classes; constant features such as dead "
+            f"(rank < {x.shape[1]}, or singular up to the rounding of {rows.dtype} rows; {x.shape[0]} rows in "
+            f"{present.numel()} classes; constant features such as dead "
             "ReLU units make it so): fit on more samples than dimensions plus classes, use fewer dimensions, or "
             "pass singular='pseudo-inverse' (distances within the span of the ID covariance, as scikit-learn's)"
         )
     whitened = torch.linalg.solve_triangular(cholesky, means.T, upper=False).T
     return ClassGaussians(cholesky, whitened, present)
+
+
+def _positive_only_by_rounding(covariance: torch.Tensor, eps: float) -> bool:
+    """Whether the smallest eigenvalue is within the rows' rounding (≤ K·eps²·λ_max); float64
+    rows need no test beyond Cholesky's."""
+    if eps <= torch.finfo(torch.float64).eps:
+        return False
+    values = torch.linalg.eigvalsh(covariance)
+    return bool(values.min() <= covariance.shape[0] * eps * eps * values.max())
 
 
 def mahalanobis_score(rows: torch.Tensor, gaussians: ClassGaussians) -> torch.Tensor:

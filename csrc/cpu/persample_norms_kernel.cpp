@@ -1,11 +1,10 @@
 // CPU kernels of gradood::outer_product_sq_norm and conv2d_weight_sq_norm,
-// composed from ATen: on the CPU the batched GEMMs (MKL/oneDNN) are what a
-// hand-written loop would call anyway. Samples are processed in chunks so no
-// intermediate (Gram matrices, per-sample products, unfolded patches) is larger
-// than the op's own two inputs together (or kMinChunkElements, for small
-// layers), and never kMaxChunkElements: the norms are computed during the
-// backward, and their scratch memory stays within what that layer's backward
-// already holds. Half-precision inputs are upcast per chunk.
+// composed from ATen: on the CPU the batched GEMMs (MKL/oneDNN) and oneDNN's grouped
+// convolution backward are what a hand-written loop would call anyway. Samples are processed in
+// chunks so no intermediate (Gram matrices, per-sample products, unfolded patches) is larger than
+// the op's own two inputs together (or kMinChunkElements, for small layers), and never
+// kMaxChunkElements: the norms are computed during the backward, and their scratch memory stays
+// within what that layer's backward already holds. Half-precision inputs are upcast per chunk.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -81,6 +80,23 @@ at::Tensor per_sample_conv2d_weight_grads(const at::Tensor& input, const at::Ten
                                               length * groups, {false, true, false}));
 }
 
+// ‖Σ_t g_t a_tᵀ‖² per sample and group by the ghost identity, from the unfolded
+// patches: [b] for one chunk, already in the accumulator type.
+at::Tensor conv2d_ghost_sq_norm(const at::Tensor& input, const at::Tensor& grads,
+                                at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                at::IntArrayRef dilation, int64_t groups) {
+  const int64_t length = input.size(0), positions = grads.size(2) * grads.size(3);
+  const at::Tensor patches =
+      at::im2col(input, kernel_size, dilation, {0, 0}, stride);  // [b, C_in·kh·kw, T]
+  // [b·groups, T, d] and [b·groups, T, p] as transposed views: the GEMMs take them
+  // as they are, so neither the patches nor the gradients are copied again.
+  const at::Tensor a =
+      patches.reshape({length * groups, patches.size(1) / groups, positions}).transpose(1, 2);
+  const at::Tensor g =
+      grads.reshape({length * groups, grads.size(1) / groups, positions}).transpose(1, 2);
+  return chunk_sq_norm(a, g, 0).reshape({length, groups}).sum(1);
+}
+
 at::Tensor conv2d_weight_sq_norm_cpu(const at::Tensor& padded_input, const at::Tensor& grad_output,
                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                      at::IntArrayRef dilation, int64_t groups,
@@ -94,30 +110,24 @@ at::Tensor conv2d_weight_sq_norm_cpu(const at::Tensor& padded_input, const at::T
   const int64_t out_per_group = grad_output.size(1) / groups;
   at::Tensor out = at::zeros({batch}, padded_input.options().dtype(acc));
   if (batch == 0 || positions == 0 || in_per_group == 0 || out_per_group == 0) return out;
+  // Per sample, the ghost method holds the unfolded patches and a T×T Gram matrix; the
+  // materialising one its gradients, and the convolution backward its own scratch, bounded
+  // the same way (counting the patches there too keeps the peak within a training step's).
   const int64_t product = method == 0 ? positions * positions : in_per_group * out_per_group;
-  const int64_t rows = chunk_rows(groups * std::max(product, positions * in_per_group),
-                                  padded_input.numel() + grad_output.numel());
+  const int64_t per_sample = groups * std::max(product, positions * in_per_group);
+  const int64_t rows = chunk_rows(per_sample, padded_input.numel() + grad_output.numel());
   for (int64_t start = 0; start < batch; start += rows) {
     const int64_t length = std::min(rows, batch - start);
     const at::Tensor input = padded_input.narrow(0, start, length).to(acc);
     const at::Tensor grads = grad_output.narrow(0, start, length).to(acc);
-    if (method == 1) {
-      out.narrow(0, start, length)
-          .copy_(per_sample_conv2d_weight_grads(input, grads, kernel_size, stride, dilation, groups)
-                     .reshape({length, -1})
-                     .square()
-                     .sum(1));
-      continue;
-    }
-    const at::Tensor patches =
-        at::im2col(input, kernel_size, dilation, {0, 0}, stride);  // [b, C_in·kh·kw, T]
-    // [b·groups, T, d] and [b·groups, T, p] as transposed views: the GEMMs take them
-    // as they are, so neither the patches nor the gradients are copied again.
-    const at::Tensor a =
-        patches.reshape({length * groups, in_per_group, positions}).transpose(1, 2);
-    const at::Tensor g = grads.reshape({length * groups, out_per_group, positions}).transpose(1, 2);
     out.narrow(0, start, length)
-        .copy_(chunk_sq_norm(a, g, method).reshape({length, groups}).sum(1));
+        .copy_(method == 0
+                   ? conv2d_ghost_sq_norm(input, grads, kernel_size, stride, dilation, groups)
+                   : per_sample_conv2d_weight_grads(input, grads, kernel_size, stride, dilation,
+                                                    groups)
+                         .reshape({length, -1})
+                         .square()
+                         .sum(1));
   }
   return out;
 }

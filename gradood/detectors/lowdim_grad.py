@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from gradood import model_io, scores
+from gradood._checks import check_class_indices
 from gradood.detectors import lowdim_scores
 from gradood.detectors._base import Data, Detector, eval_mode, fitted
 from gradood.detectors._head import HeadName
@@ -362,9 +363,11 @@ class LowDimGrad(Detector):
         self.num_classes = int(fitted(self._num_classes_seen, "the number of classes"))
         targets = predicted if self.classes == "predicted" else labels
         if targets is not None:
-            if targets.is_floating_point() and not bool((targets == targets.round()).all()):
+            try:
+                check_class_indices(f"{name}.fit", "labels", targets)
+            except ValueError:
                 self.subspace = None
-                raise ValueError(f"{name}.fit: labels must be class indices, got non-integer values")
+                raise
             targets = targets.to(low.device).long()
             if targets.shape[0] != low.shape[0] or bool(((targets < 0) | (targets >= self.num_classes)).any()):
                 self.subspace = None

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from gradood import model_io
-from gradood._checks import check_choice, check_features
+from gradood._checks import check_choice, check_class_indices, check_features
 from gradood.detectors._base import Data, Detector, fitted
 from gradood.detectors._head import HeadName
 from gradood.mahalanobis import SINGULAR, ClassGaussians, fit_class_gaussians, mahalanobis_score
@@ -65,9 +65,8 @@ class Mahalanobis(Detector):
                     f"{name}.fit: the fit data give no labels: pass batches of (inputs, labels), or "
                     "classes='predicted' (the model's predicted classes)"
                 )
-            elif labels.is_floating_point() and not bool((labels == labels.round()).all()):
-                raise ValueError(f"{name}.fit: labels must be class indices, got non-integer values")
             else:
+                check_class_indices(f"{name}.fit", "labels", labels)
                 targets.append(labels.reshape(-1).to(logits.device).long())
         if not features:
             raise ValueError(f"{name}.fit: the data holds no batch")
