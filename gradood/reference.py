@@ -65,11 +65,24 @@ class _Softmax(NamedTuple):
     is_pred: torch.Tensor  # one-hot of ŷ, bool [B, C]
 
 
-def _softmax(logits: torch.Tensor, temperature: float) -> _Softmax:
+def _probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(f / T), and its limit on rows whose max is infinite (where torch.softmax
+    gives NaN): the logits equal to the max share the mass evenly, so one +inf logit has
+    probability 1 and a row of -inf logits is uniform. A NaN logit makes its row NaN."""
     probs = torch.softmax(logits / temperature, dim=1)
+    row_max = logits.amax(dim=1, keepdim=True)
+    at_max = (logits == row_max).to(probs.dtype)
+    limit = at_max / at_max.sum(dim=1, keepdim=True)
+    return torch.where(row_max.isinf(), limit, probs)
+
+
+def _softmax(logits: torch.Tensor, temperature: float) -> _Softmax:
+    probs = _probabilities(logits, temperature)
     is_pred = F.one_hot(logits.argmax(dim=1), logits.shape[1]).bool()
     others_mass = probs.masked_fill(is_pred, 0).sum(dim=1, keepdim=True)  # 1 - p_ŷ
     one_minus = torch.where(is_pred, others_mass, 1 - probs)
+    # A NaN row stays NaN at ŷ too (with one class there is no other mass to carry it).
+    one_minus = torch.where(probs.isnan(), probs, one_minus)
     return _Softmax(probs, one_minus, is_pred)
 
 
@@ -97,7 +110,7 @@ def msp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     where = "gradood.reference.msp"
     check_logits(where, logits)
     temperature = check_temperature(where, temperature)
-    return torch.softmax(logits / temperature, dim=1).amax(dim=1)
+    return _probabilities(logits, temperature).amax(dim=1)
 
 
 def max_logit(logits: torch.Tensor) -> torch.Tensor:
@@ -292,7 +305,7 @@ def uv(
     clip = check_optional_clip(where, clip, needed=v == "clipped_l1")
     temperature = check_temperature(where, temperature)
     if u == "msp":
-        output_term = torch.softmax(logits / temperature, dim=1).amax(dim=1)
+        output_term = _probabilities(logits, temperature).amax(dim=1)
     elif u == "energy":
         output_term = temperature * torch.logsumexp(logits / temperature, dim=1)
     elif u == "max_logit":

@@ -168,6 +168,23 @@ def test_lastlayer_kernel_keeps_a_nan_row_to_itself(kernels):
     assert torch.isfinite(terms[0]).all() and torch.isnan(terms[1, :6]).all()
 
 
+@pytest.mark.parametrize("classes", [1, 3, 40, 2000])  # a warp per row, and a block per row at 2000
+def test_lastlayer_kernel_takes_the_limits_of_non_finite_rows(kernels, classes):
+    """The CPU operator's terms (tested against gradood.reference) on rows with a NaN, one
+    or tied +inf maxima and all -inf, among finite rows: the shared row math defines them."""
+    rows = [[math.nan], [math.inf], [-math.inf], [math.inf, 1.0], [math.inf, math.inf], [math.nan, 2.0]]
+    logits = torch.randn(len(rows) + 2, classes, generator=torch.Generator().manual_seed(3)) * 3
+    for index, row in enumerate(rows, start=1):
+        values = row * classes if len(row) == 1 else row[:classes] + [-math.inf] * (classes - len(row))
+        logits[index] = torch.tensor(values[:classes])
+    features = torch.rand(logits.shape[0], 9)
+    terms, argmax = cuda_emulation.lastlayer_terms(kernels, logits, features, 1.5, 0.7)
+    expected, expected_argmax = op.lastlayer_terms(logits, features, 1.5, 0.7)
+    torch.testing.assert_close(terms, expected, rtol=2e-5, atol=2e-5, equal_nan=True)
+    torch.testing.assert_close(argmax, expected_argmax)
+    assert torch.isnan(terms[1, :6]).all()  # a one-class NaN row is NaN, not probability 1
+
+
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 @pytest.mark.parametrize("shape", [(2, 3, 5), (1, 1, 1), (3, 40, 70), (2, 33, 1), (2, 5, 0)], ids=str)
 @pytest.mark.parametrize("centred", [True, False], ids=["shift", "no_shift"])

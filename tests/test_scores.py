@@ -156,6 +156,53 @@ def test_infinite_logits_give_limits(device):
     assert energy[1].item() == math.inf and result.column("max_softmax")[1].item() == 1.0
 
 
+# Rows without a finite max, and the one-class rows where no other logit carries a NaN.
+_NAN, _INF = math.nan, math.inf
+_NON_FINITE_ROWS = [
+    [_NAN], [_INF], [-_INF], [_INF, 1.0], [-_INF, -_INF], [_INF, _INF], [_NAN, 1.0], [_INF, -_INF],
+    [-_INF, _NAN], [_INF, _INF, 1.0], [-_INF, 2.0, -_INF], [_INF, _NAN, _INF],
+]
+
+
+def _non_finite_batch(row, num_classes, dtype, seed):
+    """A batch of random rows with `row` (padded with -inf, which has probability 0, or
+    repeated when it has one logit) in the middle of a tile, so the short-row tile, the
+    vectorised row and the scalar path each meet it among finite rows."""
+    logits, features = _inputs(21, num_classes, 9, torch.float64, seed=seed)
+    values = torch.tensor(row, dtype=torch.float64)
+    if len(row) == 1:
+        values = values.repeat(num_classes)
+    else:
+        values = torch.cat([values, torch.full((num_classes - len(row),), -_INF, dtype=torch.float64)])
+        values = values[torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))]
+    logits[5] = values
+    return logits.to(dtype), features.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_classes", [1, 3, 40, 1000])
+@pytest.mark.parametrize("name", SCORES)
+def test_every_score_of_a_non_finite_row_is_the_reference_limit(name, num_classes, dtype, device):
+    """One +inf logit has probability 1, tied maxima share it, a row of -inf is uniform, a
+    NaN logit gives NaN, for every score and on every kernel path. The kernels gave MSP 1.0
+    for a one-class NaN row and NaN GradNorm/ExGrad for tied infinite maxima, while MSP took
+    the limit; the reference gave NaN for every infinite max (torch.softmax's inf - inf)."""
+    needs_features, kwargs = SCORES[name]
+    for index, row in enumerate(_NON_FINITE_ROWS):
+        if len(row) > num_classes:
+            continue
+        logits, features = _non_finite_batch(row, num_classes, dtype, seed=index)
+        args = (logits.to(device), features.to(device)) if needs_features else (logits.to(device),)
+        ours = _function(scores, name)(*args, **kwargs).double().cpu()
+        expected = _function(reference, name)(*(x.double() for x in args), **kwargs).cpu()
+        assert torch.equal(ours.isnan(), expected.isnan()), (row, ours[5], expected[5])
+        assert torch.equal(ours.isinf(), expected.isinf()) and torch.equal(ours[ours.isinf()], expected[expected.isinf()])
+        finite = expected.isfinite()
+        # Near-zero scores (GradNorm of a uniform row) carry the round-off of the batch's scale.
+        atol = (1e-12 if dtype == torch.float64 else 1e-5) * (1 + expected[finite].abs().max().item())
+        torch.testing.assert_close(ours[finite], expected[finite], rtol=_rtol(dtype, num_classes), atol=atol)
+
+
 def test_raw_ops_accept_an_empty_batch(device):
     terms, argmax = torch.ops.gradood.lastlayer_terms(torch.empty(0, 5, device=device), None, 1.0, 1.0)
     assert terms.shape == (0, gradood._ops.NUM_LOGIT_TERMS) and argmax.shape == (0,)

@@ -9,7 +9,11 @@
 //     every exponent is <= 0 (an online, max-subtracted log-sum-exp);
 //   * the mass of the non-argmax classes, 1 - p_max, is accumulated directly as
 //     `others = sum_{j != argmax} exp((f_j - m) / T)` and never formed as
-//     1 - p_max, which is pure round-off for confident rows.
+//     1 - p_max, which is pure round-off for confident rows;
+//   * rows with an infinite max take the softmax's limit: the logits equal to the max
+//     share the mass evenly (one +inf logit has probability 1; a row of -inf is
+//     uniform), every other logit has probability 0, and the energy is the max; a NaN
+//     logit makes every term of its row NaN.
 #pragma once
 
 #include <cmath>
@@ -114,7 +118,10 @@ struct SoftmaxSums {
 template <typename acc_t>
 GRADOOD_HOST_DEVICE void accumulate_softmax(SoftmaxSums<acc_t>& sums, acc_t logit, acc_t max,
                                             acc_t inv_temperature, acc_t inv_sum, acc_t uniform) {
-  const acc_t p = std::exp((logit - max) * inv_temperature) * inv_sum;
+  // A logit equal to an infinite max (tied +inf logits, or a row of -inf) has the max's
+  // share, as `merge` counted it: exp(0), not exp(inf - inf) = NaN.
+  const acc_t relative = logit == max ? acc_t(1) : std::exp((logit - max) * inv_temperature);
+  const acc_t p = relative * inv_sum;
   sums.uniform_deviation += std::fabs(p - uniform);
   sums.squares += p * p;
 }
@@ -135,7 +142,6 @@ GRADOOD_HOST_DEVICE void accumulate_feature(FeatureSums<acc_t>& sums, acc_t valu
   sums.clipped_l1 += magnitude > clip ? clip : magnitude;
 }
 
-// Composes the logit terms of one row from the two passes' results.
 // Composes the logit terms of one row from the two passes' results; only the
 // `wanted` ones are written (the others are left untouched).
 template <typename acc_t>
@@ -143,12 +149,15 @@ GRADOOD_HOST_DEVICE void finalize_logit_terms(const MaxState<acc_t>& state,
                                               const SoftmaxSums<acc_t>& sums, int64_t num_classes,
                                               acc_t temperature, acc_t* out,
                                               TermMask wanted = kAllTerms) {
-  const acc_t total = acc_t(1) + state.others;
+  // A NaN max (a NaN logit) makes every term NaN, also for one class, where no
+  // other logit carries the NaN into `others`.
+  const acc_t others = state.max != state.max ? state.max : state.others;
+  const acc_t total = acc_t(1) + others;
   const acc_t max_softmax = acc_t(1) / total;
-  const acc_t one_minus_max_softmax = state.others / total;
+  const acc_t one_minus_max_softmax = others / total;
   if (wanted & term_bit(kMaxLogit)) out[kMaxLogit] = state.max;
   if (wanted & term_bit(kEnergy)) {
-    out[kEnergy] = state.max + temperature * std::log1p(state.others);
+    out[kEnergy] = state.max + temperature * std::log1p(others);
   }
   if (wanted & term_bit(kMaxSoftmax)) out[kMaxSoftmax] = max_softmax;
   if (wanted & term_bit(kUniformDeviationL1)) {
