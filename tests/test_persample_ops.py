@@ -79,6 +79,8 @@ CONV_CASES = [  # B, C_in, C_out, H, W, kernel, stride, dilation, groups
     (2, 16, 128, 12, 12, (3, 3), (1, 1), (1, 1), 1),
     (2, 5, 3, 1, 17, (1, 4), (1, 3), (1, 2), 1),  # a Conv1d as height 1
     (0, 3, 4, 5, 5, (3, 3), (1, 1), (1, 1), 1),
+    (2, 10, 4, 11, 12, (3, 3), (2, 2), (1, 2), 2),  # 5 channels per group: the grouped backward
+    (64, 1, 16, 28, 28, (5, 5), (1, 1), (1, 1), 1),  # the MNIST stem, in several chunks of samples
 ]
 
 
@@ -185,12 +187,15 @@ def _affine_inputs(batch, channels, positions, layout, device, dtype=torch.float
     generator = torch.Generator().manual_seed(seed)
 
     def make():
-        if layout == "channels_first":
+        if layout != "channels_last":
             return torch.randn(batch, channels, positions, generator=generator, dtype=torch.float64)
         return torch.randn(batch, positions, channels, generator=generator, dtype=torch.float64).transpose(1, 2)
 
     grad_output, inputs = make(), make()
-    if layout == "channels_first":
+    if layout == "dense_statistics":  # no stride-0 dimension: the CPU kernel's general path
+        shift = torch.randn(batch, channels, positions, generator=generator, dtype=torch.float64)
+        scale = torch.rand(batch, channels, positions, generator=generator, dtype=torch.float64) + 0.5
+    elif layout == "channels_first":
         shift = torch.randn(1, channels, 1, generator=generator, dtype=torch.float64)
         scale = torch.rand(1, channels, 1, generator=generator, dtype=torch.float64) + 0.5
     else:
@@ -200,10 +205,11 @@ def _affine_inputs(batch, channels, positions, layout, device, dtype=torch.float
     return tensors[0], tensors[1], tensors[2].expand_as(tensors[0]), tensors[3].expand_as(tensors[0])
 
 
-AFFINE_SHAPES = [(2, 3, 5), (1, 1, 1), (3, 40, 70), (2, 33, 1), (0, 4, 3), (2, 5, 0)]
+# (2, 3, 700): several 256-position blocks; (2, 300, 9): several 256-channel blocks.
+AFFINE_SHAPES = [(2, 3, 5), (1, 1, 1), (3, 40, 70), (2, 33, 1), (0, 4, 3), (2, 5, 0), (2, 3, 700), (2, 300, 9)]
 
 
-@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last", "dense_statistics"])
 @pytest.mark.parametrize("shape", AFFINE_SHAPES, ids=str)
 @pytest.mark.parametrize("centred", [True, False], ids=["shift", "no_shift"])
 def test_norm_affine_grads_equal_the_formula(shape, layout, centred, device):
@@ -215,9 +221,10 @@ def test_norm_affine_grads_equal_the_formula(shape, layout, centred, device):
     torch.testing.assert_close(bias, expected_bias, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last", "dense_statistics"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_norm_affine_grads_accumulate_in_float32(dtype, device):
-    grad_output, inputs, shift, scale = _affine_inputs(3, 20, 50, "channels_first", device, dtype)
+def test_norm_affine_grads_accumulate_in_float32(dtype, layout, device):
+    grad_output, inputs, shift, scale = _affine_inputs(3, 20, 600, layout, device, dtype)
     weight, bias = op.norm_affine_grads(grad_output, inputs, shift, scale)
     assert weight.dtype == bias.dtype == torch.float32
     expected_weight, expected_bias = literal_affine_grads(grad_output.float(), inputs.float(), shift.float(),

@@ -1,6 +1,8 @@
 // CPU kernels of gradood::outer_product_sq_norm and conv2d_weight_sq_norm,
 // composed from ATen: on the CPU the batched GEMMs (MKL/oneDNN) and oneDNN's grouped
-// convolution backward are what a hand-written loop would call anyway. Samples are processed in
+// convolution backward are what a hand-written loop would call anyway. Per-sample convolution
+// weight gradients come from the grouped backward, or, for few input channels per group, from a
+// GEMM of the patches (unfolded by one strided copy, never at::im2col). Samples are processed in
 // chunks so no intermediate (Gram matrices, per-sample products, unfolded patches) is larger than
 // the op's own two inputs together (or kMinChunkElements, for small layers), and never
 // kMaxChunkElements: the norms are computed during the backward, and their scratch memory stays
@@ -58,6 +60,41 @@ at::Tensor outer_product_sq_norm_cpu(const at::Tensor& activations, const at::Te
   return out;
 }
 
+// The patches of a (padded) input, [b, C_in·kh·kw, T] with the positions innermost: a strided
+// view copied once (each copied run is a row of the output, contiguous for stride 1), 10x
+// faster than at::im2col's scalar loop on the MNIST CNN's first layer.
+at::Tensor unfold_patches(const at::Tensor& input, at::IntArrayRef kernel_size,
+                          at::IntArrayRef stride, at::IntArrayRef dilation) {
+  const int64_t height = input.size(2), width = input.size(3);
+  const int64_t out_h = (height - dilation[0] * (kernel_size[0] - 1) - 1) / stride[0] + 1;
+  const int64_t out_w = (width - dilation[1] * (kernel_size[1] - 1) - 1) / stride[1] + 1;
+  const at::Tensor view = input.as_strided(
+      {input.size(0), input.size(1), kernel_size[0], kernel_size[1], out_h, out_w},
+      {input.stride(0), input.stride(1), dilation[0] * input.stride(2),
+       dilation[1] * input.stride(3), stride[0] * input.stride(2), stride[1] * input.stride(3)},
+      input.storage_offset());
+  return view.reshape(
+      {input.size(0), input.size(1) * kernel_size[0] * kernel_size[1], out_h * out_w});
+}
+
+// Input channels per group up to which the per-sample weight gradients are one batched GEMM
+// of the patches (an MNIST or RGB stem: 1.2-8x faster than the grouped convolution backward,
+// whose kernel for one channel per group is slow); above it the grouped backward wins.
+constexpr int64_t kFewChannels = 4;
+
+// Per sample and group, Σ_t g_t a_tᵀ as a batched GEMM of the unfolded patches:
+// [b·groups, C_out/groups, C_in/groups·kh·kw].
+at::Tensor per_sample_conv2d_weight_grads_unfolded(const at::Tensor& input, const at::Tensor& grads,
+                                                   at::IntArrayRef kernel_size,
+                                                   at::IntArrayRef stride, at::IntArrayRef dilation,
+                                                   int64_t groups) {
+  const int64_t length = input.size(0), positions = grads.size(2) * grads.size(3);
+  const at::Tensor patches = unfold_patches(input, kernel_size, stride, dilation);
+  const at::Tensor a = patches.reshape({length * groups, patches.size(1) / groups, positions});
+  const at::Tensor g = grads.reshape({length * groups, grads.size(1) / groups, positions});
+  return at::bmm(g, a.transpose(1, 2));
+}
+
 // The per-sample weight gradients of a convolution, [b·C_out, C_in/groups, kh, kw],
 // as one convolution backward with the samples as extra groups (the batch folded
 // into the channels): oneDNN's grouped weight-gradient kernel, several times faster
@@ -86,8 +123,7 @@ at::Tensor conv2d_ghost_sq_norm(const at::Tensor& input, const at::Tensor& grads
                                 at::IntArrayRef kernel_size, at::IntArrayRef stride,
                                 at::IntArrayRef dilation, int64_t groups) {
   const int64_t length = input.size(0), positions = grads.size(2) * grads.size(3);
-  const at::Tensor patches =
-      at::im2col(input, kernel_size, dilation, {0, 0}, stride);  // [b, C_in·kh·kw, T]
+  const at::Tensor patches = unfold_patches(input, kernel_size, stride, dilation);
   // [b·groups, T, d] and [b·groups, T, p] as transposed views: the GEMMs take them
   // as they are, so neither the patches nor the gradients are copied again.
   const at::Tensor a =
@@ -120,14 +156,17 @@ at::Tensor conv2d_weight_sq_norm_cpu(const at::Tensor& padded_input, const at::T
     const int64_t length = std::min(rows, batch - start);
     const at::Tensor input = padded_input.narrow(0, start, length).to(acc);
     const at::Tensor grads = grad_output.narrow(0, start, length).to(acc);
-    out.narrow(0, start, length)
-        .copy_(method == 0
-                   ? conv2d_ghost_sq_norm(input, grads, kernel_size, stride, dilation, groups)
-                   : per_sample_conv2d_weight_grads(input, grads, kernel_size, stride, dilation,
-                                                    groups)
-                         .reshape({length, -1})
-                         .square()
-                         .sum(1));
+    if (method == 0) {
+      out.narrow(0, start, length)
+          .copy_(conv2d_ghost_sq_norm(input, grads, kernel_size, stride, dilation, groups));
+      continue;
+    }
+    const at::Tensor weight_grads =
+        padded_input.size(1) / groups <= kFewChannels
+            ? per_sample_conv2d_weight_grads_unfolded(input, grads, kernel_size, stride, dilation,
+                                                      groups)
+            : per_sample_conv2d_weight_grads(input, grads, kernel_size, stride, dilation, groups);
+    out.narrow(0, start, length).copy_(weight_grads.reshape({length, -1}).square().sum(1));
   }
   return out;
 }

@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from gradood.persample.norm import group_norm_statistics, layer_norm_statistics
+
 Statistics = Callable[[torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]
 
 
@@ -39,12 +41,7 @@ def _group_norm(arguments) -> Statistics:
     groups, eps = arguments["num_groups"], arguments.get("eps", 1e-5)
 
     def statistics(x):
-        batch, channels = x.shape[:2]
-        variance, mean = torch.var_mean(x.reshape(batch, groups, -1), 2, unbiased=False)
-        per_group = channels // groups
-        mean = mean.repeat_interleave(per_group, 1)[:, :, None].expand_as(x)
-        inv_std = torch.rsqrt(variance + eps).repeat_interleave(per_group, 1)[:, :, None].expand_as(x)
-        return x, mean, inv_std
+        return (x, *group_norm_statistics(x, groups, eps))
 
     return statistics
 
@@ -54,11 +51,11 @@ def _last_dims(centred: bool):
         eps = arguments.get("eps")
         features = math.prod(arguments["normalized_shape"])
 
-        def statistics(x):  # the last dims as channels: [B, C, T] with T every position
-            x = x.reshape(x.shape[0], -1, features).transpose(1, 2)
+        def statistics(inputs):  # the last dims as channels: [B, C, T] with T every position
+            x = inputs.reshape(inputs.shape[0], -1, features).transpose(1, 2)
             if centred:
-                variance, mean = torch.var_mean(x, 1, unbiased=False, keepdim=True)
-                return x, mean.expand_as(x), torch.rsqrt(variance + (1e-5 if eps is None else eps)).expand_as(x)
+                mean, inv_std = layer_norm_statistics(inputs, features, 1e-5 if eps is None else eps)
+                return x, mean.expand_as(x), inv_std.expand_as(x)
             epsilon = torch.finfo(x.dtype).eps if eps is None else eps
             return x, None, torch.rsqrt(x.square().mean(1, keepdim=True) + epsilon).expand_as(x)
 

@@ -42,7 +42,9 @@ class _OutsideUseWatch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        if not torch.is_grad_enabled():
+        # Metadata reads (shape, dtype, _version: most ops the engine's own hooks issue) return
+        # no tensor, so no gradient path: answered before the operands are looked at.
+        if not torch.is_grad_enabled() or not (isinstance(result, torch.Tensor) or _has_tensor(result)):
             return result
         for leaf in _operands(args, kwargs):
             key = id(leaf)
@@ -52,7 +54,7 @@ class _OutsideUseWatch(TorchFunctionMode):
                 key = None if base is None else id(base)
             if key in self.watched:  # the parameter, or a view of it made before the pass
                 name, module = self.watched[key]
-                if self.running[module] == 0 and _has_tensor(result) and resolve_name(func) not in _NO_GRADIENT:
+                if self.running[module] == 0 and resolve_name(func) not in _NO_GRADIENT:
                     raise LayoutChanged(
                         f"{self.where}: parameter {name!r} is used outside its module's forward (in "
                         f"{resolve_name(func) or func}), which the layout probe did not see"
