@@ -7,6 +7,14 @@ same ranking for non-zero vectors: ‖q̂ − b̂‖² = 2 − 2 cos). ID-high.
 
 Exact and batched: the bank is scanned in blocks with a running top-k, so
 memory is B × (block + k), on whatever device the tensors are on.
+
+Squared L2 distances from one GEMM, ‖q‖² + ‖b‖² − 2 q·b, lose everything to cancellation
+for near neighbours (a float32 distance of 1e-8 comes out as 0 or 1e-7). So the GEMM only
+selects candidates, the 2k nearest by it, and their distances are recomputed from the
+differences, (q − b)², in float64. The result is exact whenever the GEMM's rounding bound δ
+(every distance it gives is within δ of the true one) cannot have left a nearer row out: the
+2k-th GEMM distance minus δ is at least the refined k-th; queries where it is not (ties or
+near-ties among more than 2k rows) are selected again in float64.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ import torch
 
 METRICS = ("squared_l2", "cosine")
 
-# Query × bank elements per block of distances (≈64 MB in float32).
+# Query × bank elements per block of distances (≈64 MB in float32), and query × candidate ×
+# dimension elements per block of refined distances.
 _BLOCK_ELEMENTS = 1 << 24
 
 
@@ -26,7 +35,8 @@ def normalise_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def knn_score(queries: torch.Tensor, bank: torch.Tensor, k: int = 5, metric: str = "squared_l2") -> torch.Tensor:
     """ID-scores [B] of queries [B, K] against an already normalised bank [N, K]
-    (normalise_rows). Queries are normalised here. Computed in float32 or better."""
+    (normalise_rows). Queries are normalised here. Computed in float32 or better;
+    squared-L2 distances of the selected neighbours in float64 (see the module notes)."""
     where = "gradood.knn_score"
     if metric not in METRICS:
         raise ValueError(f"{where}: metric must be one of {METRICS}, got {metric!r}")
@@ -40,18 +50,70 @@ def knn_score(queries: torch.Tensor, bank: torch.Tensor, k: int = 5, metric: str
         raise ValueError(f"{where}: queries on {queries.device} and bank on {bank.device}")
     dtype = torch.float64 if torch.float64 in (queries.dtype, bank.dtype) else torch.float32
     q = normalise_rows(queries.to(dtype))
+    if metric == "cosine":  # minimise −cos: no cancellation, the GEMM's values are the scores
+        values, _ = _nearest(q, bank, k, metric)
+        return -values[:, k - 1]
+    count = min(2 * k, bank.shape[0])
+    values, indices = _nearest(q, bank, count, metric)
+    refined = _refined_distances(q, bank, indices)
+    kth = refined.sort(dim=1).values[:, k - 1]
+    if count < bank.shape[0]:
+        # A row left out has a GEMM distance >= the count-th, so a true one >= that - δ.
+        doubtful = values[:, count - 1] - _rounding_bound(q, bank, dtype) < kth
+        if dtype == torch.float32 and bool(doubtful.any()):  # float64: within its own tiny δ
+            rows = doubtful.nonzero().squeeze(1)
+            again, again_indices = _nearest(q[rows].double(), bank, count, metric)
+            kth[rows] = _refined_distances(q[rows], bank, again_indices).sort(dim=1).values[:, k - 1].to(kth.dtype)
+    return -kth.to(dtype)
+
+
+def _rounding_bound(q: torch.Tensor, bank: torch.Tensor, dtype: torch.dtype) -> float:
+    """δ: |GEMM distance − true distance| <= δ for unit rows: γ_K = K u / (1 − K u) for each
+    of ‖q‖², ‖b‖² and q·b (counted twice), plus the roundings of the sum, with a factor 2
+    to spare. u is the unit roundoff of the GEMM: float32's, or TF32's / bfloat16's where
+    torch.set_float32_matmul_precision allows them."""
+    unit = torch.finfo(dtype).eps / 2
+    if dtype == torch.float32:
+        unit = {"highest": unit, "high": 2.0**-11, "medium": 2.0**-8}.get(torch.get_float32_matmul_precision(), 2.0**-8)
+    dims = q.shape[1]
+    gamma = dims * unit / max(1e-3, 1 - dims * unit)
+    return float(2 * (4 * gamma + 12 * unit))
+
+
+def _nearest(q: torch.Tensor, bank: torch.Tensor, count: int, metric: str):
+    """The `count` smallest GEMM distances (−cos for "cosine") of each query, ascending,
+    and their bank rows: [B, count] each."""
+    dtype = q.dtype
     q_sq = q.square().sum(1, keepdim=True)
-    best: torch.Tensor | None = None
-    block = max(k, _BLOCK_ELEMENTS // max(1, q.shape[0]))
+    best = best_indices = None
+    block = max(count, _BLOCK_ELEMENTS // max(1, q.shape[0]))
     for start in range(0, bank.shape[0], block):
         b = bank[start : start + block].to(dtype)
-        if metric == "cosine":  # minimise −cos
+        if metric == "cosine":
             values = torch.mm(q, b.T).neg_()
         else:  # ‖q‖² + ‖b‖² − 2 q·b in one GEMM with accumulation, clamped in place
             values = torch.addmm(q_sq + b.square().sum(1)[None, :], q, b.T, alpha=-2).clamp_min_(0)
+        kept = 0 if best is None else best.shape[1]
         if best is not None:
             values = torch.cat([best, values], 1)
-        best = values.topk(min(k, values.shape[1]), dim=1, largest=False).values
-    if best is None:  # pragma: no cover - k ≥ 1 needs a non-empty bank
+        best, chosen = values.topk(min(count, values.shape[1]), dim=1, largest=False)
+        # chosen < kept: a row of the running best; otherwise one of this block's.
+        from_block = chosen - kept + start
+        best_indices = (
+            from_block
+            if best_indices is None
+            else torch.where(chosen >= kept, from_block, best_indices.gather(1, chosen.clamp_max(kept - 1)))
+        )
+    if best is None or best_indices is None:  # pragma: no cover - k ≥ 1 needs a non-empty bank
         raise ValueError("gradood.knn_score: the bank is empty")
-    return -best[:, k - 1]
+    return best, best_indices
+
+
+def _refined_distances(q: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """‖q − b‖² in float64 from the differences, for each query's candidate rows [B, m]."""
+    rows_per_block = max(1, _BLOCK_ELEMENTS // max(1, indices.shape[1] * q.shape[1]))
+    out = []
+    for start in range(0, q.shape[0], rows_per_block):
+        candidates = bank[indices[start : start + rows_per_block]].double()  # [b, m, K]
+        out.append((q[start : start + rows_per_block, None, :].double() - candidates).square().sum(2))
+    return torch.cat(out) if out else q.new_zeros(0, indices.shape[1], dtype=torch.float64)

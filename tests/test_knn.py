@@ -72,3 +72,43 @@ def test_errors():
 def test_cuda_matches_cpu():
     q, b = torch.randn(64, 16, dtype=torch.float64), knn.normalise_rows(torch.randn(1000, 16, dtype=torch.float64))
     torch.testing.assert_close(knn.knn_score(q.cuda(), b.cuda(), 5).cpu(), knn.knn_score(q, b, 5))
+
+
+@pytest.mark.parametrize("dim", [8, 512])
+def test_float32_distances_of_near_duplicates_are_exact(dim):
+    """Queries a hair (1e-5) from their bank rows: ‖q‖² + ‖b‖² − 2 q·b in float32 gave 0 or
+    ~1e-7 for true distances of ~1e-10 (every near-duplicate tied at score 0). The refined
+    distances equal float64 ones on the same float32 vectors to 1e-6 relative."""
+    generator = torch.Generator().manual_seed(0)
+    bank = knn.normalise_rows(torch.randn(300, dim, generator=generator))
+    queries = bank[:40] + 1e-5 * torch.randn(40, dim, generator=generator) * torch.rand(40, 1, generator=generator)
+    for k in (1, 3):
+        actual = knn.knn_score(queries, bank, k).double()
+        expected = _brute_force_stored(queries, bank, k)
+        if k == 1:  # the regime this is about: the nearest row ~1e-10 away
+            assert (expected > -1e-7).all() and (expected < 0).all()
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=0)
+
+
+def _brute_force_stored(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """−(k-th smallest ‖q̂ − b‖²) in float64 from the normalised float32 queries and the stored bank."""
+    q = knn.normalise_rows(queries).double()
+    distances = (q[:, None, :] - bank.double()[None, :, :]).square().sum(2)
+    return -distances.sort(dim=1).values[:, k - 1]
+
+
+def test_near_ties_beyond_the_candidates_are_selected_again_in_float64(monkeypatch):
+    """Many bank rows within the GEMM's rounding of each other: the 2k candidates cannot
+    prove they hold the k nearest, so those queries are selected again in float64; the
+    k-th distance still equals the float64 brute force."""
+    generator = torch.Generator().manual_seed(1)
+    centre = knn.normalise_rows(torch.randn(1, 64, generator=generator))
+    bank = knn.normalise_rows(centre + 1e-4 * torch.randn(200, 64, generator=generator))
+    bank = torch.cat([bank, knn.normalise_rows(torch.randn(100, 64, generator=generator))])
+    queries = centre + 1e-6 * torch.randn(5, 64, generator=generator)
+    calls = []
+    nearest = knn._nearest
+    monkeypatch.setattr(knn, "_nearest", lambda q, *a: calls.append(q.dtype) or nearest(q, *a))
+    actual = knn.knn_score(queries, bank, 4).double()
+    assert calls == [torch.float32, torch.float64]
+    torch.testing.assert_close(actual, _brute_force_stored(queries, bank, 4), rtol=1e-6, atol=0)
