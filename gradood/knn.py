@@ -14,7 +14,9 @@ selects candidates, the 2k nearest by it, and their distances are recomputed fro
 differences, (q − b)², in float64. The result is exact whenever the GEMM's rounding bound δ
 (every distance it gives is within δ of the true one) cannot have left a nearer row out: the
 2k-th GEMM distance minus δ is at least the refined k-th; queries where it is not (ties or
-near-ties among more than 2k rows) are selected again in float64.
+near-ties among more than 2k rows) are selected again by a float64 GEMM, and those it cannot
+clear either (distances below its rounding, ~1e-15) are scanned over the whole bank from the
+differences.
 """
 
 from __future__ import annotations
@@ -59,15 +61,31 @@ def knn_score(queries: torch.Tensor, bank: torch.Tensor, k: int = 5, metric: str
     kth = refined.sort(dim=1).values[:, k - 1]
     if count < bank.shape[0]:
         # A row left out has a GEMM distance >= the count-th, so a true one >= that - δ.
-        doubtful = values[:, count - 1] - _rounding_bound(q, bank, dtype) < kth
-        if dtype == torch.float32 and bool(doubtful.any()):  # float64: within its own tiny δ
-            rows = doubtful.nonzero().squeeze(1)
-            again, again_indices = _nearest(q[rows].double(), bank, count, metric)
-            kth[rows] = _refined_distances(q[rows], bank, again_indices).sort(dim=1).values[:, k - 1].to(kth.dtype)
+        rows = (values[:, count - 1] - _rounding_bound(q, dtype) < kth).nonzero().squeeze(1)
+        if dtype == torch.float32 and rows.numel():  # selected again by a float64 GEMM
+            q64 = q[rows].double()
+            again, again_indices = _nearest(q64, bank, count, metric)
+            kth[rows] = _refined_distances(q64, bank, again_indices).sort(dim=1).values[:, k - 1]
+            rows = rows[again[:, count - 1] - _rounding_bound(q64, torch.float64) < kth[rows]]
+        if rows.numel():  # distances below float64's GEMM rounding (near duplicates): every row
+            kth[rows] = _direct_kth(q[rows], bank, k)
     return -kth.to(dtype)
 
 
-def _rounding_bound(q: torch.Tensor, bank: torch.Tensor, dtype: torch.dtype) -> float:
+def _direct_kth(q: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest ‖q − b‖² over the whole bank from the differences, in float64 [B]."""
+    q = q.double()
+    block = max(k, _BLOCK_ELEMENTS // max(1, q.shape[0] * q.shape[1]))
+    best = None
+    for start in range(0, bank.shape[0], block):
+        distances = (q[:, None, :] - bank[start : start + block].double()[None, :, :]).square().sum(2)
+        values = distances if best is None else torch.cat([best, distances], 1)
+        best = values.topk(min(k, values.shape[1]), dim=1, largest=False).values
+    assert best is not None
+    return best[:, k - 1]
+
+
+def _rounding_bound(q: torch.Tensor, dtype: torch.dtype) -> float:
     """δ: |GEMM distance − true distance| <= δ for unit rows: γ_K = K u / (1 − K u) for each
     of ‖q‖², ‖b‖² and q·b (counted twice), plus the roundings of the sum, with a factor 2
     to spare. u is the unit roundoff of the GEMM: float32's, or TF32's / bfloat16's where

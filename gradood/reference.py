@@ -65,15 +65,31 @@ class _Softmax(NamedTuple):
     is_pred: torch.Tensor  # one-hot of ŷ, bool [B, C]
 
 
+def _shifted(logits: torch.Tensor):
+    """(f − m, m) with m the row max where it is finite (0 elsewhere): (f − m) / T <= 0
+    cannot overflow at a finite max, however small T is."""
+    row_max = logits.amax(dim=1, keepdim=True)
+    shift = torch.where(row_max.isfinite(), row_max, torch.zeros_like(row_max))
+    return logits - shift, shift
+
+
 def _probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """softmax(f / T), and its limit on rows whose max is infinite (where torch.softmax
     gives NaN): the logits equal to the max share the mass evenly, so one +inf logit has
     probability 1 and a row of -inf logits is uniform. A NaN logit makes its row NaN."""
-    probs = torch.softmax(logits / temperature, dim=1)
+    shifted, _ = _shifted(logits)
+    probs = torch.softmax(shifted / temperature, dim=1)
     row_max = logits.amax(dim=1, keepdim=True)
     at_max = (logits == row_max).to(probs.dtype)
     limit = at_max / at_max.sum(dim=1, keepdim=True)
     return torch.where(row_max.isinf(), limit, probs)
+
+
+def _energy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T · log Σ_j exp(f_j / T) as m + T · LSE((f − m) / T), so that f / T overflowing does
+    not make a finite energy infinite; ±inf where the max is."""
+    shifted, shift = _shifted(logits)
+    return temperature * torch.logsumexp(shifted / temperature, dim=1) + shift.squeeze(1)
 
 
 def _softmax(logits: torch.Tensor, temperature: float) -> _Softmax:
@@ -124,7 +140,7 @@ def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     where = "gradood.reference.energy"
     check_logits(where, logits)
     temperature = check_temperature(where, temperature)
-    return temperature * torch.logsumexp(logits / temperature, dim=1)
+    return _energy(logits, temperature)
 
 
 def _delta_norm(logits: torch.Tensor, loss: str, p: float, temperature: float) -> torch.Tensor:
@@ -257,7 +273,7 @@ def rg(logits: torch.Tensor, features: torch.Tensor, clip: float = 1.0, temperat
     check_features(where, features, logits)
     clip = check_positive(where, "clip", clip, allow_inf=True)
     temperature = check_temperature(where, temperature)
-    return temperature * torch.logsumexp(logits / temperature, dim=1) * _clipped_l1(features, clip)
+    return _energy(logits, temperature) * _clipped_l1(features, clip)
 
 
 def rg_additive(logits: torch.Tensor, features: torch.Tensor, clip: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
@@ -307,7 +323,7 @@ def uv(
     if u == "msp":
         output_term = _probabilities(logits, temperature).amax(dim=1)
     elif u == "energy":
-        output_term = temperature * torch.logsumexp(logits / temperature, dim=1)
+        output_term = _energy(logits, temperature)
     elif u == "max_logit":
         output_term = logits.amax(dim=1)
     elif u == "gradnorm":

@@ -112,3 +112,26 @@ def test_near_ties_beyond_the_candidates_are_selected_again_in_float64(monkeypat
     actual = knn.knn_score(queries, bank, 4).double()
     assert calls == [torch.float32, torch.float64]
     torch.testing.assert_close(actual, _brute_force_stored(queries, bank, 4), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_distances_below_the_float64_gemm_rounding_are_exact(dtype, seed):
+    """299 bank rows one ulp from the query in one coordinate, the nearest one ulp off in its
+    smallest coordinate (a distance of ~1e-17): the float64 GEMM cannot order them either
+    (3-250x off, an exact duplicate missed), so such queries are scanned from the differences."""
+    torch.manual_seed(seed)
+    query = knn.normalise_rows(torch.randn(1, 8, dtype=dtype))
+    normalised = knn.normalise_rows(query)
+    smallest = int(normalised.abs().argmin())
+    bank = normalised.repeat(300, 1)
+    up = torch.tensor(2.0, dtype=dtype)
+    for row in range(299):
+        column = row % 8 if row % 8 != smallest else (row + 1) % 8
+        bank[row, column] = torch.nextafter(bank[row, column], up)
+    bank[-1, smallest] = torch.nextafter(bank[-1, smallest], up)
+    duplicate = torch.cat([bank[:-1], normalised])  # and an exact copy of the query as the nearest
+    for rows in (bank, duplicate):
+        for k in (1, 2):
+            torch.testing.assert_close(knn.knn_score(query, rows, k).double(), _brute_force_stored(query, rows, k),
+                                       rtol=1e-6, atol=0)

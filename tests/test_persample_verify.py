@@ -375,7 +375,28 @@ class _HookReuse(nn.Module):
         return self.head(torch.tanh(self.a(x)))
 
 
-@pytest.mark.parametrize("build", [_ViewReuse, _HookReuse], ids=["view", "hook"])
+class _AssignReuse(nn.Module):
+    """After flip(): the weight is copied into a buffer by assignment (`__setitem__` returns
+    None, which the watch took for a metadata read: 20-40% off without an error)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.copy = False
+
+    def flip(self):
+        self.copy = True
+
+    def forward(self, x):
+        hidden = self.a(x)
+        if self.copy:
+            buffer = torch.zeros(4, 4, dtype=x.dtype)
+            buffer[:] = self.a.weight
+            hidden = hidden + x @ buffer.T
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize("build", [_ViewReuse, _HookReuse, _AssignReuse], ids=["view", "hook", "assignment"])
 def test_uses_the_probe_cannot_follow_after_a_flip_are_errors(build):
     torch.manual_seed(0)
     model = build().double().eval()
@@ -384,3 +405,28 @@ def test_uses_the_probe_cannot_follow_after_a_flip_are_errors(build):
     model.flip()  # silently 2-33% off before the watch saw views and hooks
     with pytest.raises(ValueError, match="used outside its module's forward"):
         persample_grad_norms(model, inputs)
+
+
+class _FunctionalGroupNorm(nn.Module):
+    """timm's GroupNormAct style: F.group_norm called with the module's own parameters."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.weight, self.bias, self.groups = nn.Parameter(torch.randn(channels)), nn.Parameter(torch.randn(channels)), groups
+
+    def forward(self, x):
+        return F.relu(F.group_norm(x, self.groups, self.weight, self.bias))
+
+
+@pytest.mark.parametrize("norm", ["module", "functional"])
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_group_norm_of_a_strided_activation_is_exact(layout, norm):
+    """native_group_norm, which gives the rule the forward's statistics, needs a contiguous
+    input: a channels_last or sliced activation raised before it was made contiguous."""
+    torch.manual_seed(0)
+    make_norm = (lambda: nn.GroupNorm(4, 8)) if norm == "module" else (lambda: _FunctionalGroupNorm(8, 4))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), make_norm(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).double().eval()
+    inputs = torch.randn(4, 3, 6, 8, dtype=torch.float64)[..., 1:7]  # 6 × 6, strided
+    if layout == "channels_last":
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(persample_grad_norms(model, inputs).norms, _loop_norms(model, inputs))

@@ -203,6 +203,19 @@ def test_every_score_of_a_non_finite_row_is_the_reference_limit(name, num_classe
         torch.testing.assert_close(ours[finite], expected[finite], rtol=_rtol(dtype, num_classes), atol=atol)
 
 
+@pytest.mark.parametrize("name", [n for n, (_, kwargs) in SCORES.items() if "temperature" in kwargs])
+def test_scores_at_a_temperature_where_f_over_t_overflows_match_the_reference(name, device):
+    """f / T = ±inf at a finite max: the kernels take exponents relative to the max; the
+    reference divided first (MSP NaN, energy inf where the kernel's 1e10 is the limit)."""
+    needs_features, kwargs = SCORES[name]
+    logits = torch.tensor([[1e10, 0.0], [-1e10, -1e10], [1e10, 5e9], [3.0, 3.0]], dtype=torch.float64)
+    features = torch.rand(4, 3, dtype=torch.float64)
+    args = (logits.to(device), features.to(device)) if needs_features else (logits.to(device),)
+    kwargs = dict(kwargs, temperature=1e-300)
+    torch.testing.assert_close(_function(scores, name)(*args, **kwargs).cpu(),
+                               _function(reference, name)(*(a.cpu() for a in args), **kwargs), rtol=1e-12, atol=0)
+
+
 def test_raw_ops_accept_an_empty_batch(device):
     terms, argmax = torch.ops.gradood.lastlayer_terms(torch.empty(0, 5, device=device), None, 1.0, 1.0)
     assert terms.shape == (0, gradood._ops.NUM_LOGIT_TERMS) and argmax.shape == (0,)

@@ -32,6 +32,8 @@ from torch.utils._pytree import tree_flatten
 from gradood.persample._direct import LayoutChanged
 
 _NO_GRADIENT = ("Tensor.detach", "Tensor.detach_", "Tensor.data.__get__", "Tensor.requires_grad_")
+# Ops that return None and write their tensor operands into another tensor.
+_WRITES = frozenset({torch.Tensor.__setitem__})
 
 
 class _OutsideUseWatch(TorchFunctionMode):
@@ -43,8 +45,11 @@ class _OutsideUseWatch(TorchFunctionMode):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
         # Metadata reads (shape, dtype, _version: most ops the engine's own hooks issue) return
-        # no tensor, so no gradient path: answered before the operands are looked at.
-        if not torch.is_grad_enabled() or not (isinstance(result, torch.Tensor) or _has_tensor(result)):
+        # no tensor, so no gradient path: answered before the operands are looked at. An
+        # assignment (`buffer[:] = weight`) also returns None, but writes a gradient path.
+        if not torch.is_grad_enabled():
+            return result
+        if func not in _WRITES and not (isinstance(result, torch.Tensor) or _has_tensor(result)):
             return result
         for leaf in _operands(args, kwargs):
             key = id(leaf)

@@ -46,7 +46,10 @@ def group_norm_statistics(x: torch.Tensor, groups: int, eps: float) -> Tuple[tor
     x [B, C, T] normalised per sample and group of C / groups channels: the forward's
     own statistics (aten::native_group_norm, one pass; torch.var_mean took 17x longer)."""
     batch, channels, positions = x.shape
-    _, mean, inv_std = torch.ops.aten.native_group_norm(x, None, None, batch, channels, positions, groups, eps)
+    # The kernel needs a contiguous input (a channels_last or sliced one is a strided view here).
+    _, mean, inv_std = torch.ops.aten.native_group_norm(
+        x.contiguous(), None, None, batch, channels, positions, groups, eps
+    )
     per_group = channels // groups
     mean = mean.to(x.dtype).repeat_interleave(per_group, 1)[:, :, None].expand_as(x)
     inv_std = inv_std.to(x.dtype).repeat_interleave(per_group, 1)[:, :, None].expand_as(x)
