@@ -4,6 +4,7 @@ in-distribution) from `score(inputs)`; forward-only detectors also take
 precomputed `score_features(logits, features)`."""
 
 from gradood.detectors._base import Detector
+from gradood.detectors.ash import ASH
 from gradood.detectors.energy import Energy
 from gradood.detectors.entropy import Entropy
 from gradood.detectors.exgrad import ExGrad
@@ -34,6 +35,7 @@ __all__ = [
     "RG",
     "RGAdditive",
     "ReAct",
+    "ASH",
     "KLMatching",
     "Entropy",
     "GEN",

@@ -1,0 +1,152 @@
+"""ASH, activation shaping ("Extremely Simple Activation Shaping for Out-of-Distribution
+Detection", Djurisic, Bozanic, Ashok & Liu, ICLR 2023, arXiv:2209.09858): the penultimate
+features v [B, D] of each sample keep their k = D − round(D · p / 100) largest entries
+(the rest set to 0), are reshaped by the variant, and go through the head again; the score
+is the energy of those logits (ID-high):
+
+    ASH-P:  v' = prune(v)
+    ASH-B:  v' = (s₁ / k) · 1[kept]                     s₁ = Σ_i v_i
+    ASH-S:  v' = prune(v) · exp(s₁ / s₂)                 s₂ = Σ_i prune(v)_i
+    score = log Σ_j exp((W v' + b)_j)
+
+with p = 90 by default (the paper's ImageNet setting; pytorch-ood's default is 65).
+
+Exactly as the paper's code where its answer is defined, and deterministic where it is
+not: the kept entries are those above the k-th largest value plus, among entries equal to
+it, the lowest-indexed ones (torch.topk picks among ties arbitrarily, which changes ASH-B's
+logits when zeros tie at the threshold), so the score of a sample does not depend on its
+batch. The sums are torch's (cascaded, in the features' precision), their ratio in float64; the energy is the fused kernel's, in float64 for rows
+whose scale exp(s₁/s₂) exceeds 1e30 (s₁/s₂ <= D/k for non-negative features: up to e^100
+at p = 99), so the scale does not overflow float32. A row whose kept entries are all 0 has logits b (any scale
+gives them); s₂ = 0 with non-zero kept entries (signed features) is undefined and gives
+NaN, as does a NaN feature. The features are post-ReLU in the paper. One forward, no fit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from gradood import scores
+from gradood._checks import check_matrix
+from gradood.detectors._base import Detector
+from gradood.detectors._head import HeadName
+from gradood.model_io import LogitsFn
+
+VARIANTS = ("s", "b", "p")
+
+
+def kept_mask(features: torch.Tensor, keep: int) -> torch.Tensor:
+    """bool [B, D]: each row's `keep` largest entries, ties at the threshold broken by the
+    lower index (deterministic, batch-invariant)."""
+    return _kept(features, keep)[0]
+
+
+def _kept(features: torch.Tensor, keep: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(kept_mask, each row's threshold: its keep-th largest value [B, 1])."""
+    count = features.shape[1]
+    threshold = features.kthvalue(count - keep + 1, dim=1, keepdim=True).values
+    mask = features >= threshold
+    crowded = (mask.sum(1) != keep).nonzero().squeeze(1)  # rows with more ties at the threshold than room
+    if crowded.numel():
+        rows, limit = features[crowded], threshold[crowded]
+        above = rows > limit
+        ties = rows == limit
+        room = keep - above.sum(1, keepdim=True)
+        mask[crowded] = above | (ties & (ties.cumsum(1, dtype=torch.int32) <= room))
+    return mask, threshold
+
+
+def ash_energy(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    variant: str = "s",
+    percentile: float = 90.0,
+) -> torch.Tensor:
+    """ASH's ID-score [B] (float64 for float64 features, else float32) of penultimate
+    features [B, D] and a head (W [C, D], b [C] or None); see the module docstring."""
+    where = "gradood.detectors.ash"
+    check_matrix(where, "features", features, "[B, D]")
+    if weight.dim() != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"{where}: the head's weight must be [C, D] with D = {features.shape[1]} (the features'), "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if variant not in VARIANTS:
+        raise ValueError(f"{where}: variant must be one of {VARIANTS}, got {variant!r}")
+    keep = _kept_count(features.shape[1], percentile, where)
+    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    v = features.to(acc)
+    mask, threshold = _kept(v, keep)
+    total = v.sum(1).double()  # s₁ (torch's cascade sum; a float64 sum would copy v first)
+    scale = torch.ones_like(total)
+    if variant == "b":
+        shaped = mask.to(acc) * (total / keep).to(acc)[:, None]
+    else:
+        shaped = v * mask
+        if variant == "s":
+            kept_sum = shaped.sum(1).double()  # s₂
+            # every kept entry 0: they lie in [threshold, max], so max = threshold = 0
+            nothing_kept = (v.amax(1) == 0) & (threshold.squeeze(1) == 0)
+            ratio = torch.where(kept_sum != 0, total / kept_sum, torch.full_like(total, math.nan))
+            scale = torch.where(nothing_kept, scale, ratio.exp())
+    products = shaped @ weight.to(acc).T  # W v' [B, C]
+    score = _energy(scale.to(acc)[:, None] * products, bias, acc)
+    large = scale > _SAFE_SCALE  # exp(s₁/s₂) may overflow in `acc`: those rows in float64
+    if acc != torch.float64 and bool(large.any()):
+        rows = large.nonzero().squeeze(1)
+        score[rows] = _energy(scale[rows, None] * products[rows].double(), bias, torch.float64).to(acc)
+    return torch.where(features.isnan().any(1), torch.full_like(score, math.nan), score)
+
+
+# Above this ASH-S scale, scale · W v' may overflow float32 (3.4e38): float64 rows.
+_SAFE_SCALE = 1e30
+
+
+def _energy(products: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """log Σ_j exp(products + b) by the fused energy kernel, in `dtype`."""
+    logits = products if bias is None else products + bias.to(dtype)
+    return scores.energy(logits.to(dtype))
+
+
+def _kept_count(count: int, percentile: float, where: str) -> int:
+    keep = count - int(round(count * percentile / 100.0))
+    if keep < 1:
+        raise ValueError(f"{where}: percentile {percentile} keeps none of the {count} features")
+    return keep
+
+
+def _check_percentile(name: str, percentile: float) -> float:
+    if (
+        not isinstance(percentile, (int, float))
+        or isinstance(percentile, bool)
+        or not math.isfinite(percentile)
+        or not 0 <= percentile < 100
+    ):
+        raise ValueError(f"{name}: percentile must be a number in [0, 100), got {percentile!r}")
+    return float(percentile)
+
+
+class ASH(Detector):
+    def __init__(
+        self,
+        model: nn.Module,
+        variant: str = "s",
+        percentile: float = 90.0,
+        head: Optional[HeadName] = None,
+        logits: LogitsFn = None,
+    ):
+        super().__init__(model, head, logits)
+        name = type(self).__name__
+        if variant not in VARIANTS:
+            raise ValueError(f"{name}: variant must be one of {VARIANTS} (ASH-S, ASH-B, ASH-P), got {variant!r}")
+        self.variant = variant
+        self.percentile = _check_percentile(name, percentile)
+
+    def score_features(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.head_weight_bias()
+        return ash_energy(features, weight, bias, self.variant, self.percentile)

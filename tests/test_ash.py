@@ -1,0 +1,136 @@
+"""ASH (gradood.detectors.ASH) against a literal re-implementation of the paper's code
+(prune with torch.topk, reshape, the head again, log-sum-exp) in float64, and against
+pytorch-ood's ASH where it imports."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from gradood.detectors import ASH
+from gradood.detectors.ash import ash_energy, kept_mask
+
+
+def _literal(features: torch.Tensor, head: nn.Linear, variant: str, percentile: float) -> torch.Tensor:
+    """The paper's ash_p / ash_b / ash_s on [B, D, 1, 1] maps, then the head and the energy."""
+    x = features.double().clone()[:, :, None, None]
+    b, c, h, w = x.shape
+    s1 = x.sum(dim=[1, 2, 3])
+    n = x.shape[1:].numel()
+    k = n - int(round(n * percentile / 100.0))
+    t = x.view((b, c * h * w))
+    v, i = torch.topk(t, k, dim=1)
+    if variant == "b":
+        t.zero_().scatter_(dim=1, index=i, src=(s1 / k)[:, None].expand(v.shape))
+    else:
+        t.zero_().scatter_(dim=1, index=i, src=v)
+        if variant == "s":
+            x = x * torch.exp(s1 / x.sum(dim=[1, 2, 3]))[:, None, None, None]
+    logits = nn.functional.linear(x.flatten(1), head.weight.double(), head.bias.double())
+    return torch.logsumexp(logits, dim=1)
+
+
+class _Net(nn.Module):
+    def __init__(self, width=64, classes=7):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(10, width), nn.ReLU())
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+@pytest.mark.parametrize("percentile", [0.0, 65.0, 90.0, 98.5])
+@pytest.mark.parametrize("variant", ["s", "b", "p"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_ash_is_the_papers_procedure(variant, percentile, dtype):
+    torch.manual_seed(0)
+    model = _Net().to(dtype).eval()
+    inputs = torch.randn(12, 10, dtype=dtype)
+    features = model.body(inputs).detach()
+    expected = _literal(features, model.fc, variant, percentile)
+    detector = ASH(model, variant=variant, percentile=percentile)
+    got = detector.score(inputs)
+    assert got.dtype == dtype
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(detector.score_features(model(inputs).detach(), features), got)
+
+
+def test_ties_at_the_threshold_keep_the_lowest_indices_so_scores_are_batch_invariant():
+    """Post-ReLU rows with many zeros: the k kept entries include zeros, which ASH-B fills
+    with s1 / k, so which zeros are kept changes the logits; torch.topk chooses arbitrarily."""
+    features = torch.tensor([[0.0, 3.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]] * 3, dtype=torch.float64)
+    mask = kept_mask(features, 4)
+    assert mask[0].tolist() == [True, True, True, False, True, False, False, False, False, False]
+    weight, bias = torch.randn(3, 10, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    batch = torch.cat([features[:1], torch.rand(5, 10, dtype=torch.float64)])
+    together = ash_energy(batch, weight, bias, "b", 60.0)
+    alone = ash_energy(features[:1], weight, bias, "b", 60.0)
+    assert together[0].item() == alone[0].item()
+
+
+def test_degenerate_rows():
+    weight, bias = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    zero = torch.zeros(1, 6, dtype=torch.float64)
+    for variant in ("s", "b", "p"):  # nothing kept but zeros: the logits are the bias
+        assert ash_energy(zero, weight, bias, variant, 50.0).item() == pytest.approx(torch.logsumexp(bias, 0).item())
+    signed = torch.tensor([[1.0, -1.0, -2.0, -3.0, -4.0, -5.0]], dtype=torch.float64)  # kept 1 and -1: s2 = 0
+    assert math.isnan(ash_energy(signed, weight, bias, "s", 66.0).item())  # s2 = 0 with non-zero kept entries
+    nan_row = torch.rand(2, 6, dtype=torch.float64)
+    nan_row[1, 2] = math.nan
+    scores = ash_energy(nan_row, weight, bias, "p", 50.0)
+    assert math.isfinite(scores[0].item()) and math.isnan(scores[1].item())
+    # exp(s1 / s2) = e^100 at p = 99 with uniform features: no overflow inside (float32's limit
+    # is e^88.7); a score beyond float32's range is inf only in float32 output
+    head = torch.randn(3, 1000, dtype=torch.float64).abs()
+    score = ash_energy(torch.ones(1, 1000, dtype=torch.float64), head, None, "s", 99.0)
+    expected = math.exp(100.0) * float((head[:, :10].sum(1)).max()) + math.log(1 + 1e-300)
+    assert score.item() == pytest.approx(expected, rel=1e-6)
+    assert math.isinf(ash_energy(torch.ones(1, 1000), head.float(), None, "s", 99.0).item())
+
+
+def test_errors():
+    model = _Net()
+    with pytest.raises(ValueError, match="variant must be one of"):
+        ASH(model, variant="z")
+    for percentile in (100, -1, math.nan, "90", True):
+        with pytest.raises(ValueError, match=r"percentile must be a number in \[0, 100\)"):
+            ASH(model, percentile=percentile)
+    with pytest.raises(ValueError, match="keeps none of the 3 features"):
+        ash_energy(torch.rand(2, 3), torch.randn(4, 3), None, "s", 90.0)
+    with pytest.raises(ValueError, match=r"weight must be \[C, D\] with D = 3"):
+        ash_energy(torch.rand(2, 3), torch.randn(4, 5), None, "s", 50.0)
+
+
+def test_on_a_hugging_face_model():
+    model = zoo.hf_vit(num_labels=3)
+    scores = ASH(model, percentile=65).score(zoo.image_batch(4, generator_seed=9))
+    assert scores.shape == (4,) and bool(torch.isfinite(scores).all())
+
+
+def test_matches_pytorch_ood():
+    from gradood.testing import import_torchvision
+
+    try:
+        import_torchvision()
+        detector_module = pytest.importorskip("pytorch_ood.detector")
+    except ImportError as error:
+        pytest.skip(f"pytorch-ood does not import: {error}")
+    torch.manual_seed(1)
+    model = _Net().double().eval()
+    inputs = torch.randn(9, 10, dtype=torch.float64)
+    for variant in ("s", "b", "p"):
+        theirs = detector_module.ASH(
+            backbone=lambda x: model.body(x)[:, :, None, None],
+            head=lambda maps: model.fc(maps.flatten(1)),
+            variant=f"ash-{variant}",
+            percentile=0.9,
+        )
+        with torch.no_grad():
+            expected = -theirs(inputs)  # pytorch-ood's scores are OOD-high
+        torch.testing.assert_close(ASH(model, variant=variant, percentile=90).score(inputs), expected)
