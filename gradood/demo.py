@@ -202,6 +202,7 @@ def build_detectors(
         "RG (k = p90)": D.RG(model, percentile=90),
         "RGAdditive (k = p90, a=0.6)": D.RGAdditive(model, percentile=90, a=0.6),
         "ReAct (p90)": D.ReAct(model, percentile=90),
+        "ASH-S (p90)": D.ASH(model, variant="s", percentile=90),
         "KLMatching": D.KLMatching(model),
         "GRODIN SG": D.GRODIN(model, part="SG"),
         "GRODIN G": D.GRODIN(model, part="G"),
