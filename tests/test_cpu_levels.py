@@ -54,7 +54,8 @@ def test_an_unknown_or_missing_level_is_a_clear_error():
 def test_scores_are_exact_at_every_level(level):
     if not _available(level):
         pytest.skip(f"this CPU has no {level}")
-    files = [os.path.join(_HERE, name) for name in ("test_scores.py", "test_scores_fast_path.py", "test_score_accuracy.py", "test_score_gradients.py")]
+    files = [os.path.join(_HERE, name) for name in ("test_scores.py", "test_scores_fast_path.py", "test_score_accuracy.py", "test_score_gradients.py",
+                                            "test_persample_ops.py")]
     env = dict(os.environ, GRADOOD_CPU_CAPABILITY=level)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files],
                             env=env, capture_output=True, text=True, timeout=900, cwd=_HERE)

@@ -8,6 +8,7 @@
 // kMaxChunkElements: the norms are computed during the backward, and their scratch memory stays
 // within what that layer's backward already holds. Half-precision inputs are upcast per chunk.
 #include <ATen/ATen.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -79,8 +80,19 @@ at::Tensor unfold_patches(const at::Tensor& input, at::IntArrayRef kernel_size,
 
 // Input channels per group up to which the per-sample weight gradients are one batched GEMM
 // of the patches (an MNIST or RGB stem: 1.2-8x faster than the grouped convolution backward,
-// whose kernel for one channel per group is slow); above it the grouped backward wins.
+// whose kernel for one channel per group is slow); above it the grouped backward wins, except on
+// x86-64 CPUs without AVX2 (ATen's DEFAULT level), where oneDNN's SSE4.1 grouped kernel lost to
+// the GEMM by 1.2-1.8x for 16 and 64 channels too (benchmarks/RESULTS.md).
 constexpr int64_t kFewChannels = 4;
+
+bool gemm_for_every_width() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool baseline = at::get_cpu_capability() == "DEFAULT";
+  return baseline;
+#else
+  return false;  // not measured on other CPUs: the grouped backward, as for wide layers on x86
+#endif
+}
 
 // Per sample and group, Σ_t g_t a_tᵀ as a batched GEMM of the unfolded patches:
 // [b·groups, C_out/groups, C_in/groups·kh·kw].
@@ -162,7 +174,7 @@ at::Tensor conv2d_weight_sq_norm_cpu(const at::Tensor& padded_input, const at::T
       continue;
     }
     const at::Tensor weight_grads =
-        padded_input.size(1) / groups <= kFewChannels
+        padded_input.size(1) / groups <= kFewChannels || gemm_for_every_width()
             ? per_sample_conv2d_weight_grads_unfolded(input, grads, kernel_size, stride, dilation,
                                                       groups)
             : per_sample_conv2d_weight_grads(input, grads, kernel_size, stride, dilation, groups);
