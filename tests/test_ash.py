@@ -105,6 +105,13 @@ def test_errors():
         ash_energy(torch.rand(2, 3), torch.randn(4, 3), None, "s", 90.0)
     with pytest.raises(ValueError, match=r"weight must be \[C, D\] with D = 3"):
         ash_energy(torch.rand(2, 3), torch.randn(4, 5), None, "s", 50.0)
+    with pytest.raises(ValueError, match=r"bias must be \[C\] with C = 4"):
+        ash_energy(torch.rand(2, 3), torch.randn(4, 3), torch.randn(1), "s", 50.0)
+    for percentile in (-1.0, math.nan, True):
+        with pytest.raises(ValueError, match=r"percentile must be a number in \[0, 100\)"):
+            ash_energy(torch.rand(2, 3), torch.randn(4, 3), None, "s", percentile)
+    np = pytest.importorskip("numpy")
+    assert ASH(model, percentile=np.int64(90)).percentile == 90.0
 
 
 def test_on_a_hugging_face_model():

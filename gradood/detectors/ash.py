@@ -17,7 +17,9 @@ it, the lowest-indexed ones (torch.topk picks among ties arbitrarily, which chan
 logits when zeros tie at the threshold), so the score of a sample does not depend on its
 batch. The sums are torch's (cascaded, in the features' precision), their ratio in float64; the energy is the fused kernel's, in float64 for rows
 whose scale exp(s₁/s₂) exceeds 1e30 (s₁/s₂ <= D/k for non-negative features: up to e^100
-at p = 99), so the scale does not overflow float32. A row whose kept entries are all 0 has logits b (any scale
+at p = 99), so the scale does not overflow float32; a score itself beyond float32's range
+(s₁/s₂ above ~88, p above ~99.8 on wide features) is +inf in float32 output: pass float64
+features there. Features or a head whose products overflow float32 overflow the same way. A row whose kept entries are all 0 has logits b (any scale
 gives them); s₂ = 0 with non-zero kept entries (signed features) is undefined and gives
 NaN, as does a NaN feature. The features are post-ReLU in the paper. One forward, no fit.
 """
@@ -25,8 +27,10 @@ NaN, as does a NaN feature. The features are post-ReLU in the paper. One forward
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,9 +80,13 @@ def ash_energy(
             f"{where}: the head's weight must be [C, D] with D = {features.shape[1]} (the features'), "
             f"got shape {tuple(weight.shape)}"
         )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"{where}: the head's bias must be [C] with C = {weight.shape[0]}, got shape {tuple(bias.shape)}"
+        )
     if variant not in VARIANTS:
         raise ValueError(f"{where}: variant must be one of {VARIANTS}, got {variant!r}")
-    keep = _kept_count(features.shape[1], percentile, where)
+    keep = _kept_count(features.shape[1], _check_percentile(where, percentile), where)
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     v = features.to(acc)
     mask, threshold = _kept(v, keep)
@@ -122,8 +130,8 @@ def _kept_count(count: int, percentile: float, where: str) -> int:
 
 def _check_percentile(name: str, percentile: float) -> float:
     if (
-        not isinstance(percentile, (int, float))
-        or isinstance(percentile, bool)
+        not isinstance(percentile, numbers.Real)
+        or isinstance(percentile, (bool, np.bool_))
         or not math.isfinite(percentile)
         or not 0 <= percentile < 100
     ):
