@@ -1,6 +1,6 @@
-"""ASH (gradood.detectors.ASH) against a literal re-implementation of the paper's code
-(prune with torch.topk, reshape, the head again, log-sum-exp) in float64, and against
-pytorch-ood's ASH where it imports."""
+"""ASH and SCALE (gradood.detectors.ASH, .SCALE) against literal re-implementations of the
+papers' code (prune with torch.topk, reshape or scale, the head again, log-sum-exp) in float64,
+and against pytorch-ood's ASH where it imports."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import zoo
-from gradood.detectors import ASH
+from gradood.detectors import ASH, SCALE
 from gradood.detectors.ash import ash_energy, kept_mask
+from gradood.detectors.scale import scale_energy
 
 
 def _literal(features: torch.Tensor, head: nn.Linear, variant: str, percentile: float) -> torch.Tensor:
@@ -24,7 +25,11 @@ def _literal(features: torch.Tensor, head: nn.Linear, variant: str, percentile: 
     k = n - int(round(n * percentile / 100.0))
     t = x.view((b, c * h * w))
     v, i = torch.topk(t, k, dim=1)
-    if variant == "b":
+    if variant == "scale":  # SCALE: the unpruned features times exp(s1 / s2)
+        original = x.clone()
+        t.zero_().scatter_(dim=1, index=i, src=v)
+        x = original * torch.exp(s1 / x.sum(dim=[1, 2, 3]))[:, None, None, None]
+    elif variant == "b":
         t.zero_().scatter_(dim=1, index=i, src=(s1 / k)[:, None].expand(v.shape))
     else:
         t.zero_().scatter_(dim=1, index=i, src=v)
@@ -116,8 +121,9 @@ def test_errors():
 
 def test_on_a_hugging_face_model():
     model = zoo.hf_vit(num_labels=3)
-    scores = ASH(model, percentile=65).score(zoo.image_batch(4, generator_seed=9))
-    assert scores.shape == (4,) and bool(torch.isfinite(scores).all())
+    for detector in (ASH(model, percentile=65), SCALE(model, percentile=65)):
+        scores = detector.score(zoo.image_batch(4, generator_seed=9))
+        assert scores.shape == (4,) and bool(torch.isfinite(scores).all())
 
 
 def test_matches_pytorch_ood():
@@ -141,3 +147,28 @@ def test_matches_pytorch_ood():
         with torch.no_grad():
             expected = -theirs(inputs)  # pytorch-ood's scores are OOD-high
         torch.testing.assert_close(ASH(model, variant=variant, percentile=90).score(inputs), expected)
+
+
+@pytest.mark.parametrize("percentile", [0.0, 85.0, 97.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_scale_is_the_papers_procedure(percentile, dtype):
+    torch.manual_seed(2)
+    model = _Net().to(dtype).eval()
+    inputs = torch.randn(12, 10, dtype=dtype)
+    features = model.body(inputs).detach()
+    expected = _literal(features, model.fc, "scale", percentile)
+    detector = SCALE(model, percentile=percentile)
+    tolerance = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(detector.score(inputs).double(), expected, rtol=tolerance, atol=tolerance)
+    assert SCALE(model).percentile == 85.0
+
+
+def test_scale_degenerate_rows():
+    weight, bias = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    zero = torch.zeros(1, 6, dtype=torch.float64)
+    assert scale_energy(zero, weight, bias, 50.0).item() == pytest.approx(torch.logsumexp(bias, 0).item())
+    # kept entries all 0 but the row is not: s2 = 0 scales non-zero features, undefined
+    signed = torch.tensor([[0.0, 0.0, -1.0, -2.0, -3.0, -4.0]], dtype=torch.float64)
+    assert math.isnan(scale_energy(signed, weight, bias, 66.0).item())
+    with pytest.raises(ValueError, match=r"percentile must be a number in \[0, 100\)"):
+        SCALE(_Net(), percentile=100)

@@ -21,6 +21,7 @@ from gradood.detectors.msp import MSP
 from gradood.detectors.odin import ODIN
 from gradood.detectors.react import ReAct
 from gradood.detectors.rg import RG, RGAdditive
+from gradood.detectors.scale import SCALE
 from gradood.detectors.uv import UV
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "RGAdditive",
     "ReAct",
     "ASH",
+    "SCALE",
     "KLMatching",
     "Entropy",
     "GEN",

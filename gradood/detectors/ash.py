@@ -73,7 +73,21 @@ def ash_energy(
 ) -> torch.Tensor:
     """ASH's ID-score [B] (float64 for float64 features, else float32) of penultimate
     features [B, D] and a head (W [C, D], b [C] or None); see the module docstring."""
-    where = "gradood.detectors.ash"
+    if variant not in VARIANTS:
+        raise ValueError(f"gradood.detectors.ash: variant must be one of {VARIANTS}, got {variant!r}")
+    return shaped_energy(features, weight, bias, variant, percentile, "gradood.detectors.ash")
+
+
+def shaped_energy(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    shaping: str,
+    percentile: float,
+    where: str,
+) -> torch.Tensor:
+    """The energy of the head on shaped features: ASH's variants ("s", "b", "p") and SCALE's
+    ("scale": every feature, unpruned, times ASH-S's exp(s₁/s₂))."""
     check_matrix(where, "features", features, "[B, D]")
     if weight.dim() != 2 or weight.shape[1] != features.shape[1]:
         raise ValueError(
@@ -84,22 +98,24 @@ def ash_energy(
         raise ValueError(
             f"{where}: the head's bias must be [C] with C = {weight.shape[0]}, got shape {tuple(bias.shape)}"
         )
-    if variant not in VARIANTS:
-        raise ValueError(f"{where}: variant must be one of {VARIANTS}, got {variant!r}")
     keep = _kept_count(features.shape[1], _check_percentile(where, percentile), where)
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     v = features.to(acc)
     mask, threshold = _kept(v, keep)
     total = v.sum(1).double()  # s₁ (torch's cascade sum; a float64 sum would copy v first)
     scale = torch.ones_like(total)
-    if variant == "b":
+    if shaping == "b":
         shaped = mask.to(acc) * (total / keep).to(acc)[:, None]
     else:
-        shaped = v * mask
-        if variant == "s":
-            kept_sum = shaped.sum(1).double()  # s₂
-            # every kept entry 0: they lie in [threshold, max], so max = threshold = 0
+        pruned = v * mask
+        shaped = v if shaping == "scale" else pruned
+        if shaping in ("s", "scale"):
+            kept_sum = pruned.sum(1).double()  # s₂
+            # every kept entry 0: they lie in [threshold, max], so max = threshold = 0; then the
+            # shaped row is 0 (ASH-S), or is for SCALE where the row has no other entry either
             nothing_kept = (v.amax(1) == 0) & (threshold.squeeze(1) == 0)
+            if shaping == "scale":
+                nothing_kept &= v.amin(1) == 0
             ratio = torch.where(kept_sum != 0, total / kept_sum, torch.full_like(total, math.nan))
             scale = torch.where(nothing_kept, scale, ratio.exp())
     products = shaped @ weight.to(acc).T  # W v' [B, C]
