@@ -203,6 +203,8 @@ def build_detectors(
         "RGAdditive (k = p90, a=0.6)": D.RGAdditive(model, percentile=90, a=0.6),
         "ReAct (p90)": D.ReAct(model, percentile=90),
         "ASH-S (p90)": D.ASH(model, variant="s", percentile=90),
+        "SCALE (p85)": D.SCALE(model, percentile=85),
+        "DICE (p90)": D.DICE(model, percentile=90),
         "KLMatching": D.KLMatching(model),
         "GRODIN SG": D.GRODIN(model, part="SG"),
         "GRODIN G": D.GRODIN(model, part="G"),

@@ -403,7 +403,7 @@ def test_every_detector_runs_on_torchvision_models_on_cuda(arch):
     options = {"functional_params": "broadcast"} if vit else {}
     last = ("encoder.layers.encoder_layer_11.", "heads.") if vit else ("layer4.1.", "fc.")
     detectors = [make(model) for make, _ in FORWARD_ONLY.values()] + [
-        D.ReAct(model), D.ASH(model), D.SCALE(model), D.RGAdditive(model), D.KLMatching(model), D.RG(model, percentile=90),
+        D.ReAct(model), D.ASH(model), D.SCALE(model), D.DICE(model), D.RGAdditive(model), D.KLMatching(model), D.RG(model, percentile=90),
         D.LowDimGrad(model, dim=4, params=lambda name, parameter: name.startswith(last)),
         D.ODIN(model), D.GRODIN(model, epsilon=0.001, **options), D.FullGradNorm(model, **options),
     ]
@@ -593,6 +593,7 @@ def test_kl_matching_on_saturated_softmax_templates_is_not_nan():
     (D.KLMatching, dict(mode="min"), dict(mode="predicted")),
     (D.ASH, dict(percentile=90.0), dict(percentile=65.0)),
     (D.SCALE, dict(percentile=85.0), dict(percentile=65.0)),
+    (D.DICE, dict(percentile=90.0), dict(percentile=70.0)),
 ])
 def test_a_state_saved_under_other_settings_is_refused(make, saved_with, loaded_with):
     """Fitted statistics and the calibrated threshold depend on every setting: a state
@@ -600,7 +601,7 @@ def test_a_state_saved_under_other_settings_is_refused(make, saved_with, loaded_
     is_ood, as neither configuration would."""
     model, inputs = _model()
     detector = make(model, **saved_with)
-    if make in (D.RGAdditive, D.KLMatching):
+    if make in (D.RGAdditive, D.KLMatching, D.DICE):
         detector.fit(inputs)
     detector.calibrate(detector.score(inputs))
     with pytest.raises(ValueError, match=r"the state was saved with (clip|temperature|mode|percentile)="):

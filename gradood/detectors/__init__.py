@@ -5,6 +5,7 @@ precomputed `score_features(logits, features)`."""
 
 from gradood.detectors._base import Detector
 from gradood.detectors.ash import ASH
+from gradood.detectors.dice import DICE
 from gradood.detectors.energy import Energy
 from gradood.detectors.entropy import Entropy
 from gradood.detectors.exgrad import ExGrad
@@ -38,6 +39,7 @@ __all__ = [
     "ReAct",
     "ASH",
     "SCALE",
+    "DICE",
     "KLMatching",
     "Entropy",
     "GEN",

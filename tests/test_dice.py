@@ -1,0 +1,107 @@
+"""DICE (gradood.detectors.DICE) against a literal numpy re-implementation of the paper's
+procedure (mean ID feature, np.percentile of the contributions, strict >, energy of the
+sparsified head), and against pytorch-ood's DICE where it imports."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from gradood.detectors import DICE
+from gradood.detectors.dice import contribution_percentile
+
+
+class _Net(nn.Module):
+    def __init__(self, width=48, classes=6, bias=True):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(10, width), nn.ReLU())
+        self.fc = nn.Linear(width, classes, bias=bias)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def _literal(model: _Net, fit_inputs: torch.Tensor, inputs: torch.Tensor, percentile: float) -> np.ndarray:
+    with torch.no_grad():
+        mean = model.body(fit_inputs).double().numpy().mean(0)
+        weight = model.fc.weight.double().numpy()
+        contributions = mean[None, :] * weight
+        masked = np.where(contributions > np.percentile(contributions, percentile), weight, 0.0)
+        logits = model.body(inputs).double().numpy() @ masked.T
+        if model.fc.bias is not None:
+            logits = logits + model.fc.bias.double().numpy()
+    top = logits.max(1, keepdims=True)
+    return (top + np.log(np.exp(logits - top).sum(1, keepdims=True))).squeeze(1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("percentile", [0.0, 50.0, 90.0, 99.5])
+def test_dice_is_the_papers_procedure(percentile, bias):
+    torch.manual_seed(0)
+    model = _Net(bias=bias).double().eval()
+    fit_inputs, inputs = torch.randn(70, 10, dtype=torch.float64), torch.randn(9, 10, dtype=torch.float64)
+    batches = [fit_inputs[i : i + 16] for i in range(0, 70, 16)]  # streamed in uneven batches
+    detector = DICE(model, percentile=percentile).fit(batches)
+    np.testing.assert_allclose(detector.score(inputs).numpy(), _literal(model, fit_inputs, inputs, percentile),
+                               rtol=1e-12, atol=1e-12)
+    float32 = DICE(model.float(), percentile=percentile).fit(fit_inputs.float())
+    np.testing.assert_allclose(float32.score(inputs.float()).numpy(), _literal(model.double(), fit_inputs, inputs, percentile),
+                               rtol=2e-5, atol=2e-5)
+
+
+def test_the_percentile_is_numpys_linear_interpolation():
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(37, 11, generator=generator, dtype=torch.float64)
+    values[0, :5] = 0.5  # ties
+    for percentile in (0.0, 1.0, 33.3, 50.0, 90.0, 99.9):
+        assert contribution_percentile(values, percentile) == pytest.approx(np.percentile(values.numpy(), percentile),
+                                                                             rel=0, abs=1e-14)  # numpy lerps differently: round-off
+
+
+def test_state_round_trip_and_errors():
+    torch.manual_seed(1)
+    model = _Net().double().eval()
+    inputs = torch.randn(30, 10, dtype=torch.float64)
+    detector = DICE(model).fit(inputs)
+    fresh = DICE(model).load_state_dict(detector.state_dict())
+    torch.testing.assert_close(fresh.score(inputs), detector.score(inputs))
+    with pytest.raises(RuntimeError, match="call fit"):
+        DICE(model).score(inputs)
+    with pytest.raises(ValueError, match=r"percentile must be a number in \[0, 100\)"):
+        DICE(model, percentile=100)
+    broken = inputs.clone()
+    broken[3, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        DICE(model).fit(broken)
+    with pytest.raises(ValueError, match="the fitted mask is"):
+        DICE(_Net(classes=4).double().eval()).load_state_dict(detector.state_dict()).score(inputs)
+
+
+def test_on_a_hugging_face_model():
+    model = zoo.hf_vit(num_labels=3)
+    batches = [zoo.image_batch(8, generator_seed=seed) for seed in range(2)]
+    scores = DICE(model, percentile=70).fit(batches).score(zoo.image_batch(4, generator_seed=9))
+    assert scores.shape == (4,) and bool(torch.isfinite(scores).all())
+
+
+def test_matches_pytorch_ood():
+    from gradood.testing import import_torchvision
+
+    try:
+        import_torchvision()
+        detector_module = pytest.importorskip("pytorch_ood.detector")
+    except ImportError as error:
+        pytest.skip(f"pytorch-ood does not import: {error}")
+    torch.manual_seed(2)
+    model = _Net().double().eval()
+    fit_inputs, inputs = torch.randn(50, 10, dtype=torch.float64), torch.randn(7, 10, dtype=torch.float64)
+    theirs = detector_module.DICE(model=model.body, w=model.fc.weight, b=model.fc.bias, p=90.0)
+    with torch.no_grad():
+        theirs.fit_features(model.body(fit_inputs), torch.zeros(50, dtype=torch.long))
+        expected = -theirs.predict(inputs)  # pytorch-ood's scores are OOD-high
+    torch.testing.assert_close(DICE(model, percentile=90).fit(fit_inputs).score(inputs), expected)
