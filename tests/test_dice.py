@@ -59,8 +59,24 @@ def test_the_percentile_is_numpys_linear_interpolation():
     values = torch.randn(37, 11, generator=generator, dtype=torch.float64)
     values[0, :5] = 0.5  # ties
     for percentile in (0.0, 1.0, 33.3, 50.0, 90.0, 99.9):
-        assert contribution_percentile(values, percentile) == pytest.approx(np.percentile(values.numpy(), percentile),
-                                                                             rel=0, abs=1e-14)  # numpy lerps differently: round-off
+        assert contribution_percentile(values, percentile) == np.percentile(values.numpy(), percentile)
+
+
+def test_a_tied_block_at_the_percentile_is_kept_as_numpy_keeps_it():
+    """C·D = 91 at p = 70: the textbook position (n − 1)·p = 63 is whole, numpy's is 63 − 1e-15,
+    so numpy's threshold falls just below the tied block of ones and keeps all 28 of them;
+    the textbook threshold equals them and the strict > dropped every one (review)."""
+    head = nn.Linear(13, 7).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.cat([torch.zeros(63), torch.ones(28)]).reshape(7, 13))
+        head.bias.zero_()
+    model = nn.Sequential(nn.Identity(), head).eval()
+    detector = DICE(model, percentile=70).fit(torch.ones(4, 13, dtype=torch.float64))
+    assert int(detector.mask.sum()) == 28
+    inputs = torch.rand(3, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = torch.logsumexp(inputs @ head.weight.T, 1)
+    torch.testing.assert_close(detector.score(inputs), expected)
 
 
 def test_state_round_trip_and_errors():

@@ -7,18 +7,19 @@ their contribution to the ID data is large, and the score is the energy of the s
     W'_cj = w_cj if u_cj > q_p(u) else 0, q_p the p-th percentile of all C·D contributions
     score = log Σ_c exp((W' v + b)_c)
 
-p = 90 by default (the paper's and OpenOOD's; pytorch-ood's example uses 0.7 of its own
-scale). The percentile is numpy's linear interpolation over every contribution, as the
-official code's `np.percentile`; entries equal to it are dropped (strict >), so ties are
-deterministic. v̄ is accumulated in float64 over the fit data in one streamed pass; the
+p = 90 by default (the paper's and OpenOOD's). The percentile is `np.percentile` over every
+contribution, as in the official code; entries equal to it are dropped (strict >), so ties are
+deterministic. The mask belongs to the head's weights at fit time: a state loaded into a model
+whose head has other weights of the same shape scores with the old mask (fit again after
+fine-tuning). v̄ is accumulated in float64 over the fit data in one streamed pass; the
 mask is built from the head's weight at fit time and saved with the state. One forward and
 one GEMM per batch."""
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,14 +32,11 @@ from gradood.model_io import LogitsFn
 
 
 def contribution_percentile(contributions: torch.Tensor, percentile: float) -> float:
-    """numpy's linear-interpolation percentile of every entry, by two k-th-value selections
-    (exact for any size; torch.quantile refuses inputs above 2^24 elements)."""
-    values = contributions.detach().flatten().double()
-    position = (values.numel() - 1) * percentile / 100.0
-    low, high = math.floor(position), math.ceil(position)
-    below = values.kthvalue(low + 1).values.item()
-    above = values.kthvalue(high + 1).values.item() if high != low else below
-    return below + (position - low) * (above - below)
+    """np.percentile of every entry (linear interpolation), computed by numpy itself on a
+    float64 copy: its position and interpolation formulas round differently from the textbook
+    ones, and with the strict > that difference keeps or drops a whole block of tied
+    contributions (torch.quantile also refuses inputs above 2^24 elements)."""
+    return float(np.percentile(contributions.detach().double().cpu().numpy(), percentile))
 
 
 class DICE(Detector):
