@@ -121,3 +121,18 @@ def test_matches_pytorch_ood():
         theirs.fit_features(model.body(fit_inputs), torch.zeros(50, dtype=torch.long))
         expected = -theirs.predict(inputs)  # pytorch-ood's scores are OOD-high
     torch.testing.assert_close(DICE(model, percentile=90).fit(fit_inputs).score(inputs), expected)
+
+
+def test_the_cached_sparse_head_follows_refits_and_in_place_weight_changes():
+    torch.manual_seed(4)
+    model = _Net().double().eval()
+    fit_a, fit_b, inputs = (torch.randn(40, 10, dtype=torch.float64) for _ in range(3))
+    detector = DICE(model, percentile=60).fit(fit_a)
+    detector.score(inputs)
+    detector.fit(fit_b * 3)  # a new mask
+    np.testing.assert_allclose(detector.score(inputs).numpy(), _literal(model, fit_b * 3, inputs, 60), rtol=1e-12)
+    with torch.no_grad():
+        model.fc.weight.mul_(2.0)  # in place: the same tensor, a new version
+    expected = DICE(model, percentile=60)
+    expected.load_state_dict(detector.state_dict())
+    torch.testing.assert_close(detector.score(inputs), expected.score(inputs))
