@@ -86,3 +86,17 @@ class ScoringClassifier(nn.Module):
         features = self.backbone(inputs)
         logits = self.head(features)
         return logits, self.score(logits, features, self.head)
+
+
+def pytorch_ood_detectors():
+    """pytorch_ood.detector, its torchvision import through gradood.testing.import_torchvision;
+    skips the test where pytorch-ood is not installed or does not import."""
+    import pytest
+
+    from gradood.testing import import_torchvision
+
+    try:
+        import_torchvision()
+        return pytest.importorskip("pytorch_ood.detector")
+    except ImportError as error:
+        pytest.skip(f"pytorch-ood does not import: {error}")

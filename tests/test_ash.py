@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import zoo
+from helpers import pytorch_ood_detectors
 from gradood.detectors import ASH, SCALE
 from gradood.detectors.ash import ash_energy, kept_mask
 from gradood.detectors.scale import scale_energy
@@ -127,13 +128,7 @@ def test_on_a_hugging_face_model():
 
 
 def test_matches_pytorch_ood():
-    from gradood.testing import import_torchvision
-
-    try:
-        import_torchvision()
-        detector_module = pytest.importorskip("pytorch_ood.detector")
-    except ImportError as error:
-        pytest.skip(f"pytorch-ood does not import: {error}")
+    detector_module = pytorch_ood_detectors()
     torch.manual_seed(1)
     model = _Net().double().eval()
     inputs = torch.randn(9, 10, dtype=torch.float64)

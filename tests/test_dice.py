@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import zoo
+from helpers import pytorch_ood_detectors
 from gradood.detectors import DICE
 from gradood.detectors.dice import contribution_percentile
 
@@ -106,13 +107,7 @@ def test_on_a_hugging_face_model():
 
 
 def test_matches_pytorch_ood():
-    from gradood.testing import import_torchvision
-
-    try:
-        import_torchvision()
-        detector_module = pytest.importorskip("pytorch_ood.detector")
-    except ImportError as error:
-        pytest.skip(f"pytorch-ood does not import: {error}")
+    detector_module = pytorch_ood_detectors()
     torch.manual_seed(2)
     model = _Net().double().eval()
     fit_inputs, inputs = torch.randn(50, 10, dtype=torch.float64), torch.randn(7, 10, dtype=torch.float64)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -28,15 +27,15 @@ from gradood._checks import check_features
 from gradood.detectors._base import Data, Detector, fitted, iterate_inputs
 from gradood.detectors._head import HeadName
 from gradood.detectors.ash import _check_percentile
+from gradood.detectors.rg import numpy_percentile
 from gradood.model_io import LogitsFn
 
 
 def contribution_percentile(contributions: torch.Tensor, percentile: float) -> float:
-    """np.percentile of every entry (linear interpolation), computed by numpy itself on a
-    float64 copy: its position and interpolation formulas round differently from the textbook
-    ones, and with the strict > that difference keeps or drops a whole block of tied
-    contributions (torch.quantile also refuses inputs above 2^24 elements)."""
-    return float(np.percentile(contributions.detach().double().cpu().numpy(), percentile))
+    """np.percentile of every contribution: numpy's position and interpolation formulas round
+    differently from the textbook ones, and with the strict > that difference keeps or drops a
+    whole block of tied contributions (torch.quantile also refuses inputs above 2^24 elements)."""
+    return numpy_percentile(contributions, percentile)
 
 
 class DICE(Detector):

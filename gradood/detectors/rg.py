@@ -30,6 +30,12 @@ def check_percentile(where: str, percentile: Optional[float]) -> None:
         raise ValueError(f"{where}: percentile must be a number in [0, 100], got {percentile!r}")
 
 
+def numpy_percentile(values: torch.Tensor, percentile: float) -> float:
+    """np.percentile of every entry (linear interpolation), by numpy itself on a float64 copy:
+    the official codes' threshold to the last bit (the textbook position formula differs)."""
+    return float(np.percentile(values.detach().double().cpu().numpy(), percentile))
+
+
 def activation_percentile(features: torch.Tensor, percentile: float, where: str = "fit") -> float:
     """The `percentile`-th percentile of all activations (numpy's linear interpolation, as ReAct).
     A clip that is not > 0 (sparse ReLU features, mostly zeros) is refused here, at fit
