@@ -24,6 +24,7 @@ from gradood.detectors.react import ReAct
 from gradood.detectors.rg import RG, RGAdditive
 from gradood.detectors.scale import SCALE
 from gradood.detectors.uv import UV
+from gradood.detectors.vim import ViM
 
 __all__ = [
     "Detector",
@@ -40,6 +41,7 @@ __all__ = [
     "ASH",
     "SCALE",
     "DICE",
+    "ViM",
     "KLMatching",
     "Entropy",
     "GEN",
