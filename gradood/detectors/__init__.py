@@ -23,12 +23,14 @@ from gradood.detectors.odin import ODIN
 from gradood.detectors.react import ReAct
 from gradood.detectors.rg import RG, RGAdditive
 from gradood.detectors.scale import SCALE
+from gradood.detectors.temperature_scaling import TemperatureScaling
 from gradood.detectors.uv import UV
 from gradood.detectors.vim import ViM
 
 __all__ = [
     "Detector",
     "MSP",
+    "TemperatureScaling",
     "MaxLogit",
     "Energy",
     "ODIN",
