@@ -210,3 +210,91 @@ def test_the_float32_statistics_follow_refits_and_loads():
     with torch.no_grad():
         detector.null_space.mul_(2.0)
     assert not torch.allclose(detector.score(queries), before)
+
+
+def _official(train, test, w, b, dim):
+    """The official steps on float64 arrays (features, head weight and bias)."""
+    u = -np.linalg.pinv(w) @ b
+    eig_vals, eigen_vectors = np.linalg.eigh((train - u).T @ (train - u) / train.shape[0])
+    ns = eigen_vectors[:, np.argsort(-eig_vals)[dim:]]
+    alpha = (train @ w.T + b).max(1).mean() / np.linalg.norm((train - u) @ ns, axis=1).mean()
+    logits = test @ w.T + b
+    top = logits.max(1, keepdims=True)
+    energy = (top + np.log(np.exp(logits - top).sum(1, keepdims=True))).squeeze(1)
+    return energy - alpha * np.linalg.norm((test - u) @ ns, axis=1)
+
+
+def _head(weight, bias):
+    fc = nn.Linear(weight.shape[1], weight.shape[0]).eval()
+    with torch.no_grad():
+        fc.weight.copy_(weight)
+        fc.bias.copy_(bias)
+    return nn.Sequential(nn.Identity(), fc)
+
+
+@pytest.mark.parametrize("origin_norm", [1e2, 1e4, 1e5])
+def test_a_far_origin_costs_no_float32_accuracy(origin_norm):
+    """A head with a small singular value puts o far out (‖o‖ up to 8e4 with logits of ~9):
+    subtracting o from float32 features lost ‖o‖·eps per element (1e-2 at 8e4, review)."""
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    weight = (u * torch.tensor([3.0, 2, 2, 1.5, 10 / origin_norm], dtype=torch.float64)) @ v[:, :5].T
+    bias = -(weight @ (origin_norm * v[:, 4])) + 2.0
+    fit, queries = torch.randn(300, 12, generator=g), torch.randn(6, 12, generator=g)
+    model = _head(weight, bias).float()
+    expected = _official(fit.double().numpy(), queries.double().numpy(), model[1].weight.double().detach().numpy(),
+                         model[1].bias.double().detach().numpy(), 6)
+    scores = ViM(model, dim=6).fit(fit).score(queries)
+    float64_error = np.abs(ViM(model.double(), dim=6).fit(fit.double()).score(queries.double()).numpy() - expected).max()
+    assert np.abs(scores.double().numpy() - expected).max() <= 4e-6 + 2 * float64_error  # the head's own conditioning
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e19, 1e21])
+def test_float32_features_at_extreme_scales(scale):
+    """The float32 norm neither overflows (1e19 · 4 entries gave inf) nor underflows (1e-25)."""
+    g = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(4, 8, generator=g, dtype=torch.float64) / scale, torch.ones(4, dtype=torch.float64)
+    fit, queries = scale * torch.randn(60, 8, generator=g), scale * torch.randn(5, 8, generator=g)
+    model = _head(weight.float(), bias.float())
+    expected = _official(fit.double().numpy(), queries.double().numpy(), model[1].weight.double().detach().numpy(),
+                         model[1].bias.double().detach().numpy(), 3)
+    np.testing.assert_allclose(ViM(model, dim=3).fit(fit).score(queries).double().numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_residual_of_round_off_is_refused(dtype):
+    """One sample (or its duplicates) has rank 1 about o: at dim = 1 its residual is round-off,
+    α came out ~1e15 and the fit sample itself scored −2e8 (review)."""
+    g = torch.Generator().manual_seed(2)
+    model = _head(torch.randn(5, 12, generator=g, dtype=torch.float64), torch.ones(5, dtype=torch.float64)).to(dtype)
+    one = torch.randn(1, 12, generator=g, dtype=dtype)
+    for fit in (one, one.repeat(50, 1)):
+        with pytest.raises(ValueError, match="no residual outside the top 1 directions"):
+            ViM(model, dim=1).fit(fit)
+    bottleneck = torch.randn(100, 3, generator=g, dtype=dtype) @ torch.randn(3, 12, generator=g, dtype=dtype)
+    with pytest.raises(ValueError, match="no residual|are equal"):  # rank 3 (4 about o): dim = 4 leaves round-off
+        ViM(model, dim=4).fit(bottleneck)
+
+
+def test_features_in_a_reused_buffer_are_copied_during_the_fit():
+    """A model writing its features into one buffer it reuses between batches: the fit kept views,
+    so every batch aliased the last one (α 3.158 against 2.870, review)."""
+
+    class Buffered(nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head, self.buffer = head, torch.zeros(32, 8)
+
+        def forward(self, x):
+            self.buffer[: x.shape[0]].copy_(x)
+            return self.head(self.buffer[: x.shape[0]])
+
+    g = torch.Generator().manual_seed(3)
+    head = nn.Linear(8, 4).eval()
+    with torch.no_grad():
+        head.bias.fill_(2.0)
+    fit = torch.randn(96, 8, generator=g)
+    buffered = ViM(Buffered(head), dim=3).fit([fit[i : i + 32] for i in range(0, 96, 32)])
+    plain = ViM(nn.Sequential(nn.Identity(), head), dim=3).fit(fit)
+    assert buffered.alpha == pytest.approx(plain.alpha, rel=1e-12)

@@ -57,7 +57,7 @@ class Mahalanobis(Detector):
         features, targets = [], []
         for inputs, labels in model_io.iterate(id_data):
             logits, batch_features = self.forward_features(inputs)
-            features.append(batch_features)
+            features.append(batch_features.clone())  # a model may reuse its feature buffer between batches
             if self.classes == "predicted":
                 targets.append(logits.argmax(1))
             elif labels is None:

@@ -104,7 +104,7 @@ class TemperatureScaling(Detector):
                     f"{name}: one label in [0, {classes}) per sample expected, got {labels.shape[0]} labels "
                     f"for {batch_logits.shape[0]} samples"
                 )
-            all_logits.append(batch_logits.double())
+            all_logits.append(batch_logits.to(torch.float64, copy=True))  # a model may reuse its output buffer
             all_labels.append(labels)
         if not all_logits or sum(f.shape[0] for f in all_logits) == 0:
             raise ValueError(f"{name}: the data holds no sample")
