@@ -5,12 +5,14 @@ including how many pairs of rows each orders differently from float64."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from gradood import reference, scores
 
-_ULP = 2.0 ** -23
+_ULP = 2.0**-23
 
 
 def _rows(num_classes: int, kind: str) -> torch.Tensor:
@@ -54,3 +56,32 @@ def test_gradnorm_output_term_is_at_least_as_accurate_as_the_torch_composition(n
     composed = reference.gradnorm(logits, features)
     ours = scores.gradnorm(logits, features)
     assert _relative(ours, exact) <= max(_relative(composed, exact), 2 * _ULP)
+
+
+@pytest.mark.parametrize("num_classes", [2, 10, 32, 33, 1000])
+def test_energy_is_accurate_wherever_the_other_classes_mass_lies(num_classes):
+    # Rows whose mass outside the max, Σ_{j≠argmax} exp(f_j − max), takes every scale from 1e-38
+    # to C − 1: the max at 0 and the rest at one value a (k of them), with a from −87 to 0. At max
+    # = 0 the energy is log1p of that mass, so this measures the log1p of each kernel (one per
+    # vector of short rows) against float64 at its relative precision. The bound, 6 ulp, is the
+    # exp and the row sum's rounding (C = 1000 reaches 3.9 ulp); torch.logsumexp, taking
+    # log(1 + s), is off by 2^23 ulp on these rows at T = 1.
+    offsets = torch.cat([-torch.logspace(-7, math.log10(87.0), 700), torch.tensor([0.0, -1e-30])])
+    rows = []
+    for count in sorted({1, num_classes // 2, num_classes - 1}):
+        block = torch.full((offsets.numel(), num_classes), -math.inf)
+        block[:, 0] = 0.0
+        block[:, 1 : 1 + count] = offsets[:, None]
+        rows.append(block)
+    logits = torch.cat(rows)
+    logits = logits[:, torch.randperm(num_classes, generator=torch.Generator().manual_seed(0))]  # the max anywhere
+    for temperature in (1.0, 1000.0):
+        # float64 max + log1p(mass of the others): torch.logsumexp takes log(1 + s), exact
+        # only to 1e-16 absolute, which is no reference for an energy of 1e-17.
+        scaled = logits.double() / temperature
+        top, where = scaled.max(1, keepdim=True)
+        others = (scaled - top).exp().scatter(1, where, 0.0).sum(1)
+        exact = temperature * (top.squeeze(1) + others.log1p())
+        ours = scores.energy(logits, temperature=temperature).double()
+        error = ((ours - exact) / exact.abs().clamp_min(1e-300)).abs()
+        assert float(error.max()) <= 6 * _ULP, (temperature, float(error.max()), logits[int(error.argmax())])
