@@ -44,7 +44,7 @@ class PerSampleGradNorms(NamedTuple):
     """norms [B]: L2 norm over the selected parameters; logits [B, C] of the same
     forward (detached); per_layer [B, L] squared norms per layer (when asked),
     with layer_names and the method of each layer's weight ("ghost",
-    "materialise" or "direct")."""
+    "materialise", "direct", or "autograd" for a batch of one sample)."""
 
     norms: torch.Tensor
     logits: torch.Tensor
@@ -299,6 +299,51 @@ def _run_pass(where: str, model: nn.Module, *args, **kwargs) -> _Pass:
         ) from None
 
 
+class _Plan(NamedTuple):
+    batch: int
+    temperature: float  # checked
+    layers: List[_Layer]  # the hooked layers
+    functional: List[_Functional]  # the broadcast-substituted parameters
+    sources: List[Source]  # the direct parameters
+    layout: Any  # the layout probed for them (gradood/persample/_layout.py)
+
+
+def _plan(
+    where: str,
+    model: nn.Module,
+    inputs: Inputs,
+    loss: Loss,
+    temperature: float,
+    targets: Optional[torch.Tensor],
+    params: ParamSelector,
+    functional_params: Optional[str],
+    fallback: Optional[str],
+    verify: Optional[Callable[[object], None]],
+) -> _Plan:
+    """The checks every pass makes, and what the pass will hook."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
+    batch = model_io.check_inputs(where, inputs)
+    if not callable(loss) and loss not in LOSSES:
+        raise ValueError(f"{where}: loss must be one of {LOSSES} or a callable, got {loss!r}")
+    temperature = check_positive(where, "temperature", temperature)
+    if loss == "ce" and (targets is None or targets.shape != (batch,)):
+        raise ValueError(f"{where}: loss='ce' needs targets of shape [{batch}]")
+    _refuse_sample_mixing(model, where)
+    if functional_params not in (None, "broadcast"):
+        raise ValueError(f"{where}: functional_params must be None or 'broadcast', got {functional_params!r}")
+    if fallback not in (None, "torch.func"):
+        raise ValueError(f"{where}: fallback must be None or 'torch.func', got {fallback!r}")
+    layers, functional, sources = _layers(model, _select(model, params, where), functional_params, where)
+    layout = probe_layout(where, model, inputs, layers, sources, fallback == "torch.func")
+    if verify is not None and layout.verified < min(batch, _verify.PROBE):
+        distinct = _verify.distinct_samples(inputs).numel()  # only these can show samples being mixed
+        if layout.verified < distinct:
+            layout = _checked(where, model, inputs, layers, sources, fallback == "torch.func", layout, distinct, verify)
+    layers, sources = _apply_layout(model, layers, sources, layout)
+    return _Plan(batch, temperature, layers, functional, sources, layout)
+
+
 def _run_pass_once(
     where: str,
     model: nn.Module,
@@ -320,26 +365,9 @@ def _run_pass_once(
     consume(layer, {piece: (input, output gradient)}) reduces a layer as soon as the
     backward has produced its gradients (after the pass for the torch.func fallback,
     which replays its module)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
-    batch = model_io.check_inputs(where, inputs)
-    if not callable(loss) and loss not in LOSSES:
-        raise ValueError(f"{where}: loss must be one of {LOSSES} or a callable, got {loss!r}")
-    temperature = check_positive(where, "temperature", temperature)
-    if loss == "ce" and (targets is None or targets.shape != (batch,)):
-        raise ValueError(f"{where}: loss='ce' needs targets of shape [{batch}]")
-    _refuse_sample_mixing(model, where)
-    if functional_params not in (None, "broadcast"):
-        raise ValueError(f"{where}: functional_params must be None or 'broadcast', got {functional_params!r}")
-    if fallback not in (None, "torch.func"):
-        raise ValueError(f"{where}: fallback must be None or 'torch.func', got {fallback!r}")
-    layers, functional, sources = _layers(model, _select(model, params, where), functional_params, where)
-    layout = probe_layout(where, model, inputs, layers, sources, fallback == "torch.func")
-    if verify is not None and layout.verified < min(batch, _verify.PROBE):
-        distinct = _verify.distinct_samples(inputs).numel()  # only these can show samples being mixed
-        if layout.verified < distinct:
-            layout = _checked(where, model, inputs, layers, sources, fallback == "torch.func", layout, distinct, verify)
-    layers, sources = _apply_layout(model, layers, sources, layout)
+    batch, temperature, layers, functional, sources, layout = _plan(
+        where, model, inputs, loss, temperature, targets, params, functional_params, fallback, verify
+    )
 
     requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
     direct = DirectGradients(
@@ -479,6 +507,95 @@ def _half_pieces_as_float32(pieces: Dict[Optional[str], tuple]) -> Dict[Optional
     return {piece: tuple(_float32_if_half(t) for t in pair) for piece, pair in pieces.items()}
 
 
+def _single_sample_norms(
+    model: nn.Module,
+    inputs: Inputs,
+    loss: Loss,
+    temperature: float,
+    targets: Optional[torch.Tensor],
+    params: ParamSelector,
+    functional_params: Optional[str],
+    fallback: Optional[str],
+    logits_fn: LogitsFn,
+    verify: Union[bool, int],
+) -> Optional[PerSampleGradNorms]:
+    """A batch of one sample: its gradient is its per-sample gradient, so one plain
+    autograd backward gives the norms, exact for any model, without the rules, the
+    outside-use watch or the per-layer pieces (the engine's fixed cost exceeds a whole
+    training step on small models). The same checks and refusals as any batch (the plan
+    is made, and cached, as for the pass), and the same layers in the result, each with
+    the method "autograd". None where the input is not one sample of a float32/float64
+    model (half-precision models keep the engine's float32 contractions)."""
+    if not isinstance(model, nn.Module) or model_io.check_inputs(_WHERE, inputs) != 1:
+        return None
+    if _model_dtype(model) not in (torch.float32, torch.float64):
+        return None
+    plan = _plan(
+        _WHERE,
+        model,
+        inputs,
+        loss,
+        temperature,
+        targets,
+        params,
+        functional_params,
+        fallback,
+        None
+        if not verify
+        else functools.partial(
+            _verify.check_norms, _WHERE, model, inputs, params, functional_params, fallback, logits_fn
+        ),
+    )
+    groups: List[Tuple[str, Tuple[str, ...], List[nn.Parameter]]] = []
+    for layer in plan.layers:
+        owned = tuple(f"{layer.name}.{own}" if layer.name else own for own in layer.parameter_names)
+        groups.append((layer.name, owned, [layer.module.get_parameter(own) for own in layer.parameter_names]))
+    groups += [(item.name, (item.name,), [item.parameter]) for item in plan.functional]
+    groups += [(source.name, (source.name,), [source.parameter]) for source in plan.sources]
+    parameters = list({id(p): p for _, _, members in groups for p in members}.values())
+    if any(p.dtype not in (torch.float32, torch.float64) for p in parameters):
+        return None
+    requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    chosen = {id(p) for p in parameters}
+    try:
+        for parameter in requires_grad:
+            parameter.requires_grad_(id(parameter) in chosen)
+        with torch.enable_grad(), empty_tensor_caches(model), batch_norm_gradient_layout(model):
+            output = model_io.call(model, model_io.detach(inputs))
+            logits = model_io.checked_logits(_WHERE, output, 1, logits_fn)
+            losses = per_sample_loss(logits, loss, plan.temperature, targets)
+            if losses.shape != (1,):
+                raise ValueError(f"{_WHERE}: the loss must be per sample, shape [1], got {tuple(losses.shape)}")
+            grads = (
+                torch.autograd.grad(losses.sum(), parameters, allow_unused=True)
+                if losses.requires_grad
+                else [None] * len(parameters)
+            )
+    finally:
+        for parameter, flag in requires_grad.items():
+            parameter.requires_grad_(flag)
+    norm_dtype = compute_dtype(logits.dtype)
+    present = [(p, g) for p, g in zip(parameters, grads) if g is not None]
+    # One foreach call for every parameter's norm (float32 pairwise sums within each, as the rules' are).
+    norms = torch._foreach_norm([g for _, g in present]) if present else []
+    squared_of = {id(p): n.to(norm_dtype).square() for (p, _), n in zip(present, norms)}
+    zero = logits.new_zeros((), dtype=norm_dtype)
+    columns, methods = [], []
+    for _, _, members in groups:
+        found = [squared_of[id(p)] for p in members if id(p) in squared_of]
+        columns.append(sum(found, zero).reshape(1))
+        methods.append("autograd" if found else "unused")
+    squared_norms = torch.stack(columns, dim=1)
+    return PerSampleGradNorms(
+        norms=squared_norms.sum(1).sqrt(),
+        logits=logits.detach(),
+        per_layer=squared_norms,
+        layer_names=tuple(name for name, _, _ in groups),
+        methods=tuple(methods),
+        parameters=tuple(owned for _, owned, _ in groups),
+    )
+
+
 def persample_grad_norms(
     model: nn.Module,
     inputs: Inputs,
@@ -530,6 +647,10 @@ def persample_grad_norms(
     samples of every call the same way, with the call's own loss (k single-sample
     backward passes per call), and raises naming the sample and layer: a bound for
     models whose behaviour depends on the data. A failed check is a ValueError.
+
+    A batch of one sample (a server scoring one request) is one plain autograd
+    backward: its gradient is its own per-sample gradient (methods "autograd"), with
+    the same checks and refusals as any batch.
     """
 
     def norms_of(layer: _Layer, pieces: Dict[Optional[str], tuple]) -> Tuple[torch.Tensor, str]:
@@ -538,6 +659,11 @@ def persample_grad_norms(
     per_call = _verify.call_check_count(_WHERE, verify)
     logits_fn = logits
 
+    single = _single_sample_norms(
+        model, inputs, loss, temperature, targets, params, functional_params, fallback, logits, verify
+    )
+    if single is not None:
+        return single._replace(per_layer=single.per_layer if per_layer else None)
     result = _run_pass(
         _WHERE,
         model,
