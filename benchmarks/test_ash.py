@@ -1,6 +1,10 @@
 """ASH's score from penultimate features and the head, every implementation in one run:
 
-    gradood        gradood.detectors.ash.ash_energy (k-th-value selection, GEMM, float64 energy)
+    gradood        gradood.detectors.ASH.score_features (gradood::top_features, the head on the
+                   kept features by gradood::pruned_linear with the head's blocked Wᵀ cached
+                   by the detector, the fused energy)
+    gradood_function  gradood.detectors.ash.ash_energy (the same without the cache: the
+                   pruned product from B = 256, a dense GEMM of the pruned features below)
     pytorch_ood    pytorch-ood's ash_s / ash_b / ash_p on [B, D, 1, 1], the head, its energy
     eager_topk     the paper's code as a torch composition (topk + scatter, head, logsumexp)
 
@@ -16,10 +20,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torch import nn
+
+from gradood.detectors import ASH
 from gradood.detectors.ash import ash_energy
 
 CASES = {"B1024-D2048-C1000": (1024, 2048, 1000), "B64-D2048-C1000": (64, 2048, 1000)}
-IMPLEMENTATIONS = ["gradood", "pytorch_ood", "eager_topk"]
+IMPLEMENTATIONS = ["gradood", "gradood_function", "pytorch_ood", "eager_topk"]
 
 
 def _eager(x: torch.Tensor, weight, bias, variant: str, percentile: float) -> torch.Tensor:
@@ -57,6 +64,18 @@ def test_ash_score(benchmark, case, implementation, variant):
     bias = torch.randn(classes, generator=generator)
     expected = ash_energy(features.double(), weight.double(), bias.double(), variant, 90.0)
     if implementation == "gradood":
+        model = nn.Sequential(nn.Identity(), nn.Linear(dims, classes)).eval()
+        with torch.no_grad():
+            model[1].weight.copy_(weight)
+            model[1].bias.copy_(bias)
+        detector = ASH(model, variant=variant, percentile=90.0)
+        detector.score(features[:2])  # finds the head
+        logits = model(features).detach()
+
+        def run():
+            return detector.score_features(logits, features.clone())
+
+    elif implementation == "gradood_function":
 
         def run():
             return ash_energy(features.clone(), weight, bias, variant, 90.0)

@@ -33,6 +33,13 @@ TORCH_LIBRARY(gradood, m) {
       "Tensor scale) -> (Tensor weight, Tensor bias)");
   // ReAct's energy, logsumexp(W min(v, clip) + b), fused (ops/react_energy.h).
   m.def("react_energy(Tensor features, Tensor weight, Tensor? bias, float clip) -> Tensor");
+  // ASH's and SCALE's pruning, and the head on the kept features (ops/pruned_linear.h).
+  m.def(
+      "top_features(Tensor features, int keep) -> (Tensor values, Tensor indices, "
+      "Tensor total, Tensor kept_sum)");
+  m.def(
+      "pruned_linear(Tensor values, Tensor indices, Tensor weight_blocks, int classes) -> "
+      "Tensor");
 }
 
 // The scores are not differentiable. Without an Autograd kernel PyTorch only
@@ -45,4 +52,6 @@ TORCH_LIBRARY_IMPL(gradood, Autograd, m) {
   m.impl("outer_product_sq_norm", torch::autograd::autogradNotImplementedFallback());
   m.impl("conv2d_weight_sq_norm", torch::autograd::autogradNotImplementedFallback());
   m.impl("norm_affine_grads", torch::autograd::autogradNotImplementedFallback());
+  m.impl("top_features", torch::autograd::autogradNotImplementedFallback());
+  m.impl("pruned_linear", torch::autograd::autogradNotImplementedFallback());
 }

@@ -128,6 +128,43 @@ def _react_energy_fake(features, weight, bias, clip):
     return features.new_empty((features.shape[0],), dtype=_terms_dtype(features.dtype))
 
 
+@torch.library.register_fake("gradood::top_features")
+def _top_features_fake(features, keep):
+    torch._check(features.dim() == 2, lambda: "top_features: features must be 2-D [B, D]")
+    torch._check(1 <= keep <= features.shape[1], lambda: "top_features: keep must be in [1, D]")
+    batch = features.shape[0]
+    return (
+        features.new_empty((batch, keep)),
+        features.new_empty((batch, keep), dtype=torch.int64),
+        features.new_empty((batch,), dtype=torch.float64),
+        features.new_empty((batch,), dtype=torch.float64),
+    )
+
+
+@torch.library.register_fake("gradood::pruned_linear")
+def _pruned_linear_fake(values, indices, weight_blocks, classes):
+    torch._check(values.dim() == 2 and indices.shape == values.shape, lambda: "pruned_linear: values, indices [B, K]")
+    torch._check(
+        weight_blocks.dim() == 3 and weight_blocks.shape[0] == -(-classes // PRUNED_LINEAR_BLOCK),
+        lambda: "pruned_linear: weight_blocks must be [ceil(classes / 64), D, 64]",
+    )
+    _check_like("pruned_linear", "values", values, weight_blocks=weight_blocks)
+    return values.new_empty((values.shape[0], classes))
+
+
+#: Classes per block of pruned_linear's weight_blocks (csrc/ops/pruned_linear.h).
+PRUNED_LINEAR_BLOCK = 64
+
+
+def pruned_linear_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """A head W [C, D] laid out for `gradood::pruned_linear`: [ceil(C/64), D, 64], block n
+    holding Wᵀ's columns 64n … 64n + 63 (zero beyond C), each block contiguous."""
+    classes, count = weight.shape
+    blocks = -(-classes // PRUNED_LINEAR_BLOCK)
+    padded = torch.nn.functional.pad(weight, (0, 0, 0, blocks * PRUNED_LINEAR_BLOCK - classes))
+    return padded.reshape(blocks, PRUNED_LINEAR_BLOCK, count).transpose(1, 2).contiguous()
+
+
 _autograd.register()
 
 

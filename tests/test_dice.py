@@ -131,3 +131,25 @@ def test_the_cached_sparse_head_follows_refits_and_in_place_weight_changes():
     expected = DICE(model, percentile=60)
     expected.load_state_dict(detector.state_dict())
     torch.testing.assert_close(detector.score(inputs), expected.score(inputs))
+
+
+def test_the_sparse_head_is_built_once_while_the_weight_is_unchanged(monkeypatch):
+    torch.manual_seed(5)
+    model = _Net().double().eval()
+    fit, inputs = torch.randn(40, 10, dtype=torch.float64), torch.randn(6, 10, dtype=torch.float64)
+    detector = DICE(model, percentile=60).fit(fit)
+    built = []
+    where = torch.where
+    monkeypatch.setattr(torch, "where", lambda *args: built.append(1) or where(*args))
+    first = detector.score(inputs)
+    for _ in range(3):
+        torch.testing.assert_close(detector.score(inputs), first, rtol=0, atol=0)
+    assert len(built) == 1
+    model.fc.weight = nn.Parameter(model.fc.weight.detach() * 3)  # a replaced parameter: rebuilt
+    with torch.no_grad():
+        masked = where(detector.mask, model.fc.weight, torch.zeros((), dtype=torch.float64))
+        expected = torch.logsumexp(model.body(inputs) @ masked.T + model.fc.bias, 1)
+    built.clear()
+    torch.testing.assert_close(detector.score(inputs), expected, rtol=1e-12, atol=0)
+    assert len(built) == 1
+    assert not torch.allclose(expected, first)

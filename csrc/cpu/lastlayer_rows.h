@@ -37,7 +37,17 @@ struct RowKernels {
   // bfloat16 / IEEE half bit patterns widened to float32.
   void (*widen_bfloat16)(const uint16_t* bits, int64_t count, float* out);
   void (*widen_half)(const uint16_t* bits, int64_t count, float* out);
+  // out[j] = Σ_i values[i] · rows[indices[i] · stride + j] for j < columns (<= kGatherColumns),
+  // the sum over i in order, accumulated in float32 registers (the pruned-feature head product
+  // of cpu/pruned_linear_kernel.cpp).
+  void (*weighted_row_sum)(const float* values, const int64_t* indices, int64_t count,
+                           const float* rows, int64_t stride, int64_t columns, float* out);
 };
+
+// Columns weighted_row_sum takes at once: 64 floats of each gathered row (256 bytes), so that a
+// block of a [D, C] matrix (D · 256 bytes) stays in a core's L2 cache while every row of the
+// batch is summed against it.
+constexpr int64_t kGatherColumns = 64;
 
 // The table of the level in use (chosen once, at the first call).
 const RowKernels& row_kernels();

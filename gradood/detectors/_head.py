@@ -30,7 +30,7 @@ for the head's own output). A 1×1 convolution counts only on a 1×1 map.
 from __future__ import annotations
 
 import typing
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -238,3 +238,33 @@ def weight_bias(model: nn.Module, head: Head) -> Tuple[torch.Tensor, Optional[to
     present = [b for b in biases if b is not None]
     bias = None if not present else sum_tensors(present) / 2
     return torch.cat(weights, 1), bias
+
+
+def derived_from_weight(
+    owner: object, name: str, weight: torch.Tensor, build: Callable[[], torch.Tensor], *extra: object
+) -> torch.Tensor:
+    """A tensor derived from the head's weight (DICE's sparsified head, ASH's blocked Wᵀ),
+    kept in owner.__dict__[name] and rebuilt only when the weight or `extra` changed.
+
+    The weight arrives as a new detached view on every call, so it is recognised by its memory
+    (data pointer, shape, strides, dtype, device) and its in-place version (shared by every view
+    of the parameter); the cache holds that view, so the memory cannot be freed and reused by
+    another tensor while it is cached. A parameter replaced, or changed in place by an op (an
+    optimiser step, load_state_dict), rebuilds it; a write through `.data`, which autograd's
+    version counter does not see either, does not. Tensors among `extra` count by identity and
+    version (the cache holds them)."""
+    key: Tuple[object, ...] = (
+        weight.data_ptr(),
+        tuple(weight.shape),
+        weight.stride(),
+        weight.dtype,
+        weight.device,
+        weight._version,
+    )
+    # Tensors among `extra` (DICE's mask) by identity and version: the cache holds them too.
+    key += tuple((id(item), item._version) if isinstance(item, torch.Tensor) else item for item in extra)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[2] != key:
+        cached = (weight, extra, key, build())
+        owner.__dict__[name] = cached
+    return cached[3]

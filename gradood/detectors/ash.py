@@ -36,8 +36,9 @@ from torch import nn
 
 from gradood import scores
 from gradood._checks import check_matrix
+from gradood._ops import cpu_capability, pruned_linear_blocks
 from gradood.detectors._base import Detector
-from gradood.detectors._head import HeadName
+from gradood.detectors._head import HeadName, derived_from_weight
 from gradood.model_io import LogitsFn
 
 VARIANTS = ("s", "b", "p")
@@ -85,6 +86,7 @@ def shaped_energy(
     shaping: str,
     percentile: float,
     where: str,
+    blocks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The energy of the head on shaped features: ASH's variants ("s", "b", "p") and SCALE's
     ("scale": every feature, unpruned, times ASH-S's exp(s₁/s₂))."""
@@ -101,11 +103,63 @@ def shaped_energy(
     keep = _kept_count(features.shape[1], _check_percentile(where, percentile), where)
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     v = features.to(acc)
+    if v.device.type == "cpu" and not torch.compiler.is_compiling():
+        products, scale = _shaped_products_cpu(v, weight, shaping, keep, blocks)
+    else:
+        products, scale = _shaped_products(v, weight, shaping, keep)
+    score = _energy(scale.to(acc)[:, None] * products, bias, acc)
+    large = scale > _SAFE_SCALE  # exp(s₁/s₂) may overflow in `acc`: those rows in float64
+    if acc != torch.float64 and bool(large.any()):
+        rows = large.nonzero().squeeze(1)
+        score[rows] = _energy(scale[rows, None] * products[rows].double(), bias, torch.float64).to(acc)
+    return torch.where(features.isnan().any(1), torch.full_like(score, math.nan), score)
+
+
+def _scale_of(total: torch.Tensor, kept_sum: torch.Tensor, nothing_kept: torch.Tensor) -> torch.Tensor:
+    """ASH-S's and SCALE's exp(s₁/s₂) in float64; 1 where every kept entry is 0 (then the shaped
+    row is 0, or for SCALE an all-zero row), NaN where s₂ = 0 otherwise."""
+    ratio = torch.where(kept_sum != 0, total / kept_sum, torch.full_like(total, math.nan))
+    return torch.where(nothing_kept, torch.ones_like(total), ratio.exp())
+
+
+def _shaped_products_cpu(
+    v: torch.Tensor, weight: torch.Tensor, shaping: str, keep: int, blocks: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(W v' [B, C] before the scale, the scale [B] in float64) by gradood::top_features (one
+    selection pass per row, s₁ and s₂ in float64) and gradood::pruned_linear (K = keep products
+    per logit instead of D; `blocks` is the head's blocked Wᵀ, built here when not given)."""
+    values, indices, total, kept_sum = torch.ops.gradood.top_features(v, keep)
+    classes = weight.shape[0]
+    if shaping == "scale":
+        scale = _scale_of(total, kept_sum, (v == 0).all(1))
+        return v @ weight.to(v.dtype).T, scale
+    if shaping == "b":  # (s₁ / k) on every kept entry
+        values = (total / keep).to(v.dtype)[:, None].expand(-1, keep)
+    # K products per logit pay where K is well below D (a dense GEMM does 2-3x the flops per
+    # second), where the blocked Wᵀ is cached or a large batch amortises building it, and on
+    # the AVX2/AVX-512 kernels (at DEFAULT, SSE2 without FMA, the GEMM library's own AVX2 code
+    # was as fast: benchmarks/RESULTS.md).
+    if 4 * keep <= v.shape[1] and (blocks is not None or v.shape[0] >= 256) and cpu_capability() in ("AVX2", "AVX512"):
+        table = pruned_linear_blocks(weight.to(v.dtype)) if blocks is None else blocks
+        products = torch.ops.gradood.pruned_linear(values, indices, table, classes)
+    else:
+        shaped = torch.zeros_like(v).scatter_(1, indices, values)
+        products = shaped @ weight.to(v.dtype).T
+    if shaping == "s":
+        return products, _scale_of(total, kept_sum, (values == 0).all(1))
+    return products, torch.ones_like(total)
+
+
+def _shaped_products(
+    v: torch.Tensor, weight: torch.Tensor, shaping: str, keep: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The same from ATen ops (other devices, torch.compile): the kept mask, sums in the
+    features' precision, a dense GEMM."""
     mask, threshold = _kept(v, keep)
     total = v.sum(1).double()  # s₁ (torch's cascade sum; a float64 sum would copy v first)
     scale = torch.ones_like(total)
     if shaping == "b":
-        shaped = mask.to(acc) * (total / keep).to(acc)[:, None]
+        shaped = mask.to(v.dtype) * (total / keep).to(v.dtype)[:, None]
     else:
         pruned = v * mask
         shaped = v if shaping == "scale" else pruned
@@ -116,15 +170,8 @@ def shaped_energy(
             nothing_kept = (v.amax(1) == 0) & (threshold.squeeze(1) == 0)
             if shaping == "scale":
                 nothing_kept &= v.amin(1) == 0
-            ratio = torch.where(kept_sum != 0, total / kept_sum, torch.full_like(total, math.nan))
-            scale = torch.where(nothing_kept, scale, ratio.exp())
-    products = shaped @ weight.to(acc).T  # W v' [B, C]
-    score = _energy(scale.to(acc)[:, None] * products, bias, acc)
-    large = scale > _SAFE_SCALE  # exp(s₁/s₂) may overflow in `acc`: those rows in float64
-    if acc != torch.float64 and bool(large.any()):
-        rows = large.nonzero().squeeze(1)
-        score[rows] = _energy(scale[rows, None] * products[rows].double(), bias, torch.float64).to(acc)
-    return torch.where(features.isnan().any(1), torch.full_like(score, math.nan), score)
+            scale = _scale_of(total, kept_sum, nothing_kept)
+    return shaped @ weight.to(v.dtype).T, scale  # W v' [B, C]
 
 
 # Above this ASH-S scale, scale · W v' may overflow float32 (3.4e38): float64 rows.
@@ -173,4 +220,10 @@ class ASH(Detector):
 
     def score_features(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         weight, bias = self.head_weight_bias()
-        return ash_energy(features, weight, bias, self.variant, self.percentile)
+        if features.device.type != "cpu" or cpu_capability() not in ("AVX2", "AVX512"):
+            return ash_energy(features, weight, bias, self.variant, self.percentile)
+        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+        blocks = derived_from_weight(
+            self, "_blocks_cache", weight, lambda: pruned_linear_blocks(weight.to(dtype)), dtype
+        )
+        return shaped_energy(features, weight, bias, self.variant, self.percentile, "gradood.detectors.ash", blocks)
