@@ -128,3 +128,12 @@ def test_half_precision_models_keep_the_engine_at_one_sample():
     assert engine._single_sample_norms(
         model, inputs[:1].to(torch.bfloat16), "ce_pred", 1.0, None, None, None, None, None, False
     ) is None
+
+
+def test_a_sparse_embedding_gradient_at_one_sample():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 3)).double().eval()
+    ids = torch.randint(0, 10, (2, 3))
+    single = persample_grad_norms(model, ids[:1]).norms
+    torch.testing.assert_close(single, persample_grad_norms(model, ids).norms[:1], rtol=1e-12, atol=0)
+    torch.testing.assert_close(single, _loop_norms(model, ids[:1]), rtol=1e-12, atol=0)

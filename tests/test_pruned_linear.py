@@ -153,3 +153,14 @@ def test_the_detector_builds_the_blocked_head_once(monkeypatch):
         model[2].weight.mul_(2.0)  # in place: rebuilt
     detector.score(inputs)
     assert len(built) == 2
+
+
+def test_a_model_built_in_inference_mode_is_scored_without_the_cache():
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        model = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.ReLU(), torch.nn.Linear(256, 70)).eval()
+    inputs = torch.randn(5, 16)
+    with torch.no_grad():
+        features = model[1](model[0](inputs))
+        want = ash_module.shaped_energy(features, model[2].weight, model[2].bias, "s", 90, "test")
+    torch.testing.assert_close(ASH(model, variant="s", percentile=90).score(inputs), want, rtol=1e-6, atol=1e-6)

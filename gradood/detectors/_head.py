@@ -253,6 +253,8 @@ def derived_from_weight(
     optimiser step, load_state_dict), rebuilds it; a write through `.data`, which autograd's
     version counter does not see either, does not. Tensors among `extra` count by identity and
     version (the cache holds them)."""
+    if weight.is_inference() or any(isinstance(item, torch.Tensor) and item.is_inference() for item in extra):
+        return build()  # inference tensors have no version counter: nothing to key a cache on
     key: Tuple[object, ...] = (
         weight.data_ptr(),
         tuple(weight.shape),

@@ -575,7 +575,7 @@ def _single_sample_norms(
         for parameter, flag in requires_grad.items():
             parameter.requires_grad_(flag)
     norm_dtype = compute_dtype(logits.dtype)
-    present = [(p, g) for p, g in zip(parameters, grads) if g is not None]
+    present = [(p, g.to_dense() if g.is_sparse else g) for p, g in zip(parameters, grads) if g is not None]
     # One foreach call for every parameter's norm (float32 pairwise sums within each, as the rules' are).
     norms = torch._foreach_norm([g for _, g in present]) if present else []
     squared_of = {id(p): n.to(norm_dtype).square() for (p, _), n in zip(present, norms)}
