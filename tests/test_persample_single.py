@@ -126,7 +126,7 @@ def test_half_precision_models_keep_the_engine_at_one_sample():
     result = persample_grad_norms(model, inputs[:1].to(torch.bfloat16), per_layer=True)
     assert "autograd" not in result.methods
     assert engine._single_sample_norms(
-        model, inputs[:1].to(torch.bfloat16), "ce_pred", 1.0, None, None, None, None, None, False
+        model, inputs[:1].to(torch.bfloat16), "ce_pred", 1.0, None, None, None, None, None, None
     ) is None
 
 

@@ -37,11 +37,11 @@ struct RowKernels {
   // bfloat16 / IEEE half bit patterns widened to float32.
   void (*widen_bfloat16)(const uint16_t* bits, int64_t count, float* out);
   void (*widen_half)(const uint16_t* bits, int64_t count, float* out);
-  // out[j] = Σ_i values[i] · rows[indices[i] · stride + j] for j < columns (<= kGatherColumns),
-  // the sum over i in order, accumulated in float32 registers (the pruned-feature head product
-  // of cpu/pruned_linear_kernel.cpp).
+  // out[j] = Σ_i values[i] · rows[indices[i] · stride + j] for j < kGatherColumns, the sum over
+  // i in order, accumulated in float32 registers (the pruned-feature head product of
+  // cpu/pruned_linear_kernel.cpp, whose blocks are padded to kGatherColumns).
   void (*weighted_row_sum)(const float* values, const int64_t* indices, int64_t count,
-                           const float* rows, int64_t stride, int64_t columns, float* out);
+                           const float* rows, int64_t stride, float* out);
 };
 
 // Columns weighted_row_sum takes at once: 64 floats of each gathered row (256 bytes), so that a

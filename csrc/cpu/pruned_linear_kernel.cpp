@@ -162,26 +162,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> top_features_cpu(
   return {values, indices, total, kept_sum};
 }
 
-// out[j] = Σ_i values[i] · rows[indices[i] · stride + j], float64 (the compiler vectorises j).
-void weighted_row_sum_double(const double* values, const int64_t* indices, int64_t count,
-                             const double* rows, int64_t stride, int64_t columns, double* out) {
-  double sums[kGatherColumns] = {};
-  for (int64_t i = 0; i < count; ++i) {
-    const double weight = values[i];
-    const double* row = rows + indices[i] * stride;
-    for (int64_t j = 0; j < columns; ++j) sums[j] += weight * row[j];
-  }
-  std::copy(sums, sums + columns, out);
-}
-
+// kGatherColumns sums over the gathered rows, float32 by the level's vectorised kernel, float64
+// here (the compiler vectorises j).
 void weighted_row_sum(const float* values, const int64_t* indices, int64_t count, const float* rows,
-                      int64_t stride, int64_t columns, float* out) {
-  cpu::row_kernels().weighted_row_sum(values, indices, count, rows, stride, columns, out);
+                      float* out) {
+  cpu::row_kernels().weighted_row_sum(values, indices, count, rows, kGatherColumns, out);
 }
 
 void weighted_row_sum(const double* values, const int64_t* indices, int64_t count,
-                      const double* rows, int64_t stride, int64_t columns, double* out) {
-  weighted_row_sum_double(values, indices, count, rows, stride, columns, out);
+                      const double* rows, double* out) {
+  double sums[kGatherColumns] = {};
+  for (int64_t i = 0; i < count; ++i) {
+    const double weight = values[i];
+    const double* row = rows + indices[i] * kGatherColumns;
+    for (int64_t j = 0; j < kGatherColumns; ++j) sums[j] += weight * row[j];
+  }
+  std::copy(sums, sums + kGatherColumns, out);
 }
 
 at::Tensor pruned_linear_cpu(const at::Tensor& values, const at::Tensor& indices,
@@ -192,10 +188,10 @@ at::Tensor pruned_linear_cpu(const at::Tensor& values, const at::Tensor& indices
   const int64_t batch = v.size(0), kept = v.size(1);
   const int64_t count = table.size(1), blocks = table.size(0);
   if (index.numel() > 0) {
-    const auto [low, high] = at::aminmax(index);
-    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < count,
-                "pruned_linear: indices must lie in [0, ", count, ") (the weight's D), got [",
-                low.item<int64_t>(), ", ", high.item<int64_t>(), "]");
+    const auto [min_index, max_index] = at::aminmax(index);
+    const int64_t low = min_index.item<int64_t>(), high = max_index.item<int64_t>();
+    TORCH_CHECK(low >= 0 && high < count, "pruned_linear: indices must lie in [0, ", count,
+                ") (the weight's D), got [", low, ", ", high, "]");
   }
   at::Tensor out = at::empty({batch, classes}, v.options());
   if (batch == 0) return out;
@@ -210,7 +206,7 @@ at::Tensor pruned_linear_cpu(const at::Tensor& values, const at::Tensor& indices
       const int64_t columns = std::min(kGatherColumns, classes - first);
       scalar_t sums[kGatherColumns];
       weighted_row_sum(value + b * kept, position + b * kept, kept,
-                       rows + block * count * kGatherColumns, kGatherColumns, kGatherColumns, sums);
+                       rows + block * count * kGatherColumns, sums);
       std::copy(sums, sums + columns, result + b * classes + first);
     };
     if (by_block) {

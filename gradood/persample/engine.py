@@ -507,6 +507,11 @@ def _half_pieces_as_float32(pieces: Dict[Optional[str], tuple]) -> Dict[Optional
     return {piece: tuple(_float32_if_half(t) for t in pair) for piece, pair in pieces.items()}
 
 
+def _owned_names(layer: _Layer) -> Tuple[str, ...]:
+    """The model's names of a layer's selected parameters."""
+    return tuple(f"{layer.name}.{own}" if layer.name else own for own in layer.parameter_names)
+
+
 def _single_sample_norms(
     model: nn.Module,
     inputs: Inputs,
@@ -517,7 +522,7 @@ def _single_sample_norms(
     functional_params: Optional[str],
     fallback: Optional[str],
     logits_fn: LogitsFn,
-    verify: Union[bool, int],
+    verify: Optional[Callable[[object], None]],
 ) -> Optional[PerSampleGradNorms]:
     """A batch of one sample: its gradient is its per-sample gradient, so one plain
     autograd backward gives the norms, exact for any model, without the rules, the
@@ -540,16 +545,13 @@ def _single_sample_norms(
         params,
         functional_params,
         fallback,
-        None
-        if not verify
-        else functools.partial(
-            _verify.check_norms, _WHERE, model, inputs, params, functional_params, fallback, logits_fn
-        ),
+        verify,
     )
     groups: List[Tuple[str, Tuple[str, ...], List[nn.Parameter]]] = []
     for layer in plan.layers:
-        owned = tuple(f"{layer.name}.{own}" if layer.name else own for own in layer.parameter_names)
-        groups.append((layer.name, owned, [layer.module.get_parameter(own) for own in layer.parameter_names]))
+        groups.append(
+            (layer.name, _owned_names(layer), [layer.module.get_parameter(own) for own in layer.parameter_names])
+        )
     groups += [(item.name, (item.name,), [item.parameter]) for item in plan.functional]
     groups += [(source.name, (source.name,), [source.parameter]) for source in plan.sources]
     parameters = list({id(p): p for _, _, members in groups for p in members}.values())
@@ -659,8 +661,13 @@ def persample_grad_norms(
     per_call = _verify.call_check_count(_WHERE, verify)
     logits_fn = logits
 
+    check = (
+        None
+        if not verify
+        else functools.partial(_verify.check_norms, _WHERE, model, inputs, params, functional_params, fallback, logits)
+    )
     single = _single_sample_norms(
-        model, inputs, loss, temperature, targets, params, functional_params, fallback, logits, verify
+        model, inputs, loss, temperature, targets, params, functional_params, fallback, logits, check
     )
     if single is not None:
         return single._replace(per_layer=single.per_layer if per_layer else None)
@@ -676,16 +683,14 @@ def persample_grad_norms(
         fallback,
         norms_of,
         logits,
-        verify=None
-        if not verify
-        else functools.partial(_verify.check_norms, _WHERE, model, inputs, params, functional_params, fallback, logits),
+        verify=check,
     )
     pass_logits = result.logits
     norm_dtype = compute_dtype(pass_logits.dtype)
     columns, names, methods, owned = [], [], [], []
     for layer in result.layers:
         names.append(layer.name)
-        owned.append(tuple(f"{layer.name}.{own}" if layer.name else own for own in layer.parameter_names))
+        owned.append(_owned_names(layer))
         if layer.name not in result.consumed:  # never called: its parameters get no gradient
             columns.append(pass_logits.new_zeros(pass_logits.shape[0], dtype=norm_dtype))
             methods.append("unused")
