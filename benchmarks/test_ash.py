@@ -7,6 +7,7 @@
                    pruned product from B = 256, a dense GEMM of the pruned features below)
     pytorch_ood    pytorch-ood's ash_s / ash_b / ash_p on [B, D, 1, 1], the head, its energy
     eager_topk     the paper's code as a torch composition (topk + scatter, head, logsumexp)
+    eager_compiled the same under torch.compile (compiled once, outside the timed rounds)
 
     cd benchmarks && python -m pytest test_ash.py --benchmark-json=ash.json
 
@@ -26,7 +27,7 @@ from gradood.detectors import ASH
 from gradood.detectors.ash import ash_energy
 
 CASES = {"B1024-D2048-C1000": (1024, 2048, 1000), "B64-D2048-C1000": (64, 2048, 1000)}
-IMPLEMENTATIONS = ["gradood", "gradood_function", "pytorch_ood", "eager_topk"]
+IMPLEMENTATIONS = ["gradood", "gradood_function", "pytorch_ood", "eager_topk", "eager_compiled"]
 
 
 def _eager(x: torch.Tensor, weight, bias, variant: str, percentile: float) -> torch.Tensor:
@@ -79,6 +80,12 @@ def test_ash_score(benchmark, case, implementation, variant):
 
         def run():
             return ash_energy(features.clone(), weight, bias, variant, 90.0)
+
+    elif implementation == "eager_compiled":
+        compiled = torch.compile(_eager, dynamic=False)
+
+        def run():
+            return compiled(features.clone(), weight, bias, variant, 90.0)
 
     elif implementation == "eager_topk":
 
