@@ -165,6 +165,21 @@ def pruned_linear_blocks(weight: torch.Tensor) -> torch.Tensor:
     return padded.reshape(blocks, PRUNED_LINEAR_BLOCK, count).transpose(1, 2).contiguous()
 
 
+def pruned_linear_sample_blocks(features: torch.Tensor) -> torch.Tensor:
+    """Features v [B, D] laid out as `gradood::pruned_linear`'s weight_blocks with the roles of
+    samples and classes swapped, for a sparse head [C, K] (each class's kept weights and their
+    feature indices) applied as pruned_linear(head_values, head_indices, blocks, B) = (W' vᵀ)
+    [C, B]: [ceil(B/64), D + 1, 64], block n holding samples 64n … 64n + 63 (zero beyond B), and
+    row D zero, the index a class with fewer kept weights pads with (its padded products are
+    exactly 0, whatever the features)."""
+    batch, count = features.shape
+    blocks = -(-batch // PRUNED_LINEAR_BLOCK)
+    table = features.new_zeros((blocks, count + 1, PRUNED_LINEAR_BLOCK))
+    padded = torch.nn.functional.pad(features, (0, 0, 0, blocks * PRUNED_LINEAR_BLOCK - batch))
+    table[:, :count].copy_(padded.reshape(blocks, PRUNED_LINEAR_BLOCK, count).transpose(1, 2))
+    return table
+
+
 _autograd.register()
 
 

@@ -36,7 +36,7 @@ def _literal(features: torch.Tensor, head: nn.Linear, variant: str, percentile: 
         t.zero_().scatter_(dim=1, index=i, src=v)
         if variant == "s":
             x = x * torch.exp(s1 / x.sum(dim=[1, 2, 3]))[:, None, None, None]
-    logits = nn.functional.linear(x.flatten(1), head.weight.double(), head.bias.double())
+    logits = nn.functional.linear(x.flatten(1), head.weight.double(), None if head.bias is None else head.bias.double())
     return torch.logsumexp(logits, dim=1)
 
 
@@ -156,6 +156,65 @@ def test_scale_is_the_papers_procedure(percentile, dtype):
     tolerance = 1e-10 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(detector.score(inputs).double(), expected, rtol=tolerance, atol=tolerance)
     assert SCALE(model).percentile == 85.0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_scale_reads_the_head_product_from_the_logits(dtype, bias):
+    """SCALE.score_features takes W v = f - b from the logits instead of a second GEMM: the same
+    score as scale_energy's GEMM to round-off, against float64, on a 1000-class head."""
+    generator = torch.Generator().manual_seed(3)
+    head = nn.Linear(512, 1000, bias=bias).to(dtype)
+    model = nn.Sequential(nn.Identity(), head).eval()
+    features = torch.rand(70, 512, generator=generator, dtype=dtype) * torch.rand(70, 1, generator=generator, dtype=dtype)
+    logits = head(features).detach()
+    detector = SCALE(model)
+    detector.score(features[:2])  # finds the head
+    expected = _literal(features, head, "scale", 85.0)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-6
+    got = detector.score_features(logits, features)
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+    weight, offset = head.weight.detach(), None if head.bias is None else head.bias.detach()
+    torch.testing.assert_close(got, scale_energy(features, weight, offset, 85.0), rtol=tolerance, atol=tolerance)
+
+
+def test_scale_refuses_logits_that_are_not_the_heads_output():
+    generator = torch.Generator().manual_seed(4)
+    model = _Net(width=64, classes=7).eval()
+    detector = SCALE(model)
+    inputs = torch.randn(10, 10, generator=generator)
+    detector.score(inputs)
+    features = model.body(inputs).detach()
+    logits = model.fc(features).detach()
+    for wrong in (logits / 1.5, logits.flip(0), logits + 0.1):
+        with pytest.raises(ValueError, match="the logits are not the head's output on these features"):
+            detector.score_features(wrong, features)
+    with pytest.raises(ValueError, match=r"logits must be \[B, C\] with C = 7"):
+        detector.score_features(logits[:, :5], features)
+    # the check takes the first finite sample: NaN rows before it score NaN, the rest as usual
+    broken_features, broken_logits = features.clone(), logits.clone()
+    broken_features[0, 3] = math.nan
+    broken_logits[1, 2] = math.nan
+    got = detector.score_features(broken_logits, broken_features)
+    assert got[0].isnan() and got[1].isnan()
+    torch.testing.assert_close(got[2:], detector.score_features(logits[2:], features[2:]))
+    with pytest.raises(ValueError, match="sample 2, class"):
+        detector.score_features(torch.cat([broken_logits[:2], logits[2:] * 2]), broken_features)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_scale_recomputes_the_product_for_half_logits(dtype):
+    """Half-precision logits carry 2^-8 or 2^-11 relative rounding, which the scale would
+    multiply: the head's GEMM runs in float32 on the features instead."""
+    generator = torch.Generator().manual_seed(5)
+    model = _Net(width=64, classes=7).to(dtype).eval()
+    detector = SCALE(model)
+    inputs = torch.randn(9, 10, generator=generator).to(dtype)
+    detector.score(inputs)
+    features = model.body(inputs).detach()
+    garbage = torch.zeros(9, 7, dtype=dtype)  # never read
+    weight, bias = model.fc.weight.detach(), model.fc.bias.detach()
+    torch.testing.assert_close(detector.score_features(garbage, features), scale_energy(features, weight, bias, 85.0))
 
 
 def test_scale_degenerate_rows():

@@ -55,6 +55,62 @@ def test_dice_is_the_papers_procedure(percentile, bias):
                                rtol=2e-5, atol=2e-5)
 
 
+def _skewed_detector(dtype, percentile=90.0, classes=70, width=300):
+    """A fitted DICE whose classes keep very different numbers of weights: class 0 none at
+    p >= 90 (its weights negative against non-negative mean features), class 1 the most (large
+    weights on 60 features, fewer than a quarter of them: the pruned_linear path stays open)."""
+    generator = torch.Generator().manual_seed(11)
+    head = nn.Linear(width, classes).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(classes, width, generator=generator, dtype=dtype))
+        head.weight[0] = -head.weight[0].abs()
+        head.weight[1, :60] = head.weight[1, :60].abs() * 5
+        head.weight[1, 60:] *= 1e-3
+    model = nn.Sequential(nn.Identity(), head).eval()
+    fit = torch.rand(64, width, generator=generator, dtype=dtype)
+    return DICE(model, percentile=percentile).fit(fit), head
+
+
+def _expected(detector, head, features):
+    masked = torch.where(detector.mask, head.weight.detach().double(), torch.zeros((), dtype=torch.float64))
+    return torch.logsumexp(features.double() @ masked.T + head.bias.detach().double(), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("percentile", [90.0, 99.0, 30.0])
+@pytest.mark.parametrize("batch", [1, 7, 32, 33, 64, 65, 200])
+def test_every_product_path_is_the_sparsified_head(batch, percentile, dtype):
+    """CPU: pruned_linear with samples and classes swapped (float32, B > 32, AVX2/AVX-512),
+    torch's CSR product, the dense GEMM (p = 30 keeps 70%) against float64; rows scored alone
+    agree with the batch (the paths differ in summation order only)."""
+    detector, head = _skewed_detector(dtype, percentile)
+    counts = detector.mask.sum(1)
+    if percentile >= 90:
+        assert counts[0] == 0 and counts[1] == int(counts.max()) and 4 * counts[1] <= head.in_features
+    generator = torch.Generator().manual_seed(batch)
+    features = torch.rand(batch, head.in_features, generator=generator, dtype=dtype) * 2
+    features = features[:, ::1] if batch % 2 else features.T.contiguous().T  # non-contiguous rows too
+    logits = head(features).detach()
+    got = detector.score_features(logits, features)
+    tolerance = 1e-12 if dtype == torch.float64 else 3e-6
+    torch.testing.assert_close(got.double(), _expected(detector, head, features), rtol=tolerance, atol=tolerance)
+    alone = torch.cat([detector.score_features(logits[i : i + 1], features[i : i + 1]) for i in range(batch)])
+    torch.testing.assert_close(alone, got, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("batch", [5, 40])
+def test_non_finite_features_score_nan_on_every_path(batch):
+    detector, head = _skewed_detector(torch.float32, 95.0)
+    never_kept = int((~detector.mask.any(0)).nonzero()[0])  # a feature no class keeps
+    features = torch.rand(batch, head.in_features, generator=torch.Generator().manual_seed(1))
+    features[0, never_kept] = math.nan
+    features[1, never_kept] = math.inf
+    features[2, 0] = -math.inf
+    got = detector.score_features(head(features).detach(), features)
+    assert got[:3].isnan().all()
+    torch.testing.assert_close(got[3:].double(), _expected(detector, head, features[3:]), rtol=3e-6, atol=3e-6)
+
+
 def test_the_percentile_is_numpys_linear_interpolation():
     generator = torch.Generator().manual_seed(3)
     values = torch.randn(37, 11, generator=generator, dtype=torch.float64)
@@ -133,23 +189,35 @@ def test_the_cached_sparse_head_follows_refits_and_in_place_weight_changes():
     torch.testing.assert_close(detector.score(inputs), expected.score(inputs))
 
 
-def test_the_sparse_head_is_built_once_while_the_weight_is_unchanged(monkeypatch):
+@pytest.mark.parametrize("percentile, batch, dtype", [(60.0, 6, torch.float64), (95.0, 6, torch.float64),
+                                                     (95.0, 40, torch.float32)], ids=["dense", "csr", "pruned_linear"])
+def test_the_sparse_head_is_built_once_while_the_weight_is_unchanged(monkeypatch, percentile, batch, dtype):
+    from gradood.detectors import dice
+
     torch.manual_seed(5)
-    model = _Net().double().eval()
-    fit, inputs = torch.randn(40, 10, dtype=torch.float64), torch.randn(6, 10, dtype=torch.float64)
-    detector = DICE(model, percentile=60).fit(fit)
+    model = _Net(width=256, classes=12).to(dtype).eval()
+    fit, inputs = torch.randn(40, 10, dtype=dtype), torch.randn(batch, 10, dtype=dtype)
+    detector = DICE(model, percentile=percentile).fit(fit)
     built = []
-    where = torch.where
-    monkeypatch.setattr(torch, "where", lambda *args: built.append(1) or where(*args))
+    for name in ("_dense", "_csr", "_padded", "_layout"):
+        original = getattr(dice, name)
+        monkeypatch.setattr(dice, name, lambda *args, _f=original, _n=name: built.append(_n) or _f(*args))
     first = detector.score(inputs)
+    forms = list(built)
+    from gradood._ops import cpu_capability
+
+    fast = cpu_capability() in ("AVX2", "AVX512")
+    path = {60.0: "_dense", 95.0: "_padded" if batch > 32 and fast else "_csr"}[percentile]
+    assert path in forms
     for _ in range(3):
         torch.testing.assert_close(detector.score(inputs), first, rtol=0, atol=0)
-    assert len(built) == 1
+    assert built == forms  # nothing rebuilt
     model.fc.weight = nn.Parameter(model.fc.weight.detach() * 3)  # a replaced parameter: rebuilt
     with torch.no_grad():
-        masked = where(detector.mask, model.fc.weight, torch.zeros((), dtype=torch.float64))
-        expected = torch.logsumexp(model.body(inputs) @ masked.T + model.fc.bias, 1)
+        masked = torch.where(detector.mask, model.fc.weight, torch.zeros((), dtype=dtype))
+        expected = torch.logsumexp(model.body(inputs).double() @ masked.double().T + model.fc.bias.double(), 1)
     built.clear()
-    torch.testing.assert_close(detector.score(inputs), expected, rtol=1e-12, atol=0)
-    assert len(built) == 1
-    assert not torch.allclose(expected, first)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(detector.score(inputs).double(), expected, rtol=tolerance, atol=0)
+    assert built == forms
+    assert not torch.allclose(expected, first.double())

@@ -45,6 +45,8 @@ HeadName = Union[str, Tuple[str, str]]
 
 KINDS = ("linear", "token", "mean")
 
+Derived = typing.TypeVar("Derived")
+
 
 class Head(NamedTuple):
     names: Tuple[str, ...]  # one module, or two for "mean"
@@ -241,9 +243,9 @@ def weight_bias(model: nn.Module, head: Head) -> Tuple[torch.Tensor, Optional[to
 
 
 def derived_from_weight(
-    owner: object, name: str, weight: torch.Tensor, build: Callable[[], torch.Tensor], *extra: object
-) -> torch.Tensor:
-    """A tensor derived from the head's weight (DICE's sparsified head, ASH's blocked Wᵀ),
+    owner: object, name: str, weight: torch.Tensor, build: Callable[[], Derived], *extra: object
+) -> Derived:
+    """What `build` derives from the head's weight (DICE's sparsified head, ASH's blocked Wᵀ),
     kept in owner.__dict__[name] and rebuilt only when the weight or `extra` changed.
 
     The weight arrives as a new detached view on every call, so it is recognised by its memory

@@ -87,9 +87,11 @@ def shaped_energy(
     percentile: float,
     where: str,
     blocks: Optional[torch.Tensor] = None,
+    head_products: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The energy of the head on shaped features: ASH's variants ("s", "b", "p") and SCALE's
-    ("scale": every feature, unpruned, times ASH-S's exp(s₁/s₂))."""
+    ("scale": every feature, unpruned, times ASH-S's exp(s₁/s₂); `head_products`, W v [B, C]
+    in the accumulation dtype, spares its GEMM when the caller has it)."""
     check_matrix(where, "features", features, "[B, D]")
     if weight.dim() != 2 or weight.shape[1] != features.shape[1]:
         raise ValueError(
@@ -104,9 +106,9 @@ def shaped_energy(
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     v = features.to(acc)
     if v.device.type == "cpu" and not torch.compiler.is_compiling():
-        products, scale = _shaped_products_cpu(v, weight, shaping, keep, blocks)
+        products, scale = _shaped_products_cpu(v, weight, shaping, keep, blocks, head_products)
     else:
-        products, scale = _shaped_products(v, weight, shaping, keep)
+        products, scale = _shaped_products(v, weight, shaping, keep, head_products)
     score = _energy(scale.to(acc)[:, None] * products, bias, acc)
     large = scale > _SAFE_SCALE  # exp(s₁/s₂) may overflow in `acc`: those rows in float64
     if acc != torch.float64 and bool(large.any()):
@@ -123,7 +125,12 @@ def _scale_of(total: torch.Tensor, kept_sum: torch.Tensor, nothing_kept: torch.T
 
 
 def _shaped_products_cpu(
-    v: torch.Tensor, weight: torch.Tensor, shaping: str, keep: int, blocks: Optional[torch.Tensor]
+    v: torch.Tensor,
+    weight: torch.Tensor,
+    shaping: str,
+    keep: int,
+    blocks: Optional[torch.Tensor],
+    head_products: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(W v' [B, C] before the scale, the scale [B] in float64) by gradood::top_features (one
     selection pass per row, s₁ and s₂ in float64) and gradood::pruned_linear (K = keep products
@@ -132,7 +139,7 @@ def _shaped_products_cpu(
     classes = weight.shape[0]
     if shaping == "scale":
         scale = _scale_of(total, kept_sum, (v == 0).all(1))
-        return v @ weight.to(v.dtype).T, scale
+        return (v @ weight.to(v.dtype).T if head_products is None else head_products), scale
     if shaping == "b":  # (s₁ / k) on every kept entry
         values = (total / keep).to(v.dtype)[:, None].expand(-1, keep)
     # K products per logit pay where K is well below D (a dense GEMM does 2-3x the flops per
@@ -151,7 +158,7 @@ def _shaped_products_cpu(
 
 
 def _shaped_products(
-    v: torch.Tensor, weight: torch.Tensor, shaping: str, keep: int
+    v: torch.Tensor, weight: torch.Tensor, shaping: str, keep: int, head_products: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The same from ATen ops (other devices, torch.compile): the kept mask, sums in the
     features' precision, a dense GEMM."""
@@ -171,6 +178,8 @@ def _shaped_products(
             if shaping == "scale":
                 nothing_kept &= v.amin(1) == 0
             scale = _scale_of(total, kept_sum, nothing_kept)
+    if head_products is not None and shaping == "scale":
+        return head_products, scale
     return shaped @ weight.to(v.dtype).T, scale  # W v' [B, C]
 
 
