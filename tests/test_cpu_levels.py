@@ -55,7 +55,7 @@ def test_scores_are_exact_at_every_level(level):
     if not _available(level):
         pytest.skip(f"this CPU has no {level}")
     files = [os.path.join(_HERE, name) for name in ("test_scores.py", "test_scores_fast_path.py", "test_score_accuracy.py", "test_score_gradients.py",
-                                            "test_persample_ops.py", "test_pruned_linear.py")]
+                                            "test_persample_ops.py", "test_pruned_linear.py", "test_ash.py", "test_dice.py")]
     # torch's own kernels at the same level (portable: DEFAULT), so that the operators choosing
     # by ATen's level (the conv norms' GEMM at DEFAULT) run each of their paths too.
     env = dict(os.environ, GRADOOD_CPU_CAPABILITY=level, ATEN_CPU_CAPABILITY="default" if level == "portable" else level)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Optional, Tuple
 
 import numpy as np
@@ -88,6 +89,7 @@ def shaped_energy(
     where: str,
     blocks: Optional[torch.Tensor] = None,
     head_products: Optional[torch.Tensor] = None,
+    transposed: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The energy of the head on shaped features: ASH's variants ("s", "b", "p") and SCALE's
     ("scale": every feature, unpruned, times ASH-S's exp(s₁/s₂); `head_products`, W v [B, C]
@@ -106,7 +108,7 @@ def shaped_energy(
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     v = features.to(acc)
     if v.device.type == "cpu" and not torch.compiler.is_compiling():
-        products, scale = _shaped_products_cpu(v, weight, shaping, keep, blocks, head_products)
+        products, scale = _shaped_products_cpu(v, weight, shaping, keep, blocks, head_products, transposed)
     else:
         products, scale = _shaped_products(v, weight, shaping, keep, head_products)
     score = _energy(scale.to(acc)[:, None] * products, bias, acc)
@@ -131,10 +133,12 @@ def _shaped_products_cpu(
     keep: int,
     blocks: Optional[torch.Tensor],
     head_products: Optional[torch.Tensor],
+    transposed: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(W v' [B, C] before the scale, the scale [B] in float64) by gradood::top_features (one
     selection pass per row, s₁ and s₂ in float64) and gradood::pruned_linear (K = keep products
-    per logit instead of D; `blocks` is the head's blocked Wᵀ, built here when not given)."""
+    per logit instead of D; `blocks` is the head's blocked Wᵀ, built here when not given) or, given
+    `transposed` (Wᵀ [D, C] contiguous), torch's sparse CSR product of the kept entries."""
     values, indices, total, kept_sum = torch.ops.gradood.top_features(v, keep)
     classes = weight.shape[0]
     if shaping == "scale":
@@ -143,12 +147,22 @@ def _shaped_products_cpu(
     if shaping == "b":  # (s₁ / k) on every kept entry
         values = (total / keep).to(v.dtype)[:, None].expand(-1, keep)
     # K products per logit pay where K is well below D (a dense GEMM does 2-3x the flops per
-    # second), where the blocked Wᵀ is cached or a large batch amortises building it, and on
-    # the AVX2/AVX-512 kernels (at DEFAULT, SSE2 without FMA, the GEMM library's own AVX2 code
-    # was as fast: benchmarks/RESULTS.md).
-    if 4 * keep <= v.shape[1] and (blocks is not None or v.shape[0] >= 256) and cpu_capability() in ("AVX2", "AVX512"):
+    # second): on the AVX2/AVX-512 kernel where the blocked Wᵀ is cached or a large batch
+    # amortises building it; by torch's sparse CSR product (MKL's where torch has it) against a
+    # cached contiguous Wᵀ at the other levels, where the SSE2 kernel is slower than MKL's.
+    # AVX2 EPYC, B = 64, C = 1000, D = 2048, K = 205: dense 2.9 ms, CSR 1.2, pruned_linear 0.48;
+    # DEFAULT: 3.1, 0.6, 1.2 (benchmarks/RESULTS.md).
+    few = 4 * keep <= v.shape[1]
+    if few and (blocks is not None or v.shape[0] >= 256) and cpu_capability() in ("AVX2", "AVX512"):
         table = pruned_linear_blocks(weight.to(v.dtype)) if blocks is None else blocks
         products = torch.ops.gradood.pruned_linear(values, indices, table, classes)
+    elif few and transposed is not None:
+        batch, count = v.shape
+        rows = torch.arange(0, batch * keep + 1, keep, dtype=torch.int64)
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            pruned = torch.sparse_csr_tensor(rows, indices.reshape(-1), values.reshape(-1), size=(batch, count))
+        products = pruned @ transposed
     else:
         shaped = torch.zeros_like(v).scatter_(1, indices, values)
         products = shaped @ weight.to(v.dtype).T
@@ -229,10 +243,16 @@ class ASH(Detector):
 
     def score_features(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         weight, bias = self.head_weight_bias()
-        if features.device.type != "cpu" or cpu_capability() not in ("AVX2", "AVX512"):
+        if features.device.type != "cpu" or weight.dim() != 2:
             return ash_energy(features, weight, bias, self.variant, self.percentile)
         dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-        blocks = derived_from_weight(
-            self, "_blocks_cache", weight, lambda: pruned_linear_blocks(weight.to(dtype)), dtype
+        where = "gradood.detectors.ash"
+        if cpu_capability() in ("AVX2", "AVX512"):
+            blocks = derived_from_weight(
+                self, "_blocks_cache", weight, lambda: pruned_linear_blocks(weight.to(dtype)), dtype
+            )
+            return shaped_energy(features, weight, bias, self.variant, self.percentile, where, blocks)
+        transposed = derived_from_weight(
+            self, "_transposed_cache", weight, lambda: weight.detach().to(dtype).T.contiguous(), dtype
         )
-        return shaped_energy(features, weight, bias, self.variant, self.percentile, "gradood.detectors.ash", blocks)
+        return shaped_energy(features, weight, bias, self.variant, self.percentile, where, transposed=transposed)
