@@ -196,7 +196,8 @@ def _all_detectors(model, inputs):
     for detector in fitted:
         detector.fit(inputs)
     return [make(model) for make, _ in FORWARD_ONLY.values()] + fitted + [
-        D.ODIN(model, epsilon=0.01), D.GRODIN(model, epsilon=0.01, part="G"), D.FullGradNorm(model)
+        D.ODIN(model, epsilon=0.01), D.GRODIN(model, epsilon=0.01, part="G"), D.FullGradNorm(model),
+        D.GradUncertainty(model), D.GradUncertainty(model, layers="head"),
     ]
 
 
@@ -406,6 +407,7 @@ def test_every_detector_runs_on_torchvision_models_on_cuda(arch):
         D.ReAct(model), D.ASH(model), D.SCALE(model), D.DICE(model), D.RGAdditive(model), D.KLMatching(model), D.RG(model, percentile=90),
         D.LowDimGrad(model, dim=4, params=lambda name, parameter: name.startswith(last)),
         D.ODIN(model), D.GRODIN(model, epsilon=0.001, **options), D.FullGradNorm(model, **options),
+        D.GradUncertainty(model, **options), D.GradUncertainty(model, layers="head"),
     ]
     for detector in detectors:
         detector.fit(fit_data)

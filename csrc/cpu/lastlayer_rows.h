@@ -38,8 +38,9 @@ struct RowKernels {
   void (*widen_bfloat16)(const uint16_t* bits, int64_t count, float* out);
   void (*widen_half)(const uint16_t* bits, int64_t count, float* out);
   // out[j] = Σ_i values[i] · rows[indices[i] · stride + j] for j < kGatherColumns, the sum over
-  // i in order, accumulated in float32 registers (the pruned-feature head product of
-  // cpu/pruned_linear_kernel.cpp, whose blocks are padded to kGatherColumns).
+  // i in order (at AVX-512: the even and the odd i in two sums, added at the end), accumulated
+  // in float32 registers (the pruned-feature head product of cpu/pruned_linear_kernel.cpp, whose
+  // blocks are padded to kGatherColumns).
   void (*weighted_row_sum)(const float* values, const int64_t* indices, int64_t count,
                            const float* rows, int64_t stride, float* out);
 };

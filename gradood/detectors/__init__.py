@@ -11,6 +11,7 @@ from gradood.detectors.entropy import Entropy
 from gradood.detectors.exgrad import ExGrad
 from gradood.detectors.full_gradnorm import FullGradNorm
 from gradood.detectors.gen import GEN
+from gradood.detectors.grad_uncertainty import GradUncertainty
 from gradood.detectors.gradnorm import GradNorm
 from gradood.detectors.grodin import GRODIN
 from gradood.detectors.kl_matching import KLMatching
@@ -51,5 +52,6 @@ __all__ = [
     "KNN",
     "GRODIN",
     "FullGradNorm",
+    "GradUncertainty",
     "LowDimGrad",
 ]

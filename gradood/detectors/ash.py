@@ -132,7 +132,7 @@ def _shaped_products_cpu(
     shaping: str,
     keep: int,
     blocks: Optional[torch.Tensor],
-    head_products: Optional[torch.Tensor],
+    head_products: Optional[torch.Tensor] = None,
     transposed: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(W v' [B, C] before the scale, the scale [B] in float64) by gradood::top_features (one
