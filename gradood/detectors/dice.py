@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -125,7 +125,7 @@ class DICE(Detector):
             products = self._derived("csr", weight, mask, dtype) @ v.T.contiguous()  # MKL: 20% faster than strided
         return products.T.contiguous()
 
-    def _derived(self, form: str, weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    def _derived(self, form: str, weight: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> Any:
         """One form of W' in `dtype`, rebuilt only when the head's weight, the mask or the dtype
         changed (building it costs a pass over C·D, two thirds of the score at B = 64, C = 1000,
         D = 2048): "dense" [C, D]; "csr"; "padded", each class's kept weights and their feature

@@ -37,7 +37,7 @@ from gradood.detectors._base import Detector, eval_mode
 from gradood.detectors._head import HeadName
 from gradood.model_io import Inputs, LogitsFn
 from gradood.persample import _verify, persample_grad_norms
-from gradood.persample.engine import ParamSelector
+from gradood.persample.engine import ParamSelector, PerSampleGradNorms
 
 LAYERS = ("network", "head")
 
@@ -117,7 +117,7 @@ class GradUncertainty(Detector):
         assert result.per_layer is not None
         return result.per_layer, result.layer_names
 
-    def _network(self, inputs: Inputs, per_layer: bool):  # type: ignore[no-untyped-def]
+    def _network(self, inputs: Inputs, per_layer: bool) -> PerSampleGradNorms:
         with eval_mode(self.model):
             return persample_grad_norms(
                 self.model,
