@@ -35,12 +35,17 @@
 namespace gradood {
 namespace {
 
-// max_logit of a small batch runs the kernel's max pass (B=1, C=1000: 0.8 us against
-// 1.2 for at::amax, whose set-up dominates); beyond 16384 logits ATen's reduction is
-// faster, and at the DEFAULT level beyond 16 rows (measured 2026-12-02, AMD EPYC).
-bool small_max_logit(const at::Tensor& logits) {
-  if (logits.numel() > 16384) return false;
-  return logits.size(0) <= 16 || cpu::row_kernels().capability != std::string_view("DEFAULT");
+// Where max_logit runs the kernel's max pass (one read of each row, NaN kept) rather than
+// ATen's reduction. AVX2/AVX-512: a small batch (B=1, C=1000: 0.8 us against 1.2 for
+// at::amax, whose set-up dominates); beyond 16384 logits at::amax is faster. DEFAULT: rows
+// longer than the short-row tile at any B (B=1024, C=1000: 0.24 ms against 0.59 for
+// at::max(dim), the faster of ATen's two there), short rows in a small batch only (C=10,
+// B=1024: at::max(dim) 11 us, the short-row kernel 23) (AMD EPYC, 2026-12-07).
+bool kernel_max_logit(const at::Tensor& logits) {
+  if (cpu::row_kernels().capability == std::string_view("DEFAULT")) {
+    return logits.size(1) > cpu::kMaxShortRow || logits.size(0) <= 16;
+  }
+  return logits.numel() <= 16384;
 }
 
 // The dispatch keys of a dense strided CPU tensor (bitwise: DispatchKeySet's `-`
@@ -144,7 +149,7 @@ PyObject* plain_cpu_score(PyObject* /*module*/, PyObject* const* args, Py_ssize_
     pybind11::gil_scoped_release no_gil;  // a large batch runs for milliseconds
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     if (*logit_term == kMaxLogit && !features.has_value() && *logit_scale == 1.0 &&
-        !small_max_logit(logits)) {
+        !kernel_max_logit(logits)) {
       // One read of the logits by ATen's fastest reduction at this level (NaN rows stay
       // NaN, as the checked path's amax): at DEFAULT max(dim) is vectorised, amax is not
       // (B=1024, C=1000: 0.60 ms against 1.0; C=10: 5.6 us against 9.9).

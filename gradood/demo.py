@@ -190,7 +190,9 @@ def build_detectors(
     """Every detector with its paper's defaults; ID statistics fitted on `fit_data`
     (and its labels, which LowDimGrad's probe and Mahalanobis scores train on; the
     model's predictions without them). LowDimGrad's subspace is fitted once and
-    every base score scores it (LowDimGrad.with_score)."""
+    every base score scores it (LowDimGrad.with_score). Temperature scaling is not among
+    them: it fits T on held-out labelled ID data the model gets partly wrong, and the demo has
+    no such split (the CNN fits its training set exactly, where no T minimises the NLL)."""
     detectors: Dict[str, D.Detector] = {
         "MSP": D.MSP(model),
         "MaxLogit": D.MaxLogit(model),
@@ -209,9 +211,12 @@ def build_detectors(
         "GRODIN SG": D.GRODIN(model, part="SG"),
         "GRODIN G": D.GRODIN(model, part="G"),
         "FullGradNorm": D.FullGradNorm(model),
+        "GradUncertainty": D.GradUncertainty(model),
+        "GradUncertainty (head)": D.GradUncertainty(model, layers="head"),
         "Entropy": D.Entropy(model),
         "GEN (γ=0.1, M=100)": D.GEN(model),
         "KNN (k=50)": D.KNN(model),
+        "ViM (dim=D/2)": D.ViM(model),
     }
     labelled = fit_labels is not None
     batches = list(fit_data.split(256)) if fit_labels is None else list(zip(fit_data.split(256), fit_labels.split(256)))

@@ -21,7 +21,8 @@ constexpr int64_t kRowTile = 16;
 struct RowKernels {
   const char* capability;  // "DEFAULT", "AVX2", "AVX512"
   // The `wanted` logit terms (a TermMask of common/lastlayer_terms_math.h) of one
-  // row and its argmax; scratch holds num_classes floats. Returns false, writing
+  // row and its argmax (-1 where only the max logit is wanted: no search for it);
+  // scratch holds num_classes floats. Returns false, writing
   // nothing, for a row the fast path does not cover (a NaN, or an infinite max):
   // the caller's exact scalar path defines those rows.
   bool (*logit_terms_row)(const float* logits, int64_t num_classes, float temperature,
