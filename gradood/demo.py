@@ -217,6 +217,7 @@ def build_detectors(
         "GEN (γ=0.1, M=100)": D.GEN(model),
         "KNN (k=50)": D.KNN(model),
         "ViM (dim=D/2)": D.ViM(model),
+        "fDBD": D.FDBD(model),
     }
     labelled = fit_labels is not None
     batches = list(fit_data.split(256)) if fit_labels is None else list(zip(fit_data.split(256), fit_labels.split(256)))
@@ -226,6 +227,7 @@ def build_detectors(
     detectors["Relative Mahalanobis (pseudo-inverse)"] = D.Mahalanobis(
         model, classes=classes, relative=True, singular="pseudo-inverse"
     )
+    detectors["SHE"] = D.SHE(model, classes=classes)
     items = detectors.items()
     if progress and tqdm is not None:
         items = tqdm(items, desc="fitting detectors", unit="detector")

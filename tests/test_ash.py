@@ -198,8 +198,31 @@ def test_scale_refuses_logits_that_are_not_the_heads_output():
     got = detector.score_features(broken_logits, broken_features)
     assert got[0].isnan() and got[1].isnan()
     torch.testing.assert_close(got[2:], detector.score_features(logits[2:], features[2:]))
-    with pytest.raises(ValueError, match="sample 2, class"):
+    with pytest.raises(ValueError, match=r"sample \d+, class"):
         detector.score_features(torch.cat([broken_logits[:2], logits[2:] * 2]), broken_features)
+    # rows spread over the batch are checked, not only the first: a later row's mismatch raises
+    for wrong_tail in (torch.cat([logits[:1], logits[1:] / 2]), torch.cat([logits[:1], logits[1:].flip(0)])):
+        with pytest.raises(ValueError, match="the logits are not the head's output"):
+            detector.score_features(wrong_tail, features)
+
+
+@pytest.mark.parametrize("bias_mean, percentile", [(30.0, 95.0), (100.0, 99.0), (10.0, 98.0)])
+def test_scale_keeps_its_accuracy_where_the_bias_dominates(bias_mean, percentile):
+    """f − b loses the bits of W v that a large bias covers, and the scale (up to 1e8 here)
+    multiplies that loss: such rows take the GEMM (review: 8.6e-4 relative error at b = 100)."""
+    generator = torch.Generator().manual_seed(6)
+    head = nn.Linear(2048, 1000)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(1000, 2048, generator=generator) * 5e-4)
+        head.bias.copy_(bias_mean + torch.randn(1000, generator=generator))
+    model = nn.Sequential(nn.Identity(), head).eval()
+    features = torch.rand(16, 2048, generator=generator)
+    detector = SCALE(model, percentile=percentile)
+    detector.score(features[:2])
+    got = detector.score_features(head(features).detach(), features).double()
+    expected = _literal(features, head, "scale", percentile).detach()
+    assert torch.isfinite(expected).all()
+    assert float(((got - expected).abs() / expected.abs()).max()) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -226,3 +249,22 @@ def test_scale_degenerate_rows():
     assert math.isnan(scale_energy(signed, weight, bias, 66.0).item())
     with pytest.raises(ValueError, match=r"percentile must be a number in \[0, 100\)"):
         SCALE(_Net(), percentile=100)
+
+
+@pytest.mark.parametrize("batch", [5, 300])
+@pytest.mark.parametrize("variant", ["s", "b", "scale"])
+def test_the_score_of_features_that_require_a_gradient_is_differentiated_as_defined(variant, batch):
+    """The CPU operators (top_features, pruned_linear) have no derivatives, and SCALE's product
+    read from the logits would drop the features' part: features requiring a gradient take the
+    ATen composition, whose gradient is the literal's."""
+    generator = torch.Generator().manual_seed(batch)
+    head = nn.Linear(64, 7).double()
+    model = nn.Sequential(nn.Identity(), head).eval()
+    detector = SCALE(model, percentile=90) if variant == "scale" else ASH(model, variant=variant, percentile=90)
+    base = torch.rand(batch, 64, generator=generator, dtype=torch.float64)
+    detector.score(base[:2])
+    features = base.clone().requires_grad_(True)
+    got = torch.autograd.grad(detector.score_features(head(features).detach(), features).sum(), features)[0]
+    literal = base.clone().requires_grad_(True)
+    expected = torch.autograd.grad(_literal(literal, head, variant, 90.0).sum(), literal)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

@@ -191,7 +191,7 @@ def test_full_gradnorm_equals_the_per_sample_loop():
 
 
 def _all_detectors(model, inputs):
-    fitted = [D.ReAct(model), D.RGAdditive(model), D.KLMatching(model), D.RG(model, percentile=90),
+    fitted = [D.ReAct(model), D.RGAdditive(model), D.KLMatching(model), D.RG(model, percentile=90), D.FDBD(model),
               D.LowDimGrad(model, dim=2, oversample=6, iterations=2, neighbours=2), D.ViM(model, dim=2)]
     for detector in fitted:
         detector.fit(inputs)
@@ -597,6 +597,7 @@ def test_kl_matching_on_saturated_softmax_templates_is_not_nan():
     (D.SCALE, dict(percentile=85.0), dict(percentile=65.0)),
     (D.DICE, dict(percentile=90.0), dict(percentile=70.0)),
     (D.ViM, dict(dim=2), dict(dim=3)),
+    (D.FDBD, dict(normalizer="distance"), dict(normalizer="norm")),
 ])
 def test_a_state_saved_under_other_settings_is_refused(make, saved_with, loaded_with):
     """Fitted statistics and the calibrated threshold depend on every setting: a state
@@ -604,10 +605,10 @@ def test_a_state_saved_under_other_settings_is_refused(make, saved_with, loaded_
     is_ood, as neither configuration would."""
     model, inputs = _model()
     detector = make(model, **saved_with)
-    if make in (D.RGAdditive, D.KLMatching, D.DICE, D.ViM):
+    if make in (D.RGAdditive, D.KLMatching, D.DICE, D.ViM, D.FDBD):
         detector.fit(inputs)
     detector.calibrate(detector.score(inputs))
-    with pytest.raises(ValueError, match=r"the state was saved with (clip|temperature|mode|percentile|dim)="):
+    with pytest.raises(ValueError, match=r"the state was saved with (clip|temperature|mode|percentile|dim|normalizer)="):
         make(model, **loaded_with).load_state_dict(detector.state_dict())
     torch.testing.assert_close(make(model, **saved_with).load_state_dict(detector.state_dict()).score(inputs),
                                detector.score(inputs))

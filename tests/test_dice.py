@@ -221,3 +221,14 @@ def test_the_sparse_head_is_built_once_while_the_weight_is_unchanged(monkeypatch
     torch.testing.assert_close(detector.score(inputs).double(), expected, rtol=tolerance, atol=0)
     assert built == forms
     assert not torch.allclose(expected, first.double())
+
+
+@pytest.mark.parametrize("batch", [5, 40])
+def test_features_that_require_a_gradient_take_the_differentiable_product(batch):
+    detector, head = _skewed_detector(torch.float32, 95.0)
+    base = torch.rand(batch, head.in_features, generator=torch.Generator().manual_seed(2))
+    features = base.clone().requires_grad_(True)
+    got = torch.autograd.grad(detector.score_features(head(features).detach(), features).sum(), features)[0]
+    literal = base.double().requires_grad_(True)
+    expected = torch.autograd.grad(_expected(detector, head, literal).sum(), literal)[0]
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-7)

@@ -9,6 +9,7 @@ from gradood.detectors.dice import DICE
 from gradood.detectors.energy import Energy
 from gradood.detectors.entropy import Entropy
 from gradood.detectors.exgrad import ExGrad
+from gradood.detectors.fdbd import FDBD
 from gradood.detectors.full_gradnorm import FullGradNorm
 from gradood.detectors.gen import GEN
 from gradood.detectors.grad_uncertainty import GradUncertainty
@@ -24,6 +25,7 @@ from gradood.detectors.odin import ODIN
 from gradood.detectors.react import ReAct
 from gradood.detectors.rg import RG, RGAdditive
 from gradood.detectors.scale import SCALE
+from gradood.detectors.she import SHE
 from gradood.detectors.temperature_scaling import TemperatureScaling
 from gradood.detectors.uv import UV
 from gradood.detectors.vim import ViM
@@ -50,6 +52,8 @@ __all__ = [
     "GEN",
     "Mahalanobis",
     "KNN",
+    "SHE",
+    "FDBD",
     "GRODIN",
     "FullGradNorm",
     "GradUncertainty",

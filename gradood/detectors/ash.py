@@ -107,7 +107,9 @@ def shaped_energy(
     keep = _kept_count(features.shape[1], _check_percentile(where, percentile), where)
     acc = torch.float64 if features.dtype == torch.float64 else torch.float32
     v = features.to(acc)
-    if v.device.type == "cpu" and not torch.compiler.is_compiling():
+    # The CPU operators have no derivatives: features that require a gradient take the ATen ops.
+    differentiated = torch.is_grad_enabled() and v.requires_grad
+    if v.device.type == "cpu" and not torch.compiler.is_compiling() and not differentiated:
         products, scale = _shaped_products_cpu(v, weight, shaping, keep, blocks, head_products, transposed)
     else:
         products, scale = _shaped_products(v, weight, shaping, keep, head_products)

@@ -13,7 +13,9 @@ deterministic. The mask belongs to the head's weights at fit time: a state loade
 whose head has other weights of the same shape scores with the old mask (fit again after
 fine-tuning). v̄ is accumulated in float64 over the fit data in one streamed pass; the
 mask is built from the head's weight at fit time and saved with the state. One forward and
-one GEMM per batch."""
+the kept weights' products per batch (DICE._sparse_products picks the product by device,
+batch size and level, so a sample's score agrees across batch sizes to float32 round-off, not
+bit for bit; each product alone is batch-invariant). A NaN or infinite feature scores NaN."""
 
 from __future__ import annotations
 
@@ -102,11 +104,13 @@ class DICE(Detector):
         gradood::pruned_linear with samples and classes swapped (each class's kept weights
         against a block of 64 samples' features, the AVX2/AVX-512 kernel, float32, B > 32) or
         by torch's sparse CSR product (MKL's where torch has it); a dense GEMM where more than a
-        quarter of the weights are kept, on other devices and under torch.compile.
+        quarter of the weights are kept, on other devices, under torch.compile and where the
+        features require a gradient (the dense product is the differentiable one).
         AVX2 EPYC, C = 1000, D = 2048, p = 90: B = 64 1.6 ms dense, 0.81 CSR, 0.45 pruned_linear;
         B = 8: 0.44, 0.11, 0.44 (benchmarks/RESULTS.md)."""
         dtype = v.dtype
-        if v.device.type != "cpu" or torch.compiler.is_compiling():
+        differentiated = torch.is_grad_enabled() and v.requires_grad  # pruned_linear has no derivative
+        if v.device.type != "cpu" or torch.compiler.is_compiling() or differentiated:
             return v @ self._derived("dense", weight, mask, dtype).T
         layout = self._derived("layout", weight, mask, dtype)
         classes, count = mask.shape
