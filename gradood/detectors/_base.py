@@ -308,6 +308,24 @@ class Detector:
         """Fits the detector's ID statistics (none for this detector); returns self."""
         return self
 
+    def mean_id_features(self, id_data: Data) -> torch.Tensor:
+        """The mean penultimate feature [D] of `id_data`, summed in float64 over the batches as
+        they stream (DICE's v̄, fDBD's μ); raises on no sample or a non-finite mean."""
+        name = f"{type(self).__name__}.fit"
+        total: Optional[torch.Tensor] = None
+        count = 0
+        for inputs in iterate_inputs(id_data):
+            features = self.forward_features(inputs)[1]
+            batch_sum = features.double().sum(0)
+            total = batch_sum if total is None else total + batch_sum
+            count += features.shape[0]
+        if total is None or count == 0:
+            raise ValueError(f"{name}: the data holds no sample")
+        mean = total / count
+        if not bool(torch.isfinite(mean).all()):
+            raise ValueError(f"{name}: the ID features hold NaN or Inf")
+        return mean
+
     def _require_fitted(self) -> None:
         missing = [name for name in self.fitted if getattr(self, name, None) is None]
         if missing:

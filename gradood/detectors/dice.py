@@ -29,7 +29,7 @@ from torch import nn
 from gradood import scores
 from gradood._checks import check_features
 from gradood._ops import cpu_capability, pruned_linear_sample_blocks
-from gradood.detectors._base import Data, Detector, fitted, iterate_inputs
+from gradood.detectors._base import Data, Detector, fitted
 from gradood.detectors._head import HeadName, derived_from_weight
 from gradood.detectors.ash import _check_percentile
 from gradood.detectors.rg import numpy_percentile
@@ -59,19 +59,7 @@ class DICE(Detector):
         self.mask: Optional[torch.Tensor] = None  # the kept weights, bool [C, D]
 
     def fit(self, id_data: Data) -> DICE:
-        name = f"{type(self).__name__}.fit"
-        total: Optional[torch.Tensor] = None
-        count = 0
-        for inputs in iterate_inputs(id_data):
-            features = self.forward_features(inputs)[1]
-            batch_sum = features.double().sum(0)
-            total = batch_sum if total is None else total + batch_sum
-            count += features.shape[0]
-        if total is None or count == 0:
-            raise ValueError(f"{name}: the data holds no sample")
-        mean = total / count
-        if not bool(torch.isfinite(mean).all()):
-            raise ValueError(f"{name}: the ID features hold NaN or Inf")
+        mean = self.mean_id_features(id_data)
         weight, _ = self.head_weight_bias()
         contributions = weight.detach().double() * mean.to(weight.device)[None, :]
         threshold = contribution_percentile(contributions, self.percentile)

@@ -32,7 +32,7 @@ from torch import nn
 
 from gradood._checks import check_choice, check_features
 from gradood._ops import TERM_NAMES, cpu_capability
-from gradood.detectors._base import Data, Detector, fitted, iterate_inputs
+from gradood.detectors._base import Data, Detector, fitted
 from gradood.detectors._head import HeadName, derived_from_weight
 from gradood.model_io import LogitsFn
 
@@ -71,19 +71,7 @@ class FDBD(Detector):
         self.mean_features: Optional[torch.Tensor] = None  # μ [D], float64
 
     def fit(self, id_data: Data) -> FDBD:
-        name = f"{type(self).__name__}.fit"
-        total: Optional[torch.Tensor] = None
-        count = 0
-        for inputs in iterate_inputs(id_data):
-            features = self.forward_features(inputs)[1]
-            batch_sum = features.double().sum(0)
-            total = batch_sum if total is None else total + batch_sum
-            count += features.shape[0]
-        if total is None or count == 0:
-            raise ValueError(f"{name}: the data holds no sample")
-        mean = total / count
-        if not bool(torch.isfinite(mean).all()):
-            raise ValueError(f"{name}: the ID features hold NaN or Inf")
+        mean = self.mean_id_features(id_data)
         self.mean_features = mean
         return self
 

@@ -9,10 +9,12 @@ threshold: the lowest indices), and the score is the energy of the head on them 
 p = 85 by default (OpenOOD's setting). Numerics and degenerate rows as ASH's
 (gradood.detectors.ash): an all-zero row has logits b; s₂ = 0 otherwise gives NaN, as does a
 NaN feature. One forward, no fit, and no second GEMM: the scale multiplies W v, which the
-detector reads from the model's logits as f − b (the logits must be the head's output on the
-features, as score() passes them; a spot check raises otherwise). float16/bfloat16 logits,
-whose rounding the scale would multiply, and the plain function `scale_energy` run the head's
-GEMM on the features in float32."""
+detector reads from the model's logits as f − b where the bias is small next to W v
+(head_products_of_logits; rows whose bias dominates, float16/bfloat16 logits, features or
+logits that require a gradient, and the plain function `scale_energy` run the head's GEMM on
+the features). The logits must be the head's output on the features, as score() passes them:
+up to 8 samples spread over the batch are recomputed on the first 64 classes and a mismatch
+there raises; the rest is taken as given."""
 
 from __future__ import annotations
 
