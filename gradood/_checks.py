@@ -86,10 +86,14 @@ def check_real(where: str, name: str, value: object) -> float:
     return float(value)
 
 
-def check_class_indices(where: str, name: str, values: torch.Tensor) -> None:
-    """Refuse floating-point labels that are not whole numbers (.long() would truncate them)."""
-    if values.is_floating_point() and not bool((values == values.round()).all()):
-        raise ValueError(f"{where}: {name} must be class indices, got non-integer values")
+def check_class_indices(where: str, name: str, values: torch.Tensor, classes: Optional[int] = None) -> None:
+    """Refuse floating-point labels that are not finite whole numbers (.long() would truncate them,
+    and turns ±inf into an arbitrary integer), and, given `classes`, labels outside [0, classes)."""
+    if values.is_floating_point() and not bool((torch.isfinite(values) & (values == values.round())).all()):
+        raise ValueError(f"{where}: {name} must be class indices, got non-integer or non-finite values")
+    if classes is not None and values.numel() and not bool(((values >= 0) & (values < classes)).all()):
+        low, high = (float(x) if values.is_floating_point() else int(x) for x in (values.min(), values.max()))
+        raise ValueError(f"{where}: {name} must lie in [0, {classes}) (the model's classes), got {low}..{high}")
 
 
 def check_choice(where: str, name: str, value: object, choices: Iterable[str]) -> str:

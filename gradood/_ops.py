@@ -347,11 +347,14 @@ def lastlayer_score(
         logit_term == "max_logit"
         and feature_term is None
         and logit_scale == 1.0
+        and not (logits.requires_grad and torch.is_grad_enabled())
         and not (logits.device.type == "cpu" and cpu_capability() == "DEFAULT" and logits.shape[1] > 32)
     ):
         # One read of the logits, nothing else: ATen's reduction is as fast as it gets, except
         # on long rows at the DEFAULT level, where the kernel's max pass (also one read) took
-        # 68 us against 862 for amax (B = 1024, C = 1000); NaN rows stay NaN either way.
+        # 68 us against 862 for amax (B = 1024, C = 1000); NaN rows stay NaN either way. Only
+        # where no gradient flows: amax's backward splits ties (and is NaN on NaN rows), the
+        # operator's is the documented one-hot at the first argmax, on every level and device.
         return logits.amax(dim=1).to(_terms_dtype(logits.dtype))
     feature_index = _NO_FEATURE_TERM if feature_term is None else TERM_NAMES.index(feature_term)
     with _below_autograd(logits, features):

@@ -140,3 +140,19 @@ def test_forward_mode_and_functorch_transforms_are_refused_not_silently_wrong():
         assert torch.allclose(scores.msp(logits), reference.msp(logits))  # plain tensors inside the level are fine
     batched = torch.func.vmap(lambda row: scores.energy(row[None]))(logits)
     torch.testing.assert_close(batched.squeeze(1), reference.energy(logits))
+
+
+@pytest.mark.parametrize("classes", [7, 33, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_max_logit_gradient_is_one_hot_at_the_first_argmax_on_every_path(classes, dtype):
+    """The documented rule everywhere: ties do not split, a NaN row's gradient sits on its
+    first NaN (where torch.argmax points), at every CPU level and row length."""
+    logits = torch.randn(4, classes, dtype=dtype)
+    logits[0, 2] = logits[0, 5] = logits[0].max() + 1.0  # a tie
+    logits[1] = 3.0  # a constant row
+    logits[2, 4] = float("nan")
+    logits.requires_grad_()
+    expected = torch.nn.functional.one_hot(logits.detach().argmax(1), classes).to(dtype)
+    for function in (scores.max_logit, lambda f: scores.uv(f, torch.ones(4, 3, dtype=dtype), u="max_logit", v="l1") / 3):
+        (got,) = torch.autograd.grad(function(logits).sum(), [logits])
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

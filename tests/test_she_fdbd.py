@@ -94,8 +94,17 @@ def test_she_refuses_classes_without_a_pattern_and_isolates_nan_rows():
         SHE(model).fit([(fit_inputs, wrong_for_three)])
     with pytest.raises(ValueError, match="the fit data give no labels"):
         SHE(model).fit(fit_inputs)
-    with pytest.raises(ValueError, match="labels must be below the number of classes 4"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\) \(the model's classes\), got 4..7"):
         SHE(model).fit([(fit_inputs, fit_labels + 4)])
+    negative = fit_labels.clone()
+    negative[0] = -1  # a sample that could never be counted, not silently dropped
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        SHE(model).fit([(fit_inputs, negative)])
+    for bad in (math.inf, -math.inf, math.nan):
+        floats = fit_labels.double()
+        floats[1] = bad
+        with pytest.raises(ValueError, match="labels must be class indices, got non-integer or non-finite values"):
+            SHE(model).fit([(fit_inputs, floats)])
     detector = SHE(model).fit([(fit_inputs, fit_labels)])
     logits, features = detector.forward_features(fit_inputs[:5])
     logits[2, 1] = math.nan
@@ -189,3 +198,38 @@ def test_on_hugging_face_models():
     logits, features = she.forward_features(inputs)
     expected = (features.double() * she.patterns[logits.argmax(1)]).sum(1).float()
     torch.testing.assert_close(she.score(inputs), expected)
+
+
+def _fdbd_of(logits, features, weight, mean):
+    """The formula in float64 numpy on given logits and features (no overflow there)."""
+    f, v, w = logits.double().numpy(), features.double().numpy(), weight.double().numpy()
+    top = f.argmax(1)
+    norms = np.linalg.norm(w[top][:, None, :] - w[None, :, :], axis=2)
+    norms[np.arange(len(top)), top] = 1.0
+    distance = ((f[np.arange(len(top)), top][:, None] - f) / norms).sum(1) / (w.shape[0] - 1)
+    return distance / np.linalg.norm(v - mean.double().numpy(), axis=1)
+
+
+def test_fdbd_rows_past_the_float32_range_and_infinite_logits():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 100)).eval()
+    fit_inputs = torch.randn(64, 6)
+    detector = FDBD(model).fit(fit_inputs)
+    logits, features = detector.forward_features(torch.randn(8, 6))
+    weight = model[2].weight.detach()
+    huge_logits = logits * 1e36  # gaps ~1e37: the float32 class sum of 99 of them overflows
+    got = detector.score_features(huge_logits, features)
+    np.testing.assert_allclose(got.double().numpy(), _fdbd_of(huge_logits, features, weight, detector.mean_features),
+                               rtol=2e-5)
+    huge_features = features * 1e21  # ‖v − μ‖² overflows float32
+    got = detector.score_features(logits, huge_features)
+    expected = _fdbd_of(logits, huge_features, weight, detector.mean_features)
+    assert (expected > 1e-30).all()
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=2e-5)
+    infinite = logits.clone()
+    infinite[0, 5] = math.inf  # infinitely far from every boundary of its class
+    infinite[1, 7] = -math.inf  # infinitely far from one boundary
+    infinite[2, 3] = infinite[2, 4] = math.inf  # two infinite maxima: no defined gap
+    got = detector.score_features(infinite, features)
+    assert got[0] == math.inf and got[1] == math.inf and got[2].isnan()
+    torch.testing.assert_close(got[3:], detector.score_features(logits, features)[3:], rtol=0, atol=0)

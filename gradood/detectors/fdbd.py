@@ -19,8 +19,10 @@ cached for C ≤ 4096, otherwise the rows of each batch's predicted classes are 
 sum over classes runs over the logit gaps (all ≥ 0: no cancellation) times those inverses, in
 float32 for float32 logits. Two classes with
 identical weights have no boundary distance: a sample predicted as one of them raises. A sample
-whose logits all tie (on every boundary) scores 0; one at the mean ID feature, +inf; NaN logits
-or features, NaN. One forward, plus the mean ID feature streamed over the fit data in float64."""
+whose logits all tie (on every boundary) scores 0; one at the mean ID feature, +inf; one with a
++inf maximum or a −inf logit (infinitely far from a boundary), +inf; two +inf maxima, NaN logits
+or features, NaN. Rows whose gaps, class sum or ‖v − μ‖² overflow the float range (float32 logits
+or features past ~1e19) are scored again in float64 from inputs scaled by their largest entry. One forward, plus the mean ID feature streamed over the fit data in float64."""
 
 from __future__ import annotations
 
@@ -94,16 +96,29 @@ class FDBD(Detector):
         top, predicted = _max_and_index(f)
         inverse = self._inverse_rows(weight, predicted, acc)  # [B, C]: 1/‖w_ŷ − w_c‖, 0 at c = ŷ
         gaps = top[:, None] - f  # >= 0; 0 at ŷ
+        # ŷ's own gap is 0 by definition (top − top is NaN for a +inf logit, and 0 · NaN is NaN).
+        gaps.scatter_(1, predicted[:, None].to(gaps.device), 0.0)
         # Σ_c gap_c / ‖w_ŷ − w_c‖ (every term >= 0: no cancellation), then the mean over the
         # C − 1 other classes. A NaN logit is the row's max (torch.max propagates it), so its
         # gaps and score are NaN; a NaN feature makes the spread NaN.
         mean_distance = (gaps * inverse).sum(1) / (classes - 1)
+        mean = fitted(self.mean_features) if self.normalizer == "distance" else None
         v = features.to(acc)
-        if self.normalizer == "distance":
-            v = v - fitted(self.mean_features).to(device=v.device, dtype=acc)
+        if mean is not None:
+            v = v - mean.to(device=v.device, dtype=acc)
         spread = torch.linalg.vector_norm(v, dim=1)
         tied = (mean_distance == 0) & ~spread.isnan()  # on every boundary at once: 0, even at v = μ
-        return torch.where(tied, torch.zeros_like(mean_distance), mean_distance / spread)
+        score = torch.where(tied, torch.zeros_like(mean_distance), mean_distance / spread)
+        overflowed = ~(torch.isfinite(mean_distance) & torch.isfinite(spread))
+        if bool(overflowed.any()):
+            # A gap, the class sum or ‖v − μ‖² past the float range although the inputs may be
+            # finite (logits or features beyond ~1e19 in float32): those rows again, scaled; rows
+            # with non-finite inputs keep the result above (NaN, or +inf for an infinite gap).
+            rows = overflowed.nonzero().squeeze(1)
+            exact = _scaled_rows(logits[rows], features[rows], inverse[rows], mean, predicted[rows])
+            redo = ~exact.isnan()
+            score[rows[redo]] = exact[redo].to(score.dtype)
+        return score
 
     def _inverse_rows(self, weight: torch.Tensor, predicted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """1 / ‖w_ŷ − w_c‖ for each sample's predicted class ŷ [B, C] in `dtype` (0 at c = ŷ);
@@ -135,6 +150,28 @@ def _max_and_index(f: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return terms[:, _MAX_LOGIT].to(f.dtype), index
     values, index = f.max(1)
     return values, index
+
+
+def _scaled_rows(
+    logits: torch.Tensor, features: torch.Tensor, inverse: torch.Tensor, mean: Optional[torch.Tensor], predicted
+) -> torch.Tensor:
+    """The score of each row in float64 with the logits and the features divided by their row's
+    largest magnitude first, so that neither the gaps, the class sum nor the squares overflow;
+    NaN for rows whose inputs are not all finite."""
+    tiny = torch.finfo(torch.float64).tiny
+    f = logits.double()
+    v = features.double() if mean is None else features.double() - mean.to(device=features.device)
+    index = predicted[:, None].to(f.device)
+    f_scale = f.abs().amax(1, keepdim=True).clamp_min(tiny)
+    gaps = (f / f_scale).gather(1, index) - f / f_scale  # in [0, 2]
+    gaps.scatter_(1, index, 0.0)
+    v_scale = v.abs().amax(1, keepdim=True).clamp_min(tiny)
+    # (Σ_c gap_c · inverse_c / (C − 1)) · f_scale / (‖v / v_scale‖ · v_scale), scales last
+    ratio = (gaps * inverse.double()).sum(1) / (f.shape[1] - 1) / torch.linalg.vector_norm(v / v_scale, dim=1)
+    score = ratio * (f_scale.squeeze(1) / v_scale.squeeze(1))
+    score = torch.where(ratio == 0, torch.zeros_like(score), score)  # tied on every boundary
+    finite = torch.isfinite(f).all(1) & torch.isfinite(v).all(1)
+    return torch.where(finite, score, torch.full_like(score, math.nan))
 
 
 def _inverse_norms(weight: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, bool]:

@@ -63,14 +63,12 @@ class SHE(Detector):
                     "classes='predicted' (every fit sample as its predicted class)"
                 )
             else:
-                check_class_indices(name, "labels", labels)
+                check_class_indices(name, "labels", labels, logits.shape[1])
                 target = labels.reshape(-1).to(logits.device).long()
                 if target.shape[0] != logits.shape[0]:
                     raise ValueError(
                         f"{name}: one label per sample expected, got {target.shape[0]} for {logits.shape[0]}"
                     )
-                if bool((target >= logits.shape[1]).any()):
-                    raise ValueError(f"{name}: labels must be below the number of classes {logits.shape[1]}")
                 keep = (predicted == target) & ~logits.isnan().any(1)
             if sums is None:
                 sums = features.new_zeros(logits.shape[1], features.shape[1], dtype=torch.float64)
