@@ -216,6 +216,7 @@ def build_detectors(
         "Entropy": D.Entropy(model),
         "GEN (γ=0.1, M=100)": D.GEN(model),
         "KNN (k=50)": D.KNN(model),
+        "NNGuide (k=100)": D.NNGuide(model),
         "ViM (dim=D/2)": D.ViM(model),
         "fDBD": D.FDBD(model),
     }
@@ -228,6 +229,7 @@ def build_detectors(
         model, classes=classes, relative=True, singular="pseudo-inverse"
     )
     detectors["SHE"] = D.SHE(model, classes=classes)
+    detectors["GrOOD (k=1, prototype-mean OOD prototype)"] = D.GrOOD(model, classes=classes)
     items = detectors.items()
     if progress and tqdm is not None:
         items = tqdm(items, desc="fitting detectors", unit="detector")

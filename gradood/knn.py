@@ -10,11 +10,11 @@ memory is B × (block + k), on whatever device the tensors are on.
 
 Squared L2 distances from one GEMM, ‖q‖² + ‖b‖² − 2 q·b, lose everything to cancellation
 for near neighbours (a float32 distance of 1e-8 comes out as 0 or 1e-7). So the GEMM only
-selects candidates, the 2k nearest by it, and their distances are recomputed from the
+selects candidates, the max(2k, k + 32) nearest by it, and their distances are recomputed from the
 differences, (q − b)², in float64. The result is exact whenever the GEMM's rounding bound δ
 (every distance it gives is within δ of the true one) cannot have left a nearer row out: the
-2k-th GEMM distance minus δ is at least the refined k-th; queries where it is not (ties or
-near-ties among more than 2k rows) are selected again by a float64 GEMM, and those it cannot
+last candidate's GEMM distance minus δ is at least the refined k-th; queries where it is not
+(ties or near-ties among more rows than the candidates) are selected again by a float64 GEMM, and those it cannot
 clear either (distances below its rounding, ~1e-15) are scanned over the whole bank from the
 differences.
 """
@@ -55,21 +55,42 @@ def knn_score(queries: torch.Tensor, bank: torch.Tensor, k: int = 5, metric: str
     if metric == "cosine":  # minimise −cos: no cancellation, the GEMM's values are the scores
         values, _ = _nearest(q, bank, k, metric)
         return -values[:, k - 1]
-    count = min(2 * k, bank.shape[0])
-    values, indices = _nearest(q, bank, count, metric)
+    return -kth_squared_distance(q, bank, k)
+
+
+def largest_inner_products(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest q · b of each query over the bank rows, descending [B, k], by blocked GEMMs
+    with a running top-k (a sum of products: no cancellation to refine)."""
+    values, _ = _nearest(queries, bank, k, "inner_product")
+    return values
+
+
+def kth_squared_distance(q: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest ‖q − b‖² of each query over the bank rows [B], exact (see the module
+    notes), in q's dtype (float32 or float64). The rounding bound that decides which queries need
+    a second look scales with the larger of ‖q‖² and the bank's largest ‖b‖² (1 for normalised
+    rows; ~1e-4 for GrOOD's gradients, whose distances are as small)."""
+    dtype = q.dtype
+    # Candidates: 2k, at least k + 32 (for small k the k-th and 2k-th distances of a large bank
+    # are often within the GEMM's rounding, which sent every query to the float64 GEMM).
+    count = min(max(2 * k, k + 32), bank.shape[0])
+    values, indices = _nearest(q, bank, count, "squared_l2")
     refined = _refined_distances(q, bank, indices)
     kth = refined.sort(dim=1).values[:, k - 1]
     if count < bank.shape[0]:
-        # A row left out has a GEMM distance >= the count-th, so a true one >= that - δ.
-        rows = (values[:, count - 1] - _rounding_bound(q, dtype) < kth).nonzero().squeeze(1)
+        # A row left out has a GEMM distance >= the count-th, so a true one >= that - δ, δ scaled
+        # by the larger of ‖q‖² and the bank's largest ‖b‖² (every rounding term is below it).
+        largest = float(torch.linalg.vector_norm(bank, dim=1).max()) ** 2 * 1.01  # 1% for its own rounding
+        scale = torch.linalg.vector_norm(q, dim=1).double().square().mul_(1.01).clamp_min_(largest).to(kth.device)
+        rows = (values[:, count - 1] - _rounding_bound(q, dtype) * scale < kth).nonzero().squeeze(1)
         if dtype == torch.float32 and rows.numel():  # selected again by a float64 GEMM
             q64 = q[rows].double()
-            again, again_indices = _nearest(q64, bank, count, metric)
+            again, again_indices = _nearest(q64, bank, count, "squared_l2")
             kth[rows] = _refined_distances(q64, bank, again_indices).sort(dim=1).values[:, k - 1]
-            rows = rows[again[:, count - 1] - _rounding_bound(q64, torch.float64) < kth[rows]]
+            rows = rows[again[:, count - 1] - _rounding_bound(q64, torch.float64) * scale[rows] < kth[rows]]
         if rows.numel():  # distances below float64's GEMM rounding (near duplicates): every row
             kth[rows] = _direct_kth(q[rows], bank, k)
-    return -kth.to(dtype)
+    return kth.to(dtype)
 
 
 def _direct_kth(q: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,7 +107,7 @@ def _direct_kth(q: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _rounding_bound(q: torch.Tensor, dtype: torch.dtype) -> float:
-    """δ: |GEMM distance − true distance| <= δ for unit rows: γ_K = K u / (1 − K u) for each
+    """δ: |GEMM distance − true distance| <= δ for rows of norm ≤ 1 (times max(‖q‖², ‖b‖²) else): γ_K = K u / (1 − K u) for each
     of ‖q‖², ‖b‖² and q·b (counted twice), plus the roundings of the sum, with a factor 2
     to spare. u is the unit roundoff of the GEMM: float32's, or TF32's / bfloat16's where
     torch.set_float32_matmul_precision allows them."""
@@ -99,22 +120,27 @@ def _rounding_bound(q: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def _nearest(q: torch.Tensor, bank: torch.Tensor, count: int, metric: str):
-    """The `count` smallest GEMM distances (−cos for "cosine") of each query, ascending,
-    and their bank rows: [B, count] each."""
+    """The `count` smallest GEMM distances (−cos for "cosine") of each query, ascending, or
+    for "inner_product" the `count` largest q · b, descending; and their bank rows: [B, count]
+    each."""
     dtype = q.dtype
+    largest = metric == "inner_product"
     q_sq = q.square().sum(1, keepdim=True)
     best = best_indices = None
     block = max(count, _BLOCK_ELEMENTS // max(1, q.shape[0]))
     for start in range(0, bank.shape[0], block):
         b = bank[start : start + block].to(dtype)
-        if metric == "cosine":
+        if largest:
+            values = torch.mm(q, b.T)
+        elif metric == "cosine":
             values = torch.mm(q, b.T).neg_()
         else:  # ‖q‖² + ‖b‖² − 2 q·b in one GEMM with accumulation, clamped in place
-            values = torch.addmm(q_sq + b.square().sum(1)[None, :], q, b.T, alpha=-2).clamp_min_(0)
+            b_sq = torch.linalg.vector_norm(b, dim=1).square_()  # no B-sized temporary, as b.square() was
+            values = torch.addmm(q_sq + b_sq[None, :], q, b.T, alpha=-2).clamp_min_(0)
         kept = 0 if best is None else best.shape[1]
         if best is not None:
             values = torch.cat([best, values], 1)
-        best, chosen = values.topk(min(count, values.shape[1]), dim=1, largest=False)
+        best, chosen = values.topk(min(count, values.shape[1]), dim=1, largest=largest)
         # chosen < kept: a row of the running best; otherwise one of this block's.
         from_block = chosen - kept + start
         best_indices = (

@@ -192,9 +192,14 @@ def test_full_gradnorm_equals_the_per_sample_loop():
 
 def _all_detectors(model, inputs):
     fitted = [D.ReAct(model), D.RGAdditive(model), D.KLMatching(model), D.RG(model, percentile=90), D.FDBD(model),
-              D.LowDimGrad(model, dim=2, oversample=6, iterations=2, neighbours=2), D.ViM(model, dim=2)]
+              D.LowDimGrad(model, dim=2, oversample=6, iterations=2, neighbours=2), D.ViM(model, dim=2),
+              D.NNGuide(model, neighbours=2)]
     for detector in fitted:
         detector.fit(inputs)
+    logits = D.MaxLogit(model).forward_features(inputs)[0]  # in eval mode, as detectors run it
+    labels, classes = logits.argmax(1), logits.shape[1]
+    labels[-classes:] = torch.arange(classes)  # every class has a prototype; the first rows are right
+    fitted.append(D.GrOOD(model).fit([(inputs, labels)]))
     return [make(model) for make, _ in FORWARD_ONLY.values()] + fitted + [
         D.ODIN(model, epsilon=0.01), D.GRODIN(model, epsilon=0.01, part="G"), D.FullGradNorm(model),
         D.GradUncertainty(model), D.GradUncertainty(model, layers="head"),

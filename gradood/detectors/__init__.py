@@ -15,12 +15,14 @@ from gradood.detectors.gen import GEN
 from gradood.detectors.grad_uncertainty import GradUncertainty
 from gradood.detectors.gradnorm import GradNorm
 from gradood.detectors.grodin import GRODIN
+from gradood.detectors.grood import GrOOD
 from gradood.detectors.kl_matching import KLMatching
 from gradood.detectors.knn import KNN
 from gradood.detectors.lowdim_grad import LowDimGrad
 from gradood.detectors.mahalanobis import Mahalanobis
 from gradood.detectors.max_logit import MaxLogit
 from gradood.detectors.msp import MSP
+from gradood.detectors.nnguide import NNGuide
 from gradood.detectors.odin import ODIN
 from gradood.detectors.react import ReAct
 from gradood.detectors.rg import RG, RGAdditive
@@ -52,10 +54,12 @@ __all__ = [
     "GEN",
     "Mahalanobis",
     "KNN",
+    "NNGuide",
     "SHE",
     "FDBD",
     "GRODIN",
     "FullGradNorm",
     "GradUncertainty",
+    "GrOOD",
     "LowDimGrad",
 ]
