@@ -213,6 +213,7 @@ def build_detectors(
         "FullGradNorm": D.FullGradNorm(model),
         "GradUncertainty": D.GradUncertainty(model),
         "GradUncertainty (head)": D.GradUncertainty(model, layers="head"),
+        "GradOrth (ε_th = 0.97)": D.GradOrth(model),
         "Entropy": D.Entropy(model),
         "GEN (γ=0.1, M=100)": D.GEN(model),
         "KNN (k=50)": D.KNN(model),

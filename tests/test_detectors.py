@@ -193,7 +193,7 @@ def test_full_gradnorm_equals_the_per_sample_loop():
 def _all_detectors(model, inputs):
     fitted = [D.ReAct(model), D.RGAdditive(model), D.KLMatching(model), D.RG(model, percentile=90), D.FDBD(model),
               D.LowDimGrad(model, dim=2, oversample=6, iterations=2, neighbours=2), D.ViM(model, dim=2),
-              D.NNGuide(model, neighbours=2)]
+              D.NNGuide(model, neighbours=2), D.GradOrth(model)]
     for detector in fitted:
         detector.fit(inputs)
     logits = D.MaxLogit(model).forward_features(inputs)[0]  # in eval mode, as detectors run it

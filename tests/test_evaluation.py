@@ -99,7 +99,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
     result = demo.run(out=str(tmp_path / "report"), epochs=3, plots=False, bootstrap=0, progress=False)
     assert set(result.ood_names) == {"near-ood-digits", "faces", "textures", "photographs"}
-    assert len(result.scores) == 39 and "NNGuide (k=100)" in result.scores and "GradUncertainty" in result.scores and "SHE" in result.scores and "LowDimGrad (PCA K=200, KNN k=5)" in result.scores and "DICE (p90)" in result.scores
+    assert len(result.scores) == 40 and "GradOrth (ε_th = 0.97)" in result.scores and "NNGuide (k=100)" in result.scores and "GradUncertainty" in result.scores and "SHE" in result.scores and "LowDimGrad (PCA K=200, KNN k=5)" in result.scores and "DICE (p90)" in result.scores
     assert "LowDimGrad probe BATS (λ=1)" in result.scores and "LowDimGrad Mahalanobis" in result.scores
     report = (tmp_path / "report" / "report.md").read_text()
     assert report.startswith("# gradood demo") and "ID test accuracy" in report

@@ -14,6 +14,7 @@ from gradood.detectors.full_gradnorm import FullGradNorm
 from gradood.detectors.gen import GEN
 from gradood.detectors.grad_uncertainty import GradUncertainty
 from gradood.detectors.gradnorm import GradNorm
+from gradood.detectors.gradorth import GradOrth
 from gradood.detectors.grodin import GRODIN
 from gradood.detectors.grood import GrOOD
 from gradood.detectors.kl_matching import KLMatching
@@ -61,5 +62,6 @@ __all__ = [
     "FullGradNorm",
     "GradUncertainty",
     "GrOOD",
+    "GradOrth",
     "LowDimGrad",
 ]
