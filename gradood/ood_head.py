@@ -25,7 +25,7 @@ from torch import nn
 
 from gradood import model_io
 from gradood._ops import _COMBINE, TERM_NAMES
-from gradood.detectors import KLMatching, ReAct
+from gradood.detectors import GradOrth, KLMatching, ReAct, ViM
 from gradood.detectors._base import Detector, fitted
 from gradood.model_io import Inputs, LogitsFn
 from gradood.scores import ScoreSpec
@@ -114,9 +114,14 @@ class OODHead(nn.Module):
         # differentiable; torch.compile then traces no backward graph).
         self.body.requires_grad_(False)
 
-        # What forward computes: one lastlayer_score call ("spec"), ReAct (react_energy) or KL matching.
+        # What forward computes: one lastlayer_score call ("spec"), ReAct (react_energy), KL matching,
+        # ViM (the energy minus α times the residual norm) or GradOrth (‖p − u‖ · ‖Sᵀv‖).
         self.kind = "spec"
         self.mode = "min"
+        self.residual_scale = 0.0
+        compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.register_buffer("projection_basis", torch.zeros(0, 0, dtype=compute, device=weight.device))
+        self.register_buffer("projection_offset", torch.zeros(0, dtype=torch.float64, device=weight.device))
         self.register_buffer("log_templates", torch.zeros(0, dtype=torch.float32, device=weight.device))
         self.register_buffer("missing_templates", torch.zeros(0, dtype=torch.float32, device=weight.device))
         self.register_buffer("zero_templates", torch.zeros(0, dtype=torch.float32, device=weight.device))
@@ -138,11 +143,22 @@ class OODHead(nn.Module):
             self.zero_templates = zero.to(weight.device, torch.float32)
             self.missing_templates = torch.where(missing, float("inf"), 0.0).to(weight.device, torch.float32)
             spec = ScoreSpec("energy")
+        elif isinstance(detector, ViM):
+            detector._require_fitted()
+            self.kind, self.residual_scale = "vim", float(fitted(detector.alpha))
+            null_space, origin_projection = detector._statistics(compute, weight.device)
+            self.projection_basis, self.projection_offset = null_space.clone(), origin_projection.clone()
+            spec = ScoreSpec("energy")
+        elif isinstance(detector, GradOrth):
+            detector._require_fitted()
+            self.kind = "gradorth"
+            self.projection_basis = fitted(detector.basis).to(weight.device, compute).clone()
+            spec = ScoreSpec("energy", temperature=detector.temperature)  # the temperature only
         elif spec is None:
             raise ValueError(
                 f"OODHead: {type(detector).__name__} is not exported: OODHead takes the detectors whose score is one "
                 "forward pass through gradood's fused operators (MSP, MaxLogit, Energy, GradNorm, ExGrad, UV, RG, "
-                "RGAdditive, ReAct, KLMatching); call the detector's score() or score_features() instead"
+                "RGAdditive, ReAct, KLMatching, ViM, GradOrth); call the detector's score() or score_features() instead"
             )
         self.logit_term = TERM_NAMES.index(spec.logit_term)
         self.logit_scale = float(spec.logit_scale)
@@ -160,6 +176,12 @@ class OODHead(nn.Module):
         logits = F.linear(features, weight, bias)
         if self.kind == "react":
             score = torch.ops.gradood.react_energy(features, self.weight, self.bias, self.clip)
+        elif self.kind == "gradorth":  # as GradOrth.score_features: float64 softmax, S^T v in the features' precision
+            compute = torch.float64 if features.dtype == torch.float64 else torch.float32
+            p = torch.softmax(logits.double() / self.temperature, dim=1)
+            deviation = torch.linalg.vector_norm(p - 1.0 / logits.shape[1], dim=1)
+            projection = torch.linalg.vector_norm((features.to(compute) @ self.projection_basis).double(), dim=1)
+            score = (deviation * projection).to(compute)
         elif self.kind == "kl_matching":  # in float32, a class without a template left out (gradood.reference)
             log_probs = torch.log_softmax(logits.float(), dim=1)
             probs = log_probs.exp()
@@ -186,4 +208,9 @@ class OODHead(nn.Module):
                 self.temperature,
                 self.clip,
             )
+            if self.kind == "vim":  # as ViM.score_features: Rᵀv − Rᵀo with Rᵀo and the norm in float64
+                compute = torch.float64 if features.dtype == torch.float64 else torch.float32
+                projection = (features.to(compute) @ self.projection_basis).double() - self.projection_offset
+                residual = torch.linalg.vector_norm(projection, dim=1)
+                score = (score.double() - self.residual_scale * residual).to(compute)
         return logits, score

@@ -41,6 +41,8 @@ FACTORIES = {
     "RGAdditive": lambda m, x: D.RGAdditive(m, percentile=80).fit(x),
     "ReAct": lambda m, x: D.ReAct(m).fit(x),
     "KLMatching": lambda m, x: D.KLMatching(m, mode="predicted").fit(x),
+    "ViM": lambda m, x: D.ViM(m, dim=3).fit(torch.randn(40, 3, 6, 6, generator=torch.Generator().manual_seed(5))),
+    "GradOrth": lambda m, x: D.GradOrth(m, threshold=0.9, temperature=2.0).fit(x),
 }
 
 
