@@ -23,6 +23,7 @@ and from C++ (csrc/ops/*.h).
 from gradood import (
     _extension,  # noqa: F401  (fails with build instructions if unbuilt)
     detectors,
+    export,  # gradood.export.to_onnx (onnxscript loads on use)
     metrics,
     reference,
     scores,
@@ -56,6 +57,7 @@ __all__ = [
     "ClassGaussians",
     "detectors",
     "OODHead",
+    "export",
     "evaluate",
     "Evaluation",
     "tune",

@@ -22,7 +22,7 @@ python -m pip install "setuptools>=77" wheel ninja numpy pytest pytest-benchmark
 python -m pip install "transformers==5.24.0" huggingface_hub safetensors pyyaml pillow
 python -m pip install --no-deps "timm==1.0.31" "torchvision==0.28.0"
 # No build isolation: an isolated build would fetch another torch (setup.py says why).
-python -m pip install --no-build-isolation -e ".[demo,serving,test,docs,dev]"
+python -m pip install --no-build-isolation -e ".[demo,serving,test,docs,dev,onnx]"
 
 echo "== habits: ruff (lint, format), mypy, clang-format =="
 ruff check gradood
