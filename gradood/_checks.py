@@ -75,6 +75,13 @@ def check_positive(where: str, name: str, value: object, allow_inf: bool = False
     return number
 
 
+def check_counts(where: str, **values: object) -> None:
+    """Each value None or an integer ≥ 1 (neighbours, max_samples, dim, ...)."""
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{where}: {name} must be an integer ≥ 1, got {value!r}")
+
+
 def check_temperature(where: str, temperature: object) -> float:
     return check_positive(where, "temperature", temperature)
 

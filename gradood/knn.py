@@ -53,7 +53,7 @@ def knn_score(queries: torch.Tensor, bank: torch.Tensor, k: int = 5, metric: str
     dtype = torch.float64 if torch.float64 in (queries.dtype, bank.dtype) else torch.float32
     q = normalise_rows(queries.to(dtype))
     if metric == "cosine":  # minimise −cos: no cancellation, the GEMM's values are the scores
-        values, _ = _nearest(q, bank, k, metric)
+        values, _, _ = _nearest(q, bank, k, metric)
         return -values[:, k - 1]
     return -kth_squared_distance(q, bank, k)
 
@@ -61,7 +61,7 @@ def knn_score(queries: torch.Tensor, bank: torch.Tensor, k: int = 5, metric: str
 def largest_inner_products(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     """The k largest q · b of each query over the bank rows, descending [B, k], by blocked GEMMs
     with a running top-k (a sum of products: no cancellation to refine)."""
-    values, _ = _nearest(queries, bank, k, "inner_product")
+    values, _, _ = _nearest(queries, bank, k, "inner_product")
     return values
 
 
@@ -74,18 +74,18 @@ def kth_squared_distance(q: torch.Tensor, bank: torch.Tensor, k: int) -> torch.T
     # Candidates: 2k, at least k + 32 (for small k the k-th and 2k-th distances of a large bank
     # are often within the GEMM's rounding, which sent every query to the float64 GEMM).
     count = min(max(2 * k, k + 32), bank.shape[0])
-    values, indices = _nearest(q, bank, count, "squared_l2")
+    values, indices, bank_squares = _nearest(q, bank, count, "squared_l2")
     refined = _refined_distances(q, bank, indices)
     kth = refined.sort(dim=1).values[:, k - 1]
     if count < bank.shape[0]:
         # A row left out has a GEMM distance >= the count-th, so a true one >= that - δ, δ scaled
         # by the larger of ‖q‖² and the bank's largest ‖b‖² (every rounding term is below it).
-        largest = float(torch.linalg.vector_norm(bank, dim=1).max()) ** 2 * 1.01  # 1% for its own rounding
+        largest = bank_squares * 1.01  # 1% for their own rounding
         scale = torch.linalg.vector_norm(q, dim=1).double().square().mul_(1.01).clamp_min_(largest).to(kth.device)
         rows = (values[:, count - 1] - _rounding_bound(q, dtype) * scale < kth).nonzero().squeeze(1)
         if dtype == torch.float32 and rows.numel():  # selected again by a float64 GEMM
             q64 = q[rows].double()
-            again, again_indices = _nearest(q64, bank, count, "squared_l2")
+            again, again_indices, _ = _nearest(q64, bank, count, "squared_l2")
             kth[rows] = _refined_distances(q64, bank, again_indices).sort(dim=1).values[:, k - 1]
             rows = rows[again[:, count - 1] - _rounding_bound(q64, torch.float64) * scale[rows] < kth[rows]]
         if rows.numel():  # distances below float64's GEMM rounding (near duplicates): every row
@@ -121,12 +121,14 @@ def _rounding_bound(q: torch.Tensor, dtype: torch.dtype) -> float:
 
 def _nearest(q: torch.Tensor, bank: torch.Tensor, count: int, metric: str):
     """The `count` smallest GEMM distances (−cos for "cosine") of each query, ascending, or
-    for "inner_product" the `count` largest q · b, descending; and their bank rows: [B, count]
-    each."""
+    for "inner_product" the `count` largest q · b, descending; their bank rows ([B, count] each);
+    and, for "squared_l2", the largest ‖b‖² of the bank (0.0 otherwise), from the norms the
+    distances need anyway."""
     dtype = q.dtype
     largest = metric == "inner_product"
     q_sq = q.square().sum(1, keepdim=True)
     best = best_indices = None
+    bank_squares = torch.zeros((), dtype=dtype, device=q.device)
     block = max(count, _BLOCK_ELEMENTS // max(1, q.shape[0]))
     for start in range(0, bank.shape[0], block):
         b = bank[start : start + block].to(dtype)
@@ -136,6 +138,7 @@ def _nearest(q: torch.Tensor, bank: torch.Tensor, count: int, metric: str):
             values = torch.mm(q, b.T).neg_()
         else:  # ‖q‖² + ‖b‖² − 2 q·b in one GEMM with accumulation, clamped in place
             b_sq = torch.linalg.vector_norm(b, dim=1).square_()  # no B-sized temporary, as b.square() was
+            bank_squares = torch.maximum(bank_squares, b_sq.max())
             values = torch.addmm(q_sq + b_sq[None, :], q, b.T, alpha=-2).clamp_min_(0)
         kept = 0 if best is None else best.shape[1]
         if best is not None:
@@ -150,7 +153,7 @@ def _nearest(q: torch.Tensor, bank: torch.Tensor, count: int, metric: str):
         )
     if best is None or best_indices is None:  # pragma: no cover - k ≥ 1 needs a non-empty bank
         raise ValueError("gradood.knn_score: the bank is empty")
-    return best, best_indices
+    return best, best_indices, float(bank_squares)
 
 
 def _refined_distances(q: torch.Tensor, bank: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -308,10 +308,24 @@ class Detector:
         """Fits the detector's ID statistics (none for this detector); returns self."""
         return self
 
-    def mean_id_features(self, id_data: Data) -> torch.Tensor:
+    def first_samples(self, data: Data, max_samples: Optional[int]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, features) of each batch of `data`, stopping after max_samples samples (the last
+        batch cut there; every sample for None) — the banks' and subspaces' fit streams."""
+        seen = 0
+        for inputs in iterate_inputs(data):
+            if max_samples is not None and seen >= max_samples:
+                return
+            logits, features = self.forward_features(inputs)
+            if max_samples is not None:
+                logits, features = logits[: max_samples - seen], features[: max_samples - seen]
+            seen += features.shape[0]
+            yield logits, features
+
+    def mean_id_features(self, id_data: Data, where: Optional[str] = None) -> torch.Tensor:
         """The mean penultimate feature [D] of `id_data`, summed in float64 over the batches as
-        they stream (DICE's v̄, fDBD's μ); raises on no sample or a non-finite mean."""
-        name = f"{type(self).__name__}.fit"
+        they stream (DICE's v̄, fDBD's μ, GrOOD's OOD prototype); raises on no sample or a
+        non-finite mean, naming `where` (the detector's fit by default)."""
+        name = where or f"{type(self).__name__}.fit"
         total: Optional[torch.Tensor] = None
         count = 0
         for inputs in iterate_inputs(id_data):

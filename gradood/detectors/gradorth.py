@@ -27,8 +27,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from gradood._checks import check_features, check_positive
-from gradood.detectors._base import Data, Detector, fitted, iterate_inputs
+from gradood._checks import check_counts, check_features, check_positive
+from gradood.detectors._base import Data, Detector, fitted
 from gradood.detectors._head import HeadName
 from gradood.model_io import LogitsFn
 
@@ -50,9 +50,7 @@ class GradOrth(Detector):
         name = type(self).__name__
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
             raise ValueError(f"{name}: threshold must be in (0, 1], got {threshold!r}")
-        for argument, value in (("dim", dim), ("max_samples", max_samples)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name}: {argument} must be an integer ≥ 1, got {value!r}")
+        check_counts(name, dim=dim, max_samples=max_samples)
         self.threshold, self.dim, self.max_samples = float(threshold), dim, max_samples
         self.temperature = check_positive(name, "temperature", temperature)
         self.basis: Optional[torch.Tensor] = None  # S [D, k], float64
@@ -61,13 +59,8 @@ class GradOrth(Detector):
         name = f"{type(self).__name__}.fit"
         gram: Optional[torch.Tensor] = None
         seen = 0
-        for inputs in iterate_inputs(id_data):
-            if self.max_samples is not None and seen >= self.max_samples:
-                break
-            features = self.forward_features(inputs)[1].detach()
-            if self.max_samples is not None:
-                features = features[: self.max_samples - seen]
-            v = features.double()
+        for _, features in self.first_samples(id_data, self.max_samples):
+            v = features.detach().double()
             if not bool(torch.isfinite(v).all()):
                 raise ValueError(f"{name}: the ID features hold NaN or Inf")
             gram = v.T @ v if gram is None else gram.addmm_(v.T, v)

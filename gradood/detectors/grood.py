@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from gradood import model_io
-from gradood._checks import check_choice, check_class_indices, check_features
-from gradood.detectors._base import Data, Detector, fitted, iterate_inputs
+from gradood._checks import check_choice, check_class_indices, check_counts, check_features
+from gradood.detectors._base import Data, Detector, fitted
 from gradood.detectors._head import HeadName
 from gradood.knn import kth_squared_distance
 from gradood.model_io import LogitsFn
@@ -55,9 +55,7 @@ class GrOOD(Detector):
     ):
         super().__init__(model, head, logits)
         name = type(self).__name__
-        for argument, value in (("neighbours", neighbours), ("max_samples", max_samples)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name}: {argument} must be an integer ≥ 1, got {value!r}")
+        check_counts(name, neighbours=neighbours, max_samples=max_samples)
         self.neighbours, self.max_samples = neighbours, max_samples
         self.classes = check_choice(name, "classes", classes, ("labels", "predicted"))
         self.prototypes: Optional[torch.Tensor] = None  # μ_c [C, D], float64
@@ -83,7 +81,7 @@ class GrOOD(Detector):
         if ood_data is None:
             ood_prototype = prototypes.mean(0)
         else:
-            ood_prototype = self._mean_feature(ood_data, f"{name} (ood_data)")
+            ood_prototype = self.mean_id_features(ood_data, f"{name} (ood_data)")
             if ood_prototype.shape != prototypes.shape[1:]:
                 raise ValueError(
                     f"{name}: ood_data gives {ood_prototype.numel()} features, id_data {features.shape[1]}"
@@ -152,27 +150,14 @@ class GrOOD(Detector):
             raise ValueError(f"{name}: the ID features hold NaN or Inf")
         return features, torch.cat(targets), torch.cat(correct), int(classes or 0)
 
-    def _mean_feature(self, data: Data, where: str) -> torch.Tensor:
-        total: Optional[torch.Tensor] = None
-        count = 0
-        for inputs in iterate_inputs(data):
-            features = self.forward_features(inputs)[1].double()
-            total = features.sum(0) if total is None else total + features.sum(0)
-            count += features.shape[0]
-        if total is None or count == 0:
-            raise ValueError(f"{where}: the data holds no sample")
-        mean = total / count
-        if not bool(torch.isfinite(mean).all()):
-            raise ValueError(f"{where}: the features hold NaN or Inf")
-        return mean
-
 
 def prototype_gradients(features: torch.Tensor, prototypes: torch.Tensor, ood_prototype: torch.Tensor) -> torch.Tensor:
     """g = softmax(s)_o · (v − μ_o) / ‖v − μ_o‖ for each row v of features [B, D] (the module's
     formula), in the features' precision (float32, or float64 for float64 features)."""
     out_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     centre = prototypes.mean(0)
-    v = features.double() - centre
+    v64 = features.double()
+    v = v64 - centre
     mu = prototypes - centre
     v_squares, mu_squares = v.square().sum(1), mu.square().sum(1)
     squares = torch.addmm(v_squares[:, None] + mu_squares[None, :], v, mu.T, alpha=-2).clamp_min_(0)
@@ -180,7 +165,7 @@ def prototype_gradients(features: torch.Tensor, prototypes: torch.Tensor, ood_pr
     if bool(close.any()):
         r, c = close.nonzero(as_tuple=True)
         squares[r, c] = (v[r] - mu[c]).square().sum(1)
-    towards = features.double() - ood_prototype  # v − μ_o
+    towards = v64 - ood_prototype  # v − μ_o
     ood_distance = torch.linalg.vector_norm(towards, dim=1)
     s = torch.cat([squares.sqrt_(), ood_distance[:, None]], 1).neg_()
     p_ood = torch.softmax(s, dim=1)[:, -1]

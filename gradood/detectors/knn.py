@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from gradood._checks import check_features
-from gradood.detectors._base import Data, Detector, fitted, iterate_inputs
+from gradood._checks import check_counts, check_features
+from gradood.detectors._base import Data, Detector, fitted
 from gradood.detectors._head import HeadName
 from gradood.knn import METRICS, knn_score, normalise_rows
 from gradood.model_io import LogitsFn
@@ -37,9 +37,7 @@ class KNN(Detector):
     ):
         super().__init__(model, head, logits)
         name = type(self).__name__
-        for argument, value in (("neighbours", neighbours), ("max_samples", max_samples)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name}: {argument} must be an integer ≥ 1, got {value!r}")
+        check_counts(name, neighbours=neighbours, max_samples=max_samples)
         if metric not in METRICS:
             raise ValueError(f"{name}: metric must be one of {METRICS}, got {metric!r}")
         self.neighbours, self.metric, self.max_samples = neighbours, metric, max_samples
@@ -47,15 +45,11 @@ class KNN(Detector):
 
     def fit(self, id_data: Data) -> KNN:
         name = type(self).__name__
-        rows, seen = [], 0
-        for inputs in iterate_inputs(id_data):
-            if self.max_samples is not None and seen >= self.max_samples:
-                break
-            features = self.forward_features(inputs)[1]
-            if self.max_samples is not None:
-                features = features[: self.max_samples - seen]
-            rows.append(normalise_rows(features.float() if features.dtype != torch.float64 else features))
-            seen += features.shape[0]
+        rows = [
+            normalise_rows(features.float() if features.dtype != torch.float64 else features)
+            for _, features in self.first_samples(id_data, self.max_samples)
+        ]
+        seen = sum(row.shape[0] for row in rows)
         if seen < self.neighbours:
             raise ValueError(
                 f"{name}.fit: neighbours={self.neighbours} needs at least that many fit samples, got {seen}"

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from gradood import scores
-from gradood._checks import check_features
-from gradood.detectors._base import Data, Detector, fitted, iterate_inputs
+from gradood._checks import check_counts, check_features
+from gradood.detectors._base import Data, Detector, fitted
 from gradood.detectors._head import HeadName
 from gradood.knn import largest_inner_products, normalise_rows
 from gradood.model_io import LogitsFn
@@ -41,25 +41,18 @@ class NNGuide(Detector):
     ):
         super().__init__(model, head, logits)
         name = type(self).__name__
-        for argument, value in (("neighbours", neighbours), ("max_samples", max_samples)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name}: {argument} must be an integer ≥ 1, got {value!r}")
+        check_counts(name, neighbours=neighbours, max_samples=max_samples)
         self.neighbours, self.max_samples = neighbours, max_samples
         self.bank: Optional[torch.Tensor] = None  # [N, D]: E(x_i) v̂_i
 
     def fit(self, id_data: Data) -> NNGuide:
         name = type(self).__name__
-        rows, seen = [], 0
-        for inputs in iterate_inputs(id_data):
-            if self.max_samples is not None and seen >= self.max_samples:
-                break
-            logits, features = self.forward_features(inputs)
-            if self.max_samples is not None:
-                logits, features = logits[: self.max_samples - seen], features[: self.max_samples - seen]
+        rows = []
+        for logits, features in self.first_samples(id_data, self.max_samples):
             dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
             energy = scores.energy(logits.to(dtype))
             rows.append(normalise_rows(features.to(dtype)) * energy[:, None].to(dtype))
-            seen += features.shape[0]
+        seen = sum(row.shape[0] for row in rows)
         if seen < self.neighbours:
             raise ValueError(
                 f"{name}.fit: neighbours={self.neighbours} needs at least that many fit samples, got {seen}"
